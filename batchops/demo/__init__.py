@@ -1,0 +1,1 @@
+"""Demo resources and handlers that ship with the embedded default."""

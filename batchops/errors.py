@@ -1,0 +1,162 @@
+"""The batchops exception tree.
+
+Every error batchops raises on purpose derives from :class:`BatchopsError` and carries a
+stable ``code`` (what clients branch on) and an ``http_status`` (used by the API's
+exception handlers, the one place errors become HTTP). The core never imports FastAPI.
+
+::
+
+    BatchopsError
+    ├── BadRequest                400  bad_request
+    │   └── MalformedInput        400  malformed_input   (unparseable JSON / CSV)
+    ├── ValidationFailed          422  validation_failed (carries every FieldError)
+    ├── BatchTooLarge             413  batch_too_large
+    ├── NotFound                  404  not_found
+    │   └── BatchNotFound         404  batch_not_found
+    ├── IdempotencyConflict       409  idempotency_key_reused
+    ├── ConfigurationError        500  configuration_error
+    └── TransientError            503  transient_error  (retried: connection loss, timeouts)
+
+Item-level outcomes are not exceptions of this tree: a failed item is an
+:class:`~batchops.schemas.ItemResult` with ``state="failed"`` and an ``error`` code.
+Handlers may raise :class:`ItemError` (or a subclass) to choose their item's status/code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "BadRequest",
+    "BatchNotFound",
+    "BatchTooLarge",
+    "BatchopsError",
+    "ConfigurationError",
+    "FieldError",
+    "IdempotencyConflict",
+    "ItemError",
+    "MalformedInput",
+    "NotFound",
+    "TransientError",
+    "ValidationFailed",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One validation problem: which operation (index, id), which field, what is wrong."""
+
+    index: int | None
+    id: str | None
+    field: str
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "id": self.id, "field": self.field, "message": self.message}
+
+
+class BatchopsError(Exception):
+    """Base of every error batchops raises on purpose."""
+
+    code: str = "batchops_error"
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> dict[str, Any]:
+        """Extra members of the ``error`` object in an HTTP error body."""
+        return {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **self.details()}
+
+
+class BadRequest(BatchopsError):
+    code = "bad_request"
+    http_status = 400
+
+
+class MalformedInput(BadRequest):
+    code = "malformed_input"
+
+
+class ValidationFailed(BatchopsError):
+    """The batch has invalid operations; every problem is listed, nothing ran."""
+
+    code = "validation_failed"
+    http_status = 422
+
+    def __init__(self, errors: list[FieldError], message: str | None = None) -> None:
+        self.errors = errors
+        n_ops = len({(e.index, e.id) for e in errors})
+        super().__init__(
+            message or f"{len(errors)} validation error(s) in {n_ops} operation(s); nothing ran"
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"errors": [e.as_dict() for e in self.errors]}
+
+
+class BatchTooLarge(BatchopsError):
+    code = "batch_too_large"
+    http_status = 413
+
+    def __init__(self, count: int, limit: int) -> None:
+        self.count = count
+        self.limit = limit
+        super().__init__(f"batch has more than {limit} operations (limit {limit})")
+
+    def details(self) -> dict[str, Any]:
+        return {"limit": self.limit}
+
+
+class NotFound(BatchopsError):
+    code = "not_found"
+    http_status = 404
+
+
+class BatchNotFound(NotFound):
+    code = "batch_not_found"
+
+    def __init__(self, batch_id: str) -> None:
+        self.batch_id = batch_id
+        super().__init__(f"no batch with id {batch_id!r}")
+
+
+class IdempotencyConflict(BatchopsError):
+    code = "idempotency_key_reused"
+    http_status = 409
+
+
+class ConfigurationError(BatchopsError):
+    code = "configuration_error"
+    http_status = 500
+
+
+class TransientError(BatchopsError):
+    """A failure worth retrying: lost connection, timeout, server restarting."""
+
+    code = "transient_error"
+    http_status = 503
+
+
+class ItemError(Exception):
+    """Raised by a handler to fail its item with a chosen status and code.
+
+    Not part of the :class:`BatchopsError` tree: it never leaves the chunk, it becomes the
+    item's result (``state="failed"``, ``status``, ``error{code, message}``).
+    """
+
+    status: int = 400
+    code: str = "item_error"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code

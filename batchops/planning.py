@@ -1,0 +1,123 @@
+"""Planning: split a validated batch into chunks and order the chunks that must be ordered.
+
+Chunks run in parallel, so two chunks that touch the same record (or compete for the same
+unique value, or share an idempotency key) must run in batch order: the later one depends on
+the earlier one. Inside a chunk, targets keep batch order themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchops.resources import Resource
+from batchops.routing import SQL_TARGET
+from batchops.schemas import ChunkRef, PlannedOperation
+
+__all__ = ["ChunkPlan", "ChunkPlanner", "chunk_operations"]
+
+
+@dataclass
+class ChunkPlan:
+    ref: ChunkRef
+    operations: list[PlannedOperation]
+    depends_on: list[int]
+
+
+@dataclass
+class _Touches:
+    exclusive: set[tuple[Any, ...]] = field(default_factory=set)  # same key → ordered
+    sets_unique: set[tuple[str, str]] = field(default_factory=set)  # (resource, column)
+    frees_unique: set[tuple[str, str]] = field(default_factory=set)
+
+
+def _touches(op: PlannedOperation, resources: dict[str, Resource]) -> _Touches:
+    t = _Touches()
+    if op.idempotency_key is not None:
+        t.exclusive.add(("idem", op.idempotency_key))
+    if op.target != SQL_TARGET or op.resource is None:
+        t.exclusive.add(("path", op.target, op.path.split("?", 1)[0]))
+        return t
+    res = resources[op.resource]
+    pk = op.params.get(res.primary_key)
+    if pk is None and op.body and op.body.get(res.primary_key) is not None:
+        pk = str(op.body[res.primary_key])
+    if pk is not None:
+        t.exclusive.add(("rec", op.resource, pk))
+    for col in res.unique_columns:
+        sets = op.body is not None and op.body.get(col) is not None
+        if sets:
+            t.exclusive.add(("uval", op.resource, col, str(op.body[col])))  # type: ignore[index]
+            t.sets_unique.add((op.resource, col))
+        # Deleting or rewriting a row can free its unique values for a later operation.
+        if op.method == "DELETE" or (op.method in ("PUT", "PATCH") and sets):
+            t.frees_unique.add((op.resource, col))
+    return t
+
+
+class ChunkPlanner:
+    """Feeds operations in batch order, yields chunks with their dependencies."""
+
+    def __init__(self, batch_id: str, chunk_size: int, resources: dict[str, Resource]) -> None:
+        self.batch_id = batch_id
+        self.chunk_size = chunk_size
+        self.resources = resources
+        self._current: list[PlannedOperation] = []
+        self._chunk_index = 0
+        self._last: dict[tuple[Any, ...], int] = {}
+        self._last_free: dict[tuple[str, str], int] = {}
+        self._setters_since_free: dict[tuple[str, str], set[int]] = {}
+
+    def add(self, op: PlannedOperation) -> ChunkPlan | None:
+        self._current.append(op)
+        if len(self._current) >= self.chunk_size:
+            return self._close()
+        return None
+
+    def finish(self) -> ChunkPlan | None:
+        return self._close() if self._current else None
+
+    def _close(self) -> ChunkPlan:
+        ops, self._current = self._current, []
+        index = self._chunk_index
+        self._chunk_index += 1
+        deps: set[int] = set()
+        touches = [_touches(op, self.resources) for op in ops]
+        for t in touches:
+            deps.update(self._last[k] for k in t.exclusive if k in self._last)
+            for rc in t.sets_unique:
+                if rc in self._last_free:
+                    deps.add(self._last_free[rc])
+            for rc in t.frees_unique:
+                deps.update(self._setters_since_free.get(rc, ()))
+                if rc in self._last_free:
+                    deps.add(self._last_free[rc])
+        for t in touches:
+            for k in t.exclusive:
+                self._last[k] = index
+            for rc in t.sets_unique:
+                self._setters_since_free.setdefault(rc, set()).add(index)
+            for rc in t.frees_unique:
+                self._last_free[rc] = index
+                self._setters_since_free[rc] = set()
+        deps.discard(index)
+        keys = "\n".join(op.idempotency_key or f"#{op.index}:{op.payload_hash}" for op in ops)
+        token = hashlib.sha256(keys.encode()).hexdigest()
+        ref = ChunkRef(batch_id=self.batch_id, chunk_index=index, start=ops[0].index,
+                       end=ops[-1].index + 1, cache_token=token)
+        return ChunkPlan(ref, ops, sorted(deps))
+
+
+def chunk_operations(batch_id: str, operations: Iterable[PlannedOperation], chunk_size: int,
+                     resources: dict[str, Resource]) -> Iterator[ChunkPlan]:
+    """Split operations (in batch order) into chunks of at most ``chunk_size``."""
+    planner = ChunkPlanner(batch_id, chunk_size, resources)
+    for op in operations:
+        plan = planner.add(op)
+        if plan is not None:
+            yield plan
+    last = planner.finish()
+    if last is not None:
+        yield last

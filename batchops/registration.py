@@ -1,0 +1,60 @@
+"""Registering a batch: validate every operation, plan chunks, store them, in one transaction."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from batchops.planning import ChunkPlanner
+from batchops.runtime import Runtime
+from batchops.validation import OperationValidator
+
+__all__ = ["new_batch_id", "register_batch"]
+
+
+def new_batch_id() -> str:
+    return uuid.uuid4().hex
+
+
+def register_batch(
+    runtime: Runtime,
+    operations: Iterable[Any],
+    *,
+    batch_id: str | None = None,
+    concurrency: int | None = None,
+    chunk_size: int | None = None,
+    max_operations: int | None = None,
+    scope: str = "default",
+    source: str = "api",
+) -> tuple[str, int]:
+    """Validate and store a batch; ``(batch_id, total)``.
+
+    ``operations`` may be any iterable (a CSV reader streams through here): chunks are written
+    as they fill, and the transaction rolls back if any operation is invalid, raising
+    :class:`~batchops.errors.ValidationFailed` with every error, or
+    :class:`~batchops.errors.BatchTooLarge` past ``max_operations``.
+    """
+    settings = runtime.settings
+    batch_id = batch_id or new_batch_id()
+    size = min(chunk_size or settings.chunk_size, settings.chunk_size)
+    validator = OperationValidator(runtime.router,
+                                   max_operations or settings.max_operations)
+    planner = ChunkPlanner(batch_id, size, runtime.resources)
+    store = runtime.store
+    with store.engine.begin() as conn:
+        store.insert_batch(conn, batch_id, concurrency=concurrency or settings.default_concurrency,
+                           chunk_size=size, scope=scope, source=source)
+        for index, raw in enumerate(operations):
+            planned = validator.check(raw, index)
+            if planned is None or validator.error_count:
+                continue  # keep validating to report every error; nothing will be stored
+            plan = planner.add(planned)
+            if plan is not None:
+                store.insert_chunk(conn, plan.ref, plan.operations, plan.depends_on)
+        validator.finish()
+        last = planner.finish()
+        if last is not None:
+            store.insert_chunk(conn, last.ref, last.operations, last.depends_on)
+        store.set_total(conn, batch_id, validator.count)
+    return batch_id, validator.count

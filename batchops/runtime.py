@@ -1,0 +1,69 @@
+"""The process's runtime: store, resources, router and targets, built once from settings."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from batchops.handlers import load_handler_modules, registry
+from batchops.resources import Resource, build_resources
+from batchops.routing import PYTHON_TARGET, SQL_TARGET, Router
+from batchops.settings import Settings, get_settings
+from batchops.store import Store, shared_engine
+from batchops.targets import Target
+from batchops.targets.python import PythonTarget
+from batchops.targets.sql import SqlTarget
+
+__all__ = ["Runtime", "get_runtime", "reset_runtime"]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    resources: dict[str, Resource]
+    router: Router
+    targets: dict[str, Target] = field(default_factory=dict)
+
+    def prepare(self) -> None:
+        """Migrate the store and create the declared tables marked ``create``."""
+        self.store.migrate()
+        for res in self.resources.values():
+            if res.spec.create:
+                res.table.create(shared_engine(res.database_url or self.store.url),
+                                 checkfirst=True)
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    load_handler_modules(settings.handler_modules)
+    resources = build_resources(settings.resources)
+    router = Router(resources, registry.all())
+    runtime = Runtime(settings, Store(settings.database_url), resources, router)
+    runtime.targets = {
+        SQL_TARGET: SqlTarget(resources, settings.database_url),
+        PYTHON_TARGET: PythonTarget(router),
+    }
+    runtime.prepare()
+    return runtime
+
+
+def get_runtime() -> Runtime:
+    """The runtime for the current settings, built (and the store migrated) on first use."""
+    global _runtime
+    with _lock:
+        settings = get_settings()
+        if _runtime is None or _runtime.settings is not settings:
+            _runtime = build_runtime(settings)
+        return _runtime
+
+
+def reset_runtime() -> None:
+    """Forget the runtime and the settings (tests that change settings call this)."""
+    global _runtime
+    with _lock:
+        _runtime = None
+    get_settings.cache_clear()

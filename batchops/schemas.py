@@ -1,0 +1,168 @@
+"""Request and response models shared by the API, the CLI and the flows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "BatchCreate",
+    "BatchState",
+    "BatchStatus",
+    "BatchSummary",
+    "ChunkRef",
+    "ItemErrorBody",
+    "ItemResult",
+    "ItemState",
+    "Method",
+    "Operation",
+    "PlannedOperation",
+    "payload_hash",
+]
+
+Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+class _Model(BaseModel):
+    """Accepts snake_case and camelCase (``idempotencyKey``); emits snake_case."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class BatchState(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ItemState(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Operation(_Model):
+    """One operation of a batch, as a client sends it."""
+
+    id: Annotated[str | None, Field(max_length=200)] = None
+    method: Method
+    path: Annotated[str, Field(min_length=1, max_length=2048)]
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None
+    idempotency_key: Annotated[str | None, Field(min_length=1, max_length=255)] = None
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_as_text(cls, value: Any) -> Any:
+        # Spreadsheets and JSON clients send numeric ids; they are names, keep them as text.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper_method(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class BatchCreate(_Model):
+    """Body of ``POST /batches``."""
+
+    operations: list[Operation]
+    mode: Literal["auto", "sync", "async"] = "auto"
+    concurrency: Annotated[int | None, Field(ge=1, le=1000)] = None
+    callback_url: str | None = None
+
+
+def payload_hash(method: str, path: str, body: Any) -> str:
+    """Fingerprint of what an operation does; the idempotency check compares these."""
+    canonical = json.dumps([method, path, body], sort_keys=True, separators=(",", ":"),
+                           default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class PlannedOperation(BaseModel):
+    """A validated operation, routed to its target; what a chunk carries."""
+
+    index: int
+    id: str | None = None
+    method: Method
+    path: str
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None
+    idempotency_key: str | None = None
+    payload_hash: str
+    target: str
+    resource: str | None = None
+    params: dict[str, str] = {}
+
+
+class ChunkRef(BaseModel):
+    """A chunk of a batch: the item range ``[start, end)`` stored under ``chunk_index``."""
+
+    batch_id: str
+    chunk_index: int
+    start: int
+    end: int
+    cache_token: str  # hash of the chunk's idempotency keys
+
+    @property
+    def label(self) -> str:
+        return f"items {self.start}-{self.end - 1}"
+
+
+class ItemErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ItemResult(BaseModel):
+    """Outcome of one operation; ``status`` is the item's HTTP status."""
+
+    id: str | None = None
+    index: int
+    status: int
+    state: ItemState
+    result: Any = None
+    error: ItemErrorBody | None = None
+    attempts: int = 1
+    replayed: bool = False
+
+    @classmethod
+    def ok(cls, op: PlannedOperation, status: int, result: Any = None) -> ItemResult:
+        return cls(id=op.id, index=op.index, status=status, state=ItemState.SUCCEEDED,
+                   result=result)
+
+    @classmethod
+    def fail(cls, op: PlannedOperation, status: int, code: str, message: str) -> ItemResult:
+        return cls(id=op.id, index=op.index, status=status, state=ItemState.FAILED,
+                   error=ItemErrorBody(code=code, message=message))
+
+
+class BatchSummary(BaseModel):
+    total: int
+    succeeded: int
+    failed: int
+
+
+class BatchStatus(BaseModel):
+    batch_id: str
+    status: BatchState
+    total: int
+    completed: int
+    succeeded: int
+    failed: int
+    progress: float
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    flow_run_id: str | None = None
+    ui_url: str | None = None

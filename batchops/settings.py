@@ -1,0 +1,142 @@
+"""Settings: one pydantic-settings class, ``BATCHOPS_`` prefix, read once via ``get_settings()``.
+
+Sources, highest priority first: init arguments, environment (``BATCHOPS_*``; nested values as
+JSON, e.g. ``BATCHOPS_RESOURCES='{...}'``), a ``.env`` file, then ``batchops.toml`` in the
+working directory (or the file named by ``BATCHOPS_CONFIG_FILE``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["ColumnSpec", "ResourceSpec", "Settings", "get_settings"]
+
+ColumnType = Literal["integer", "text", "numeric", "float", "boolean", "timestamp", "date", "json"]
+
+MAX_CHUNK_SIZE = 500
+
+
+class ColumnSpec(BaseModel):
+    """One column of a declared table."""
+
+    type: ColumnType = "text"
+    nullable: bool = True
+    unique: bool = False
+
+
+class ResourceSpec(BaseModel):
+    """A table exposed as a REST resource: ``/{name}`` and ``/{name}/{primary key}``."""
+
+    table: str | None = None
+    primary_key: str = "id"
+    columns: dict[str, ColumnSpec]
+    database_url: str | None = None  # None: the store's database
+    create: bool = False  # create the table if missing (demo resources)
+
+    @model_validator(mode="after")
+    def _primary_key_is_a_column(self) -> ResourceSpec:
+        if self.primary_key not in self.columns:
+            raise ValueError(f"primary_key {self.primary_key!r} is not among the columns")
+        return self
+
+
+def _demo_resources() -> dict[str, ResourceSpec]:
+    def col(type_: ColumnType, **kw: bool) -> ColumnSpec:
+        return ColumnSpec(type=type_, **kw)
+
+    return {
+        "users": ResourceSpec(
+            columns={
+                "id": col("integer", nullable=False),
+                "email": col("text", nullable=False, unique=True),
+                "name": col("text"),
+            },
+            create=True,
+        ),
+        "orders": ResourceSpec(
+            columns={"id": col("integer", nullable=False), "status": col("text"),
+                     "total": col("numeric")},
+            create=True,
+        ),
+        "products": ResourceSpec(
+            columns={"id": col("integer", nullable=False), "name": col("text", nullable=False),
+                     "price": col("numeric")},
+            create=True,
+        ),
+        "outbox": ResourceSpec(
+            columns={
+                "id": col("integer", nullable=False),
+                "recipient": col("text", nullable=False),
+                "subject": col("text", nullable=False),
+                "body": col("text", nullable=False),
+                "message_key": col("text", unique=True),
+                "started_at": col("timestamp"),
+                "finished_at": col("timestamp"),
+            },
+            create=True,
+        ),
+    }
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHOPS_",
+        env_file=".env",
+        extra="ignore",
+        toml_file="batchops.toml",
+    )
+
+    database_url: str = "sqlite:///.data/batchops.db"
+    redis_url: str | None = None
+    prefect_ui_url: str = "http://127.0.0.1:4200"
+
+    max_operations: int = Field(1000, ge=1, description="per request to POST /batches")
+    max_import_rows: int = Field(1_000_000, ge=1, description="per CSV/file import")
+    max_body_bytes: int = 10 * 1024 * 1024
+    chunk_size: int = Field(MAX_CHUNK_SIZE, ge=1, le=MAX_CHUNK_SIZE)
+    default_concurrency: int = Field(10, ge=1, le=1000)
+    chunk_workers: int = Field(4, ge=1, le=64, description="chunk task runs in parallel")
+    chunk_retries: int = Field(2, ge=0)
+    chunk_retry_backoff_seconds: float = Field(1.0, ge=0)
+    idempotency_retention_hours: float = Field(24, gt=0)
+    result_cache_hours: float = Field(24, gt=0)
+    artifact_max_rows: int = Field(10_000, ge=1, description="rows of the item table artifact")
+    handler_modules: list[str] = ["batchops.demo.handlers"]
+    resources: dict[str, ResourceSpec] = Field(default_factory=_demo_resources)
+    api_keys: list[SecretStr] = []
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The one place the environment is read directly: which TOML file to use.
+        toml_file = Path(os.environ.get("BATCHOPS_CONFIG_FILE", "batchops.toml"))
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
+            file_secret_settings,
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once. Tests call ``get_settings.cache_clear()``."""
+    return Settings()

@@ -1,0 +1,408 @@
+"""The batch store (SQLAlchemy 2 Core): batches, their chunks and items, idempotency records.
+
+A batch's operations are stored per chunk (one row per chunk of up to 500 operations, as JSON),
+so registering a 100,000-item batch writes 200 rows. Item results are rows of ``batch_items``,
+written per chunk in one bulk insert, together with the batch counters in one update and the
+chunk's checkpoint, all in the chunk's transaction.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import TypeAdapter
+from sqlalchemy.engine import Connection, Engine
+
+from batchops.errors import BatchNotFound
+from batchops.schemas import (
+    BatchState,
+    BatchStatus,
+    ChunkRef,
+    ItemErrorBody,
+    ItemResult,
+    ItemState,
+    PlannedOperation,
+)
+
+__all__ = ["BatchRecord", "IdempotencyRecord", "Store", "create_engine", "metadata", "utcnow"]
+
+metadata = sa.MetaData()
+
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("scope", sa.String(128), nullable=False, server_default="default"),
+    sa.Column("source", sa.String(32), nullable=False, server_default="api"),
+    sa.Column("total", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("chunk_size", sa.Integer, nullable=False),
+    sa.Column("flow_run_id", sa.String(64)),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+)
+
+batch_chunks = sa.Table(
+    "batch_chunks",
+    metadata,
+    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("chunk_index", sa.Integer, primary_key=True),
+    sa.Column("start", sa.Integer, nullable=False),
+    sa.Column("end", sa.Integer, nullable=False),
+    sa.Column("cache_token", sa.String(64), nullable=False),
+    sa.Column("depends_on", sa.JSON, nullable=False),
+    sa.Column("operations", sa.Text, nullable=False),
+    sa.Column("done", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("completed_at", sa.DateTime(timezone=True)),
+)
+
+batch_items = sa.Table(
+    "batch_items",
+    metadata,
+    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("op_id", sa.String(200)),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("result", sa.JSON),
+    sa.Column("error_code", sa.String(64)),
+    sa.Column("error_message", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("replayed", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
+)
+sa.Index("ix_batch_items_state", batch_items.c.batch_id, batch_items.c.state)
+
+idempotency_records = sa.Table(
+    "idempotency_records",
+    metadata,
+    sa.Column("scope", sa.String(128), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("payload_hash", sa.String(64), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("result", sa.JSON),
+    sa.Column("batch_id", sa.String(64), nullable=False),
+    sa.Column("item_index", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+sa.Index("ix_idempotency_expires", idempotency_records.c.expires_at)
+
+_OPS = TypeAdapter(list[PlannedOperation])
+_TERMINAL = {BatchState.COMPLETED.value, BatchState.FAILED.value, BatchState.CANCELLED.value}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; they were written as UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def create_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine with the settings batchops needs for the dialect (SQLite: threads, WAL)."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 60}, **kwargs
+        )
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Let pysqlite not issue BEGIN itself, so SAVEPOINTs work; WAL for readers.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # Writers take the lock up front (IMMEDIATE): two writers never deadlock on an
+            # upgrade from read to write. Readers (``read_only``) do not block anyone in WAL.
+            if conn.get_execution_options().get("read_only"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 20)
+    kwargs.setdefault("pool_pre_ping", True)
+    return sa.create_engine(url, **kwargs)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    id: str
+    status: str
+    scope: str
+    total: int
+    completed: int
+    succeeded: int
+    failed: int
+    concurrency: int
+    chunk_size: int
+    flow_run_id: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    key: str
+    payload_hash: str
+    status: int
+    result: Any
+    batch_id: str
+    item_index: int
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def shared_engine(url: str) -> Engine:
+    """One engine (one pool) per database URL in this process."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = create_engine(url)
+        return engine
+
+
+class Store:
+    """Reads and writes batches; every method is one short transaction unless it takes ``conn``."""
+
+    def __init__(self, url: str, engine: Engine | None = None) -> None:
+        self.url = url
+        self.engine = engine or shared_engine(url)
+
+    def read(self) -> Connection:
+        """A connection for reads (on SQLite it does not take the write lock)."""
+        return self.engine.connect().execution_options(read_only=True)
+
+    # -- schema -------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the store's schema to the newest migration (Alembic)."""
+        from batchops.migrate import upgrade
+
+        upgrade(self.engine)
+
+    # -- registration -------------------------------------------------------------------
+
+    def insert_batch(self, conn: Connection, batch_id: str, *, concurrency: int,
+                     chunk_size: int, scope: str, source: str) -> None:
+        conn.execute(batches.insert().values(
+            id=batch_id, status=BatchState.QUEUED.value, scope=scope, source=source, total=0,
+            concurrency=concurrency, chunk_size=chunk_size, created_at=utcnow(),
+        ))
+
+    def insert_chunk(self, conn: Connection, ref: ChunkRef, ops: Sequence[PlannedOperation],
+                     depends_on: Sequence[int]) -> None:
+        conn.execute(batch_chunks.insert().values(
+            batch_id=ref.batch_id, chunk_index=ref.chunk_index, start=ref.start, end=ref.end,
+            cache_token=ref.cache_token, depends_on=list(depends_on),
+            operations=_OPS.dump_json(list(ops)).decode(),
+        ))
+
+    def set_total(self, conn: Connection, batch_id: str, total: int) -> None:
+        conn.execute(batches.update().where(batches.c.id == batch_id).values(total=total))
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get_batch(self, batch_id: str) -> BatchRecord:
+        with self.read() as conn:
+            row = conn.execute(batches.select().where(batches.c.id == batch_id)).mappings().first()
+        if row is None:
+            raise BatchNotFound(batch_id)
+        data = dict(row)
+        data.pop("source", None)
+        for name in ("created_at", "started_at", "finished_at"):
+            data[name] = _aware(data[name])
+        return BatchRecord(**data)
+
+    def status(self, batch_id: str, ui_url: str | None = None) -> BatchStatus:
+        b = self.get_batch(batch_id)
+        return BatchStatus(
+            batch_id=b.id, status=BatchState(b.status), total=b.total, completed=b.completed,
+            succeeded=b.succeeded, failed=b.failed,
+            progress=round(b.completed / b.total, 4) if b.total else 1.0,
+            started_at=b.started_at, finished_at=b.finished_at, flow_run_id=b.flow_run_id,
+            ui_url=(f"{ui_url.rstrip('/')}/runs/flow-run/{b.flow_run_id}"
+                    if ui_url and b.flow_run_id else None),
+        )
+
+    def chunk_plan(self, batch_id: str) -> list[tuple[ChunkRef, list[int]]]:
+        """Every chunk of the batch, in order, with the chunks it must wait for."""
+        c = batch_chunks.c
+        query = sa.select(c.chunk_index, c.start, c.end, c.cache_token, c.depends_on).where(
+            c.batch_id == batch_id)
+        with self.read() as conn:
+            rows = conn.execute(query.order_by(c.chunk_index)).all()
+        return [(ChunkRef(batch_id=batch_id, chunk_index=r.chunk_index, start=r.start, end=r.end,
+                          cache_token=r.cache_token), list(r.depends_on)) for r in rows]
+
+    def chunk_operations(self, batch_id: str, chunk_index: int) -> list[PlannedOperation]:
+        with self.read() as conn:
+            raw = conn.execute(sa.select(batch_chunks.c.operations).where(
+                batch_chunks.c.batch_id == batch_id, batch_chunks.c.chunk_index == chunk_index,
+            )).scalar_one()
+        return _OPS.validate_json(raw)
+
+    def lock_chunk(self, conn: Connection, ref: ChunkRef) -> None:
+        """Serialize runs of one chunk (PostgreSQL row lock; SQLite's writer lock already does)."""
+        c = batch_chunks.c
+        query = sa.select(c.chunk_index).where(c.batch_id == ref.batch_id,
+                                               c.chunk_index == ref.chunk_index)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        conn.execute(query)
+
+    def recorded_results(self, conn: Connection, batch_id: str, start: int,
+                         end: int) -> dict[int, ItemResult]:
+        rows = conn.execute(batch_items.select().where(
+            batch_items.c.batch_id == batch_id, batch_items.c.idx >= start, batch_items.c.idx < end,
+        )).mappings()
+        return {r["idx"]: _item_from_row(r) for r in rows}
+
+    def iter_results(self, batch_id: str, *, state: ItemState | None = None, after: int = -1,
+                     limit: int | None = None, page_size: int = 1000) -> Iterator[ItemResult]:
+        """Results in index order, read page by page (constant memory for big batches)."""
+        remaining = limit
+        while remaining is None or remaining > 0:
+            size = page_size if remaining is None else min(page_size, remaining)
+            query = batch_items.select().where(batch_items.c.batch_id == batch_id,
+                                               batch_items.c.idx > after)
+            if state is not None:
+                query = query.where(batch_items.c.state == state.value)
+            with self.read() as conn:
+                rows = conn.execute(query.order_by(batch_items.c.idx).limit(size)).mappings().all()
+            if not rows:
+                return
+            for r in rows:
+                yield _item_from_row(r)
+            after = rows[-1]["idx"]
+            if remaining is not None:
+                remaining -= len(rows)
+
+    # -- recording ----------------------------------------------------------------------
+
+    def record_chunk(self, conn: Connection, ref: ChunkRef, ops: Sequence[PlannedOperation],
+                     results: Sequence[ItemResult]) -> None:
+        """Item rows (one bulk insert), counters (one update), checkpoint: one transaction."""
+        now = utcnow()
+        by_index = {op.index: op for op in ops}
+        if results:
+            conn.execute(batch_items.insert(), [
+                {
+                    "batch_id": ref.batch_id, "idx": r.index, "op_id": r.id,
+                    "method": by_index[r.index].method, "path": by_index[r.index].path,
+                    "state": r.state.value, "status": r.status, "result": r.result,
+                    "error_code": r.error.code if r.error else None,
+                    "error_message": r.error.message if r.error else None,
+                    "attempts": r.attempts, "replayed": r.replayed, "finished_at": now,
+                }
+                for r in results
+            ])
+        succeeded = sum(1 for r in results if r.state is ItemState.SUCCEEDED)
+        conn.execute(batches.update().where(batches.c.id == ref.batch_id).values(
+            completed=batches.c.completed + len(results),
+            succeeded=batches.c.succeeded + succeeded,
+            failed=batches.c.failed + (len(results) - succeeded),
+        ))
+        conn.execute(batch_chunks.update().where(
+            batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
+        ).values(done=True, completed_at=now))
+
+    def mark_started(self, batch_id: str, flow_run_id: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(batches.update().where(batches.c.id == batch_id).values(
+                status=BatchState.PROCESSING.value, flow_run_id=flow_run_id,
+                started_at=sa.func.coalesce(batches.c.started_at, utcnow()),
+                finished_at=None, error=None,
+            ))
+
+    def mark_finished(self, batch_id: str, state: BatchState, error: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(batches.update().where(batches.c.id == batch_id).values(
+                status=state.value, finished_at=utcnow(), error=error,
+            ))
+
+    def is_terminal(self, batch_id: str) -> bool:
+        return self.get_batch(batch_id).status in _TERMINAL
+
+    # -- idempotency --------------------------------------------------------------------
+
+    def idempotency_lookup(self, conn: Connection, scope: str,
+                           keys: Sequence[str]) -> dict[str, IdempotencyRecord]:
+        """Unexpired records for ``keys`` (expired ones count as absent)."""
+        if not keys:
+            return {}
+        t = idempotency_records
+        rows = conn.execute(sa.select(t).where(
+            t.c.scope == scope, t.c.key.in_(list(set(keys))), t.c.expires_at > utcnow(),
+        )).mappings()
+        return {
+            r["key"]: IdempotencyRecord(r["key"], r["payload_hash"], r["status"], r["result"],
+                                        r["batch_id"], r["item_index"])
+            for r in rows
+        }
+
+    def idempotency_save(self, conn: Connection, scope: str, batch_id: str,
+                         entries: Sequence[tuple[PlannedOperation, ItemResult]],
+                         retention: timedelta) -> None:
+        """Remember succeeded items by key (an expired record is replaced)."""
+        if not entries:
+            return
+        now = utcnow()
+        t = idempotency_records
+        keys = [op.idempotency_key for op, _ in entries]
+        conn.execute(t.delete().where(t.c.scope == scope, t.c.key.in_(keys),
+                                      t.c.expires_at <= now))
+        conn.execute(t.insert(), [
+            {"scope": scope, "key": op.idempotency_key, "payload_hash": op.payload_hash,
+             "status": r.status, "result": r.result, "batch_id": batch_id,
+             "item_index": r.index, "created_at": now, "expires_at": now + retention}
+            for op, r in entries
+        ])
+
+    def purge_expired_idempotency(self) -> int:
+        with self.engine.begin() as conn:
+            t = idempotency_records
+            return conn.execute(t.delete().where(t.c.expires_at <= utcnow())).rowcount
+
+
+def _item_from_row(r: Any) -> ItemResult:
+    error = None
+    if r["error_code"] is not None:
+        error = ItemErrorBody(code=r["error_code"], message=r["error_message"] or "")
+    return ItemResult(id=r["op_id"], index=r["idx"], status=r["status"],
+                      state=ItemState(r["state"]), result=r["result"], error=error,
+                      attempts=r["attempts"], replayed=r["replayed"])

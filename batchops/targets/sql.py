@@ -1,0 +1,297 @@
+"""The sql target: declared tables as REST resources, written collect-then-batch.
+
+A chunk is cut into *runs*: consecutive operations on one resource with one method (and, where
+a statement needs it, one set of columns, and each record at most once). Each run is one bulk
+statement inside a savepoint:
+
+* ``POST``   multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING *`` — the rows that came
+  back went in, the others are the conflicts, re-tried one by one to get the database's reason;
+* ``PUT``    multi-row ``INSERT … ON CONFLICT (pk) DO UPDATE … RETURNING *``;
+* ``PATCH``  ``UPDATE … FROM (VALUES …) RETURNING *`` (PostgreSQL), per row on SQLite;
+* ``DELETE`` ``DELETE … WHERE pk IN (…) RETURNING pk``;
+* ``GET``    ``SELECT … WHERE pk IN (…)``.
+
+When a bulk statement fails (foreign key, check, a value the database refuses), the run is
+bisected, each half in its own savepoint, down to the single items that fail. Runs execute in
+batch order, and a ``PUT``/``PATCH`` run that could trade unique values between rows runs item
+by item, so the outcome equals executing the operations one by one in batch order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from itertools import groupby
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, RowMapping
+
+from batchops.errors import ConfigurationError, TransientError
+from batchops.jsonable import row_to_json
+from batchops.resources import Resource
+from batchops.schemas import ItemResult, PlannedOperation
+from batchops.store import shared_engine
+from batchops.targets import ChunkContext
+
+__all__ = ["SqlTarget", "classify_db_error", "split_runs"]
+
+
+def _insert(conn: Connection, table: sa.Table) -> Any:
+    name = conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise ConfigurationError(f"the sql target does not support the {name!r} dialect")
+
+
+def classify_db_error(exc: sa.exc.DBAPIError) -> tuple[int, str, str]:
+    """(item status, error code, message) for a statement the database refused."""
+    orig = exc.orig
+    pgcode = getattr(orig, "pgcode", None) or ""
+    diag = getattr(orig, "diag", None)
+    if diag is not None and diag.message_primary:
+        message = diag.message_primary + (f" ({diag.message_detail})" if diag.message_detail
+                                          else "")
+    else:
+        message = str(orig).strip().splitlines()[0] if orig is not None else str(exc)
+    text = str(orig)
+    if pgcode == "23505" or "UNIQUE constraint failed" in text:
+        return 409, "unique_violation", message
+    if isinstance(exc, sa.exc.IntegrityError) or pgcode.startswith("23"):
+        return 409, "constraint_violation", message
+    return 422, "invalid_value", message
+
+
+def _raise_if_transient(exc: sa.exc.DBAPIError) -> None:
+    if exc.connection_invalidated or isinstance(
+        exc, sa.exc.OperationalError | sa.exc.InterfaceError
+    ):
+        raise TransientError(f"database unavailable: {str(exc.orig).strip()}") from exc
+
+
+def split_runs(items: Sequence[PlannedOperation],
+               resources: dict[str, Resource]) -> Iterator[list[PlannedOperation]]:
+    """Consecutive operations that one bulk statement can execute, in batch order."""
+    run: list[PlannedOperation] = []
+    signature: tuple[Any, ...] | None = None
+    seen: set[str] = set()
+    for op in items:
+        assert op.resource is not None
+        pk = op.params.get(resources[op.resource].primary_key)
+        cols = tuple(sorted(op.body)) if op.method in ("POST", "PATCH") and op.body else ()
+        sig = (op.resource, op.method, cols)
+        repeat = op.method in ("PUT", "PATCH") and pk in seen
+        if run and (sig != signature or repeat):
+            yield run
+            run, seen = [], set()
+        run.append(op)
+        signature = sig
+        if pk is not None:
+            seen.add(pk)
+    if run:
+        yield run
+
+
+class SqlTarget:
+    """Executes operations on declared tables; see the module docstring for the statements."""
+
+    name = "sql"
+
+    def __init__(self, resources: dict[str, Resource], store_url: str) -> None:
+        self.resources = resources
+        self.store_url = store_url
+
+    def database_url(self, op: PlannedOperation) -> str:
+        assert op.resource is not None
+        return self.resources[op.resource].database_url or self.store_url
+
+    async def execute(self, items: Sequence[PlannedOperation],
+                      ctx: ChunkContext) -> list[ItemResult]:
+        results: list[ItemResult] = []
+        for url, group in groupby(items, key=self.database_url):
+            ops = list(group)
+            if url == self.store_url and ctx.store_connection is not None:
+                results += self.execute_on(ctx.store_connection, ops)
+            else:
+                try:
+                    with shared_engine(url).begin() as conn:
+                        results += self.execute_on(conn, ops)
+                except sa.exc.DBAPIError as exc:
+                    _raise_if_transient(exc)
+                    raise
+        return results
+
+    def execute_on(self, conn: Connection, items: Sequence[PlannedOperation]) -> list[ItemResult]:
+        """Execute ``items`` in the open transaction ``conn`` (savepoints inside)."""
+        results: list[ItemResult] = []
+        try:
+            for run in split_runs(items, self.resources):
+                assert run[0].resource is not None
+                resource = self.resources[run[0].resource]
+                if run[0].method in ("PUT", "PATCH") and self._may_trade_unique_values(
+                        conn, resource, run):
+                    for op in run:
+                        results += self._guarded(conn, resource, [op])
+                else:
+                    results += self._guarded(conn, resource, run)
+        except sa.exc.DBAPIError as exc:
+            _raise_if_transient(exc)
+            raise
+        return results
+
+    # -- one run ------------------------------------------------------------------------
+
+    def _guarded(self, conn: Connection, res: Resource,
+                 run: list[PlannedOperation]) -> list[ItemResult]:
+        try:
+            with conn.begin_nested():
+                return self._bulk(conn, res, run)
+        except (sa.exc.IntegrityError, sa.exc.DataError) as exc:
+            if len(run) == 1:
+                status, code, message = classify_db_error(exc)
+                return [ItemResult.fail(run[0], status, code, message)]
+            mid = len(run) // 2
+            return self._guarded(conn, res, run[:mid]) + self._guarded(conn, res, run[mid:])
+
+    def _bulk(self, conn: Connection, res: Resource,
+              run: list[PlannedOperation]) -> list[ItemResult]:
+        method = run[0].method
+        if method == "POST":
+            return self._post(conn, res, run)
+        if method == "PUT":
+            return self._put(conn, res, run)
+        if method == "PATCH":
+            return self._patch(conn, res, run)
+        if method == "DELETE":
+            return self._delete(conn, res, run)
+        return self._get(conn, res, run)
+
+    def _keys(self, res: Resource, run: list[PlannedOperation]) -> list[Any]:
+        return [res.coerce_key(op.params[res.primary_key]) for op in run]
+
+    def _post(self, conn: Connection, res: Resource,
+              run: list[PlannedOperation]) -> list[ItemResult]:
+        t = res.table
+        rows = [res.coerce_row(op.body or {}) for op in run]
+        stmt = _insert(conn, t).on_conflict_do_nothing().returning(*t.c)
+        returned = conn.execute(stmt, rows).mappings().all()
+        # Conflicts can only come from the primary key or unique columns: match on those
+        # (on every given column when there are none), walking both lists in order.
+        match_on = [c for c in (res.primary_key, *res.unique_columns) if c in rows[0]]
+        match_on = match_on or list(rows[0])
+        results: list[ItemResult] = []
+        position = 0
+        for op, row in zip(run, rows, strict=True):
+            got = returned[position] if position < len(returned) else None
+            if got is not None and all(got[c] == row[c] for c in match_on):
+                results.append(ItemResult.ok(op, 201, row_to_json(got)))
+                position += 1
+            else:
+                results.append(self._post_one(conn, t, op, row))
+        return results
+
+    def _post_one(self, conn: Connection, t: sa.Table, op: PlannedOperation,
+                  row: dict[str, Any]) -> ItemResult:
+        """A row the bulk insert skipped: insert it alone to learn the database's reason."""
+        try:
+            with conn.begin_nested():
+                got = conn.execute(t.insert().returning(*t.c), row).mappings().one()
+            return ItemResult.ok(op, 201, row_to_json(got))
+        except sa.exc.IntegrityError as exc:
+            status, code, message = classify_db_error(exc)
+            return ItemResult.fail(op, status, code, message)
+
+    def _put(self, conn: Connection, res: Resource,
+             run: list[PlannedOperation]) -> list[ItemResult]:
+        t, pk = res.table, res.primary_key
+        keys = self._keys(res, run)
+        existing = set(conn.execute(sa.select(t.c[pk]).where(t.c[pk].in_(keys))).scalars())
+        blank = {c: None for c in res.spec.columns if c != pk}
+        rows = [blank | res.coerce_row(op.body or {}) | {pk: key}
+                for op, key in zip(run, keys, strict=True)]
+        stmt = _insert(conn, t)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c[pk]], set_={c: stmt.excluded[c] for c in blank}
+        ).returning(*t.c)
+        by_key = {r[pk]: r for r in conn.execute(stmt, rows).mappings().all()}
+        return [ItemResult.ok(op, 200 if key in existing else 201, row_to_json(by_key[key]))
+                for op, key in zip(run, keys, strict=True)]
+
+    def _patch(self, conn: Connection, res: Resource,
+               run: list[PlannedOperation]) -> list[ItemResult]:
+        t, pk = res.table, res.primary_key
+        keys = self._keys(res, run)
+        rows = [{k: v for k, v in res.coerce_row(op.body or {}).items() if k != pk}
+                for op in run]
+        cols = list(rows[0])
+        found: dict[Any, RowMapping] = {}
+        if not cols:
+            found = {r[pk]: r for r in conn.execute(
+                sa.select(t).where(t.c[pk].in_(keys))).mappings()}
+        elif conn.dialect.name == "postgresql":
+            values = sa.values(sa.column("_batchops_key", t.c[pk].type),
+                               *(sa.column(c, t.c[c].type) for c in cols), name="v").data(
+                [(key, *(row[c] for c in cols)) for key, row in zip(keys, rows, strict=True)])
+            stmt = (t.update().values({c: sa.cast(values.c[c], t.c[c].type) for c in cols})
+                    .where(t.c[pk] == values.c["_batchops_key"]).returning(*t.c))
+            found = {r[pk]: r for r in conn.execute(stmt).mappings()}
+        else:
+            for key, row in zip(keys, rows, strict=True):
+                got = conn.execute(t.update().where(t.c[pk] == key).values(row)
+                                   .returning(*t.c)).mappings().first()
+                if got is not None:
+                    found[key] = got
+        return [ItemResult.ok(op, 200, row_to_json(found[key])) if key in found
+                else self._not_found(op, res)
+                for op, key in zip(run, keys, strict=True)]
+
+    def _delete(self, conn: Connection, res: Resource,
+                run: list[PlannedOperation]) -> list[ItemResult]:
+        t, pk = res.table, res.primary_key
+        keys = self._keys(res, run)
+        deleted = set(conn.execute(
+            t.delete().where(t.c[pk].in_(keys)).returning(t.c[pk])).scalars())
+        results = []
+        for op, key in zip(run, keys, strict=True):
+            if key in deleted:
+                deleted.discard(key)  # a second DELETE of the same row finds nothing
+                results.append(ItemResult.ok(op, 204))
+            else:
+                results.append(self._not_found(op, res))
+        return results
+
+    def _get(self, conn: Connection, res: Resource,
+             run: list[PlannedOperation]) -> list[ItemResult]:
+        t, pk = res.table, res.primary_key
+        keys = self._keys(res, run)
+        found = {r[pk]: r for r in conn.execute(sa.select(t).where(t.c[pk].in_(keys))).mappings()}
+        return [ItemResult.ok(op, 200, row_to_json(found[key])) if key in found
+                else self._not_found(op, res) for op, key in zip(run, keys, strict=True)]
+
+    @staticmethod
+    def _not_found(op: PlannedOperation, res: Resource) -> ItemResult:
+        key = op.params.get(res.primary_key)
+        return ItemResult.fail(op, 404, "not_found", f"no {res.name} with "
+                               f"{res.primary_key} {key!r}")
+
+    def _may_trade_unique_values(self, conn: Connection, res: Resource,
+                                 run: list[PlannedOperation]) -> bool:
+        """Could this run's rows swap unique values, so that order would matter?"""
+        t, pk = res.table, res.primary_key
+        for col in res.unique_columns:
+            owners: dict[Any, Any] = {}
+            for op in run:
+                if op.body is not None and op.body.get(col) is not None:
+                    value = res.coerce_row({col: op.body[col]})[col]
+                    if value in owners:
+                        return True
+                    owners[value] = res.coerce_key(op.params[pk])
+            if not owners:
+                continue
+            holders = conn.execute(sa.select(t.c[pk], t.c[col]).where(
+                t.c[col].in_(list(owners)))).all()
+            if any(owners.get(value) != key for key, value in holders):
+                return True
+        return False

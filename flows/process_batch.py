@@ -1,0 +1,140 @@
+"""``process_batch``: one flow run per batch — load, map chunks, record progress, finish."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_client, runtime, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from batchops.execution import ChunkOutcome
+from batchops.schemas import BatchSummary, ChunkRef, Operation
+from batchops.settings import get_settings
+from tasks.batches import finish_batch, load_batch, register_operations
+from tasks.chunks import run_chunk
+
+__all__ = ["process_batch"]
+
+
+def _flow_run_name() -> str:
+    batch_id = runtime.flow_run.parameters.get("batch_id")
+    return f"batch-{batch_id}" if batch_id else "batch-registering"
+
+
+def _rename_flow_run(name: str) -> None:
+    flow_run_id = runtime.flow_run.id
+    if flow_run_id:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(UUID(flow_run_id), name=name)
+
+
+def _chunk_task(settings_retries: int, backoff: float) -> Any:
+    from prefect.tasks import exponential_backoff
+
+    return run_chunk.with_options(
+        retries=settings_retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
+    )
+
+
+def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chunk: int,
+                scope: str) -> Iterator[tuple[ChunkRef, PrefectFuture[ChunkOutcome]]]:
+    """Submit chunk task runs, yielding each as it completes.
+
+    Independent chunks with the full worker count go out in one ``run_chunk.map``. Otherwise
+    at most ``parallel`` chunks are in flight, and a chunk that touches the same records as
+    earlier ones waits for them (``wait_for``), so batch order holds across chunks.
+    """
+    settings = get_settings()
+    chunk_task = _chunk_task(settings.chunk_retries, settings.chunk_retry_backoff_seconds)
+    refs = [ref for ref, _ in chunks]
+    if parallel >= settings.chunk_workers and not any(deps for _, deps in chunks):
+        futures = chunk_task.map(refs, unmapped(per_chunk), unmapped(scope))
+        by_future = {f.task_run_id: ref for f, ref in zip(futures, refs, strict=True)}
+        for future in as_completed(list(futures)):
+            yield by_future[future.task_run_id], future
+        return
+    pending = deque(chunks)
+    submitted: dict[int, PrefectFuture[ChunkOutcome]] = {}
+    in_flight: dict[Any, ChunkRef] = {}
+    while pending or in_flight:
+        while pending and len(in_flight) < parallel:
+            ref, deps = pending.popleft()
+            future = chunk_task.submit(ref, per_chunk, scope,
+                                       wait_for=[submitted[d] for d in deps])
+            submitted[ref.chunk_index] = future
+            in_flight[future.task_run_id] = ref
+        done = next(as_completed([submitted[r.chunk_index] for r in in_flight.values()]))
+        yield in_flight.pop(done.task_run_id), done
+
+
+@flow(
+    name="process-batch",
+    flow_run_name=_flow_run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=get_settings().chunk_workers),
+    log_prints=True,
+)
+def process_batch(
+    batch_id: str | None = None,
+    operations: list[Operation] | None = None,
+    concurrency: int | None = None,
+) -> BatchSummary:
+    """Run a batch: every chunk once, every item's result recorded, progress as it goes.
+
+    Args:
+        batch_id: a batch registered through the API or the CLI.
+        operations: or the operations themselves (a run started from the Prefect UI or a
+            schedule); they are validated and registered as a new batch first.
+        concurrency: items in flight at once for a batch given as ``operations``.
+
+    Item failures are results, not flow failures; the flow fails only when a chunk cannot be
+    executed after its retries (for example the database is gone), and a later run of the same
+    batch resumes from the completed chunks.
+    """
+    logger = get_run_logger()
+    if batch_id is None:
+        if not operations:
+            raise ValueError("process_batch needs a batch_id or a list of operations")
+        batch_id = register_operations(operations, concurrency, source="flow")
+        _rename_flow_run(f"batch-{batch_id}")
+    flow_run_id = runtime.flow_run.id
+    batch = load_batch(batch_id, str(flow_run_id) if flow_run_id else None)
+    chunks: list[tuple[ChunkRef, list[int]]] = batch["chunks"]
+    total = batch["total"]
+    settings = get_settings()
+    parallel = max(1, min(settings.chunk_workers, batch["concurrency"], len(chunks)))
+    per_chunk = max(1, batch["concurrency"] // parallel)
+    logger.info("batch %s: %d items in %d chunks, %d chunks at a time, %d items each",
+                batch_id, total, len(chunks), parallel, per_chunk)
+
+    progress_id = create_progress_artifact(
+        0.0, key=f"batch-{batch_id}-progress", description=f"batch {batch_id}: 0/{total}")
+    done_items = 0
+    failed_chunks: list[ChunkRef] = []
+    errors: list[str] = []
+    for ref, future in _run_chunks(chunks, parallel, per_chunk, batch["scope"]):
+        try:
+            outcome = future.result()
+            done_items += outcome.total
+        except Exception as exc:
+            failed_chunks.append(ref)
+            errors.append(f"chunk {ref.chunk_index}: {type(exc).__name__}: {exc}")
+            logger.error("chunk %d (%s) could not finish: %s", ref.chunk_index, ref.label, exc)
+        update_progress_artifact(
+            progress_id, 100.0 * done_items / total if total else 100.0,
+            description=f"batch {batch_id}: {done_items}/{total} items")
+
+    error = "; ".join(errors) or None
+    summary = finish_batch(batch_id, failed_chunks, error)
+    if failed_chunks:
+        raise RuntimeError(
+            f"batch {batch_id}: {len(failed_chunks)} chunk(s) could not finish ({error}); "
+            "run the flow again for this batch to resume from the completed chunks")
+    logger.info("batch %s finished: %s", batch_id, summary.model_dump())
+    return summary

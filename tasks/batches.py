@@ -1,0 +1,60 @@
+"""Tasks around a batch: register, load, finish (summary and artifacts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from batchops.reporting import summary_markdown, table_rows
+from batchops.registration import register_batch
+from batchops.runtime import get_runtime
+from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
+
+__all__ = ["finish_batch", "load_batch", "register_operations"]
+
+
+@task(name="register-batch")
+def register_operations(operations: list[Operation], concurrency: int | None,
+                        source: str) -> str:
+    """Validate and store operations given to the flow directly (UI, schedule)."""
+    runtime = get_runtime()
+    batch_id, _ = register_batch(runtime, operations, concurrency=concurrency,
+                                 max_operations=runtime.settings.max_import_rows, source=source)
+    return batch_id
+
+
+@task(name="load-batch")
+def load_batch(batch_id: str, flow_run_id: str | None) -> dict[str, Any]:
+    """The batch's chunk plan; marks the batch processing (under this flow run)."""
+    store = get_runtime().store
+    batch = store.get_batch(batch_id)
+    plan = store.chunk_plan(batch_id)
+    store.mark_started(batch_id, flow_run_id)
+    return {"total": batch.total, "concurrency": batch.concurrency, "scope": batch.scope,
+            "chunks": plan}
+
+
+@task(name="finish-batch")
+def finish_batch(batch_id: str, failed_chunks: list[ChunkRef],
+                 error: str | None) -> BatchSummary:
+    """Final status, summary, and the table and markdown artifacts."""
+    runtime = get_runtime()
+    store = runtime.store
+    state = BatchState.FAILED if failed_chunks else BatchState.COMPLETED
+    store.mark_finished(batch_id, state, error)
+    status = store.status(batch_id)
+    summary = BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed)
+    limit = runtime.settings.artifact_max_rows
+    rows = table_rows(store.iter_results(batch_id, limit=limit))
+    create_table_artifact(
+        rows, key=f"batch-{batch_id}-items",
+        description=(f"Every item of batch {batch_id}" if status.total <= limit else
+                     f"First {limit} of {status.total} items of batch {batch_id}; "
+                     "all of them: `batchops results ID --format csv`"),
+    )
+    create_markdown_artifact(summary_markdown(status, failed_chunks, error),
+                             key=f"batch-{batch_id}-summary",
+                             description=f"Summary of batch {batch_id}")
+    return summary

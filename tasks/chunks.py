@@ -1,0 +1,61 @@
+"""``run_chunk``: one task run per chunk of up to 500 items."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from prefect import Task, task
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+from prefect.tasks import exponential_backoff
+
+from batchops.errors import TransientError
+from batchops.execution import ChunkOutcome, execute_chunk
+from batchops.runtime import get_runtime
+from batchops.schemas import ChunkRef
+
+__all__ = ["chunk_cache_key", "retry_transient_failures", "run_chunk"]
+
+_TRANSIENT = (TransientError, sa.exc.OperationalError, sa.exc.InterfaceError, ConnectionError,
+              TimeoutError)
+
+
+def chunk_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Batch id + chunk position + the hash of the chunk's idempotency keys (+ run generation).
+
+    A second flow run of the same batch finds the chunks the first one completed.
+    """
+    ref: ChunkRef = parameters["ref"]
+    return (f"batchops-chunk-{ref.batch_id}-{ref.chunk_index}-{ref.cache_token}"
+            f"-g{parameters.get('generation', 0)}")
+
+
+def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
+    """Retry lost connections and timeouts; a constraint violation or a bug is not retried."""
+    try:
+        state.result()
+    except _TRANSIENT:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(
+    name="run-chunk",
+    task_run_name="chunk {ref.chunk_index} ({ref.label})",
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=1),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient_failures,
+    cache_key_fn=chunk_cache_key,
+    cache_expiration=timedelta(hours=24),
+    persist_result=True,
+)
+async def run_chunk(ref: ChunkRef, concurrency: int, scope: str,
+                    generation: int = 0) -> ChunkOutcome:
+    """Execute the chunk's items and record their results (see ``batchops.execution``)."""
+    return await execute_chunk(get_runtime(), ref, concurrency=concurrency, scope=scope)
