@@ -38,7 +38,9 @@ def _touches(op: PlannedOperation, resources: dict[str, Resource]) -> _Touches:
     if op.idempotency_key is not None:
         t.exclusive.add(("idem", op.idempotency_key))
     if op.target != SQL_TARGET or op.resource is None:
-        t.exclusive.add(("path", op.target, op.path.split("?", 1)[0]))
+        # Operations on one path stay in order; a POST to a collection creates something new.
+        if op.method != "POST":
+            t.exclusive.add(("path", op.target, op.path.split("?", 1)[0]))
         return t
     res = resources[op.resource]
     pk = op.params.get(res.primary_key)

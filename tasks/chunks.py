@@ -36,7 +36,8 @@ def chunk_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
     """Retry lost connections and timeouts; a constraint violation or a bug is not retried."""
     try:
-        state.result()
+        # _sync: this runs inside the async task engine, where result() would be a coroutine.
+        state.result(raise_on_failure=True, _sync=True)  # type: ignore[call-arg]
     except _TRANSIENT:
         return True
     except Exception:

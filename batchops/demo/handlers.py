@@ -38,6 +38,8 @@ def _insert_outbox(row: dict[str, Any]) -> dict[str, Any]:
     runtime = get_runtime()
     outbox = runtime.resources["outbox"].table
     with runtime.store.engine.begin() as conn:
+        # The send ends when its row is written: stamped once the transaction has begun.
+        row["finished_at"] = datetime.now(UTC)
         got = conn.execute(outbox.insert().returning(*outbox.c), row).mappings().one()
     return {"id": got["id"], "recipient": got["recipient"], "subject": got["subject"]}
 
@@ -58,8 +60,7 @@ async def send_email(body: EmailBody, operation: PlannedOperation) -> dict[str, 
                         code="missing_template_var") from None
     await asyncio.sleep(body.send_latency)
     row = {"recipient": body.to, "subject": subject, "body": text,
-           "message_key": operation.idempotency_key, "started_at": started,
-           "finished_at": datetime.now(UTC)}
+           "message_key": operation.idempotency_key, "started_at": started}
     try:
         return await asyncio.to_thread(_insert_outbox, row)
     except sa.exc.IntegrityError:

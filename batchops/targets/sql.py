@@ -19,9 +19,9 @@ by item, so the outcome equals executing the operations one by one in batch orde
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import groupby
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -92,6 +92,27 @@ def split_runs(items: Sequence[PlannedOperation],
             seen.add(pk)
     if run:
         yield run
+
+
+def _row_json(row: RowMapping) -> dict[str, Any]:
+    # A row of a table selected by its columns is keyed by column name.
+    return row_to_json(cast("Mapping[str, Any]", row))
+
+
+def _first_shadowed_skip(rows: Sequence[dict[str, Any]], went_in: Sequence[Any],
+                         columns: Sequence[str]) -> int | None:
+    """The first skipped row that shares a key or unique value with a later inserted row."""
+    last_taken: dict[tuple[str, Any], int] = {}
+    for i, (row, got) in enumerate(zip(rows, went_in, strict=True)):
+        if got is not None:
+            for c in columns:
+                if row[c] is not None:
+                    last_taken[(c, row[c])] = i
+    for i, (row, got) in enumerate(zip(rows, went_in, strict=True)):
+        if got is None and any(last_taken.get((c, row[c]), -1) > i
+                               for c in columns if row[c] is not None):
+            return i
+    return None
 
 
 class SqlTarget:
@@ -175,22 +196,39 @@ class SqlTarget:
               run: list[PlannedOperation]) -> list[ItemResult]:
         t = res.table
         rows = [res.coerce_row(op.body or {}) for op in run]
-        stmt = _insert(conn, t).on_conflict_do_nothing().returning(*t.c)
-        returned = conn.execute(stmt, rows).mappings().all()
-        # Conflicts can only come from the primary key or unique columns: match on those
-        # (on every given column when there are none), walking both lists in order.
+        # Conflicts can only come from the primary key or unique columns, so only rows that
+        # name one can be skipped; match the returned rows to the given ones on those.
         match_on = [c for c in (res.primary_key, *res.unique_columns) if c in rows[0]]
-        match_on = match_on or list(rows[0])
-        results: list[ItemResult] = []
-        position = 0
-        for op, row in zip(run, rows, strict=True):
-            got = returned[position] if position < len(returned) else None
-            if got is not None and all(got[c] == row[c] for c in match_on):
-                results.append(ItemResult.ok(op, 201, row_to_json(got)))
-                position += 1
-            else:
-                results.append(self._post_one(conn, t, op, row))
-        return results
+        if not match_on:
+            # Nothing to conflict on but a generated key: a plain insert (a rare collision
+            # with a generated key fails the statement and is bisected). The rows cannot be
+            # matched on their contents, which the database may store less precisely.
+            returned = conn.execute(t.insert().returning(*t.c), rows).mappings().all()
+            return [ItemResult.ok(op, 201, _row_json(got))
+                    for op, got in zip(run, returned, strict=True)]
+        with conn.begin_nested() as savepoint:
+            stmt = _insert(conn, t).on_conflict_do_nothing().returning(*t.c)
+            returned = conn.execute(stmt, rows).mappings().all()
+            went_in: list[RowMapping | None] = []
+            position = 0  # walk both lists in order
+            for row in rows:
+                got = returned[position] if position < len(returned) else None
+                if got is not None and all(got[c] == row[c] for c in match_on):
+                    went_in.append(got)
+                    position += 1
+                else:
+                    went_in.append(None)
+            cut = _first_shadowed_skip(rows, went_in, match_on)
+            if cut is not None:
+                savepoint.rollback()
+        if cut is not None:
+            # A later row of the run took a value the skipped row holds: retrying the skipped
+            # row now would meet that later row, so the database would give another reason.
+            # Run the items up to the skipped one, then the rest.
+            return self._post(conn, res, run[:cut + 1]) + self._post(conn, res, run[cut + 1:])
+        return [ItemResult.ok(op, 201, _row_json(got)) if got is not None
+                else self._post_one(conn, t, op, row)
+                for op, row, got in zip(run, rows, went_in, strict=True)]
 
     def _post_one(self, conn: Connection, t: sa.Table, op: PlannedOperation,
                   row: dict[str, Any]) -> ItemResult:
@@ -198,7 +236,7 @@ class SqlTarget:
         try:
             with conn.begin_nested():
                 got = conn.execute(t.insert().returning(*t.c), row).mappings().one()
-            return ItemResult.ok(op, 201, row_to_json(got))
+            return ItemResult.ok(op, 201, _row_json(got))
         except sa.exc.IntegrityError as exc:
             status, code, message = classify_db_error(exc)
             return ItemResult.fail(op, status, code, message)
@@ -216,7 +254,7 @@ class SqlTarget:
             index_elements=[t.c[pk]], set_={c: stmt.excluded[c] for c in blank}
         ).returning(*t.c)
         by_key = {r[pk]: r for r in conn.execute(stmt, rows).mappings().all()}
-        return [ItemResult.ok(op, 200 if key in existing else 201, row_to_json(by_key[key]))
+        return [ItemResult.ok(op, 200 if key in existing else 201, _row_json(by_key[key]))
                 for op, key in zip(run, keys, strict=True)]
 
     def _patch(self, conn: Connection, res: Resource,
@@ -243,7 +281,7 @@ class SqlTarget:
                                    .returning(*t.c)).mappings().first()
                 if got is not None:
                     found[key] = got
-        return [ItemResult.ok(op, 200, row_to_json(found[key])) if key in found
+        return [ItemResult.ok(op, 200, _row_json(found[key])) if key in found
                 else self._not_found(op, res)
                 for op, key in zip(run, keys, strict=True)]
 
@@ -267,7 +305,7 @@ class SqlTarget:
         t, pk = res.table, res.primary_key
         keys = self._keys(res, run)
         found = {r[pk]: r for r in conn.execute(sa.select(t).where(t.c[pk].in_(keys))).mappings()}
-        return [ItemResult.ok(op, 200, row_to_json(found[key])) if key in found
+        return [ItemResult.ok(op, 200, _row_json(found[key])) if key in found
                 else self._not_found(op, res) for op, key in zip(run, keys, strict=True)]
 
     @staticmethod

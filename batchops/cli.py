@@ -1,0 +1,392 @@
+"""The ``batchops`` command line: run a batch file with a live progress bar, then read results.
+
+::
+
+    batchops run ops.json                                   # a JSON array, or ops.jsonl
+    batchops run users.csv --resource users --method POST   # one operation per row
+    batchops status ID [--json]
+    batchops results ID [--state failed] [--format csv|json] [-o FILE]
+    batchops db upgrade
+
+Exit codes: 0 every item succeeded, 1 some items failed, 2 bad input (nothing ran), 3 the run
+itself failed. Errors of the :mod:`batchops.errors` tree become a message and an exit code in
+one place, :class:`_Commands`.
+
+Runs execute in this process. They report to the Prefect server named by ``PREFECT_API_URL``,
+else to one answering at ``http://127.0.0.1:4200`` (so they show in its UI), else to a
+temporary Prefect server started for the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from enum import StrEnum
+from itertools import chain
+from pathlib import Path
+from typing import Annotated, Any, TextIO
+
+import httpx
+import sqlalchemy as sa
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from typer.core import TyperGroup
+
+from batchops.csvio import (
+    CsvImport,
+    input_format,
+    line_of,
+    open_operations,
+    write_results_csv,
+    write_results_json,
+)
+from batchops.errors import BadRequest, BatchopsError, ValidationFailed
+from batchops.registration import register_batch
+from batchops.runtime import Runtime, get_runtime
+from batchops.schemas import BatchState, BatchStatus, ItemState
+from batchops.settings import MAX_CHUNK_SIZE
+from batchops.store import Store
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_ITEMS_FAILED",
+    "EXIT_OK",
+    "EXIT_RUN_FAILED",
+    "LOCAL_PREFECT_API_URL",
+    "app",
+    "use_local_prefect_server",
+]
+
+EXIT_OK = 0
+EXIT_ITEMS_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+LOCAL_PREFECT_API_URL = "http://127.0.0.1:4200/api"
+# Validation errors shown in the terminal; the message says how many there were in all.
+_SHOWN_ERRORS = 100
+_POLL_SECONDS = 0.25
+
+_out = Console(highlight=False)
+_err = Console(stderr=True, highlight=False)
+
+
+class _Commands(TyperGroup):
+    """The command group; the one place a :class:`BatchopsError` becomes a message and a code."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's vendored click.Context
+        try:
+            return super().invoke(ctx)
+        except BatchopsError as exc:
+            _print_error(exc)
+            raise typer.Exit(EXIT_BAD_INPUT if exc.http_status < 500 else EXIT_RUN_FAILED
+                             ) from None
+        except sa.exc.OperationalError as exc:
+            _err.print(f"[bold red]error:[/] cannot use the batch store's database: "
+                       f"{escape(str(exc.orig).strip())}")
+            raise typer.Exit(EXIT_RUN_FAILED) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    name="batchops",
+    help="Run batches of API operations as Prefect flows, and read their results.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+db_app = typer.Typer(help="The batch store's database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+class ResultFormat(StrEnum):
+    CSV = "csv"
+    JSON = "json"
+
+
+def use_local_prefect_server(api_url: str = LOCAL_PREFECT_API_URL,
+                             timeout: float = 0.5) -> str | None:
+    """Choose the Prefect API for runs of this process; the URL, or ``None`` for a temporary one.
+
+    ``PREFECT_API_URL`` wins when set. Otherwise, when a Prefect server answers at ``api_url``,
+    it is exported as ``PREFECT_API_URL`` so runs appear in that server's UI. Prefect reads its
+    settings when first imported, so this runs before anything imports Prefect. The same place
+    keeps Prefect's console logs to warnings (the progress bar tells the rest; the UI still
+    receives every log) and gives a temporary server time to start.
+    """
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    # A first temporary server migrates a new database; Prefect's 20 s is often too short.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    configured = os.environ.get("PREFECT_API_URL")
+    if configured:
+        return configured
+    try:
+        answer = httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout)
+    except httpx.HTTPError:
+        return None
+    if answer.status_code != 200:
+        return None
+    os.environ["PREFECT_API_URL"] = api_url
+    return api_url
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _print_error(exc: BatchopsError) -> None:
+    if isinstance(exc, ValidationFailed):
+        _print_validation_errors(exc)
+    else:
+        _err.print(f"[bold red]error:[/] {escape(exc.message)}")
+
+
+def _print_validation_errors(exc: ValidationFailed) -> None:
+    errors = exc.errors
+    lines = [line_of(e.id) for e in errors]
+    show_line = any(n is not None for n in lines)
+    show_id = any(e.id is not None and n is None for e, n in zip(errors, lines, strict=True))
+    table = Table(title=escape(exc.message), title_justify="left", title_style="bold red")
+    if show_line:
+        table.add_column("line", justify="right")
+    table.add_column("index", justify="right")
+    if show_id:
+        table.add_column("id")
+    table.add_column("field")
+    table.add_column("message")
+    for error, line in list(zip(errors, lines, strict=True))[:_SHOWN_ERRORS]:
+        cells = [str(line) if line is not None else ""] if show_line else []
+        cells.append("" if error.index is None else str(error.index))
+        if show_id:
+            cells.append(escape(error.id or ""))
+        cells += [escape(error.field), escape(error.message)]
+        table.add_row(*cells)
+    _err.print(table)
+    if len(errors) > _SHOWN_ERRORS:
+        _err.print(f"… {len(errors) - _SHOWN_ERRORS} more not shown.")
+    _err.print("Nothing ran. Fix the input and run it again.")
+
+
+def _describe_progress(status: BatchStatus) -> str:
+    failed = f", [red]{status.failed} failed[/]" if status.failed else ""
+    return f"{status.status.value}: {status.succeeded} succeeded{failed}"
+
+
+def _print_summary(status: BatchStatus, prefect_api: str | None) -> None:
+    state_style = "green" if status.status is BatchState.COMPLETED else "red"
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("batch", status.batch_id)
+    table.add_row("status", f"[{state_style}]{status.status.value}[/]")
+    table.add_row("total", str(status.total))
+    table.add_row("succeeded", f"[green]{status.succeeded}[/]")
+    table.add_row("failed", f"[red]{status.failed}[/]" if status.failed else "0")
+    if status.started_at and status.finished_at:
+        seconds = (status.finished_at - status.started_at).total_seconds()
+        table.add_row("time", f"{seconds:.1f} s")
+    _out.print(table)
+    _out.print(f"Results:  batchops results {status.batch_id} -o results.csv")
+    if status.failed:
+        _out.print(f"Failures: batchops results {status.batch_id} --state failed")
+    if prefect_api and status.ui_url:
+        _out.print(f"Prefect:  {status.ui_url}")
+
+
+def _print_status(status: BatchStatus) -> None:
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rows = {
+        "batch": status.batch_id,
+        "status": status.status.value,
+        "progress": f"{status.completed}/{status.total} ({status.progress:.0%})",
+        "succeeded": str(status.succeeded),
+        "failed": str(status.failed),
+        "started": status.started_at.isoformat() if status.started_at else "",
+        "finished": status.finished_at.isoformat() if status.finished_at else "",
+        "flow run": status.flow_run_id or "",
+        "Prefect UI": status.ui_url or "",
+    }
+    for name, value in rows.items():
+        if value:
+            table.add_row(name, escape(value))
+    _out.print(table)
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+def _register(runtime: Runtime, file: Path, csv: CsvImport | None, concurrency: int | None,
+              chunk_size: int | None) -> tuple[str, int]:
+    with _err.status(f"Reading and validating {escape(file.name)}…"), \
+            open_operations(file, csv=csv) as operations:
+        first = next(operations, None)
+        if first is None:
+            raise BadRequest(f"{file.name}: no operations in the file")
+        return register_batch(
+            runtime, chain([first], operations), concurrency=concurrency,
+            chunk_size=chunk_size, max_operations=runtime.settings.max_import_rows,
+            source="cli",
+        )
+
+
+def _follow(store: Store, batch_id: str, progress: Progress, task: TaskID,
+            finished: threading.Event) -> None:
+    """Move the progress bar from the store's counters until ``finished`` is set."""
+    while not finished.wait(_POLL_SECONDS):
+        try:
+            status = store.status(batch_id)
+        except sa.exc.SQLAlchemyError:
+            continue  # a missed reading only delays the bar; the run reports real trouble
+        progress.update(task, completed=status.completed, description=_describe_progress(status))
+
+
+def _execute(runtime: Runtime, batch_id: str, total: int) -> str | None:
+    """Run the batch's flow in this process with a live progress bar; why it failed, or None."""
+    from flows.process_batch import process_batch  # imports Prefect: after its environment
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=_err) as progress:
+        task = progress.add_task("queued", total=total)
+        finished = threading.Event()
+        follower = threading.Thread(target=_follow, name="batchops-progress", daemon=True,
+                                    args=(runtime.store, batch_id, progress, task, finished))
+        follower.start()
+        try:
+            state = process_batch(batch_id=batch_id, return_state=True)
+        except Exception as exc:  # Prefect could not run the flow at all (API unreachable, …)
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            finished.set()
+            follower.join()
+            last = runtime.store.status(batch_id)
+            progress.update(task, completed=last.completed, description=_describe_progress(last))
+    if not state.is_completed():
+        return state.message or f"the flow run ended {state.type.value}"
+    return None
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(
+        help="Operations: a JSON array (.json), one per line (.jsonl), or rows (.csv).",
+        show_default=False)],
+    resource: Annotated[str | None, typer.Option(
+        help="CSV only: the resource each row is for, e.g. users.")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="CSV only: POST creates /RESOURCE; PUT, PATCH, DELETE, GET use the row's id.")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        min=1, max=1000, help="Items in flight at once [default: the configured one].")] = None,
+    chunk_size: Annotated[int | None, typer.Option(
+        min=1, max=MAX_CHUNK_SIZE, help="Items per chunk task run [default: 500].")] = None,
+) -> None:
+    """Validate a batch file, run it with a live progress bar, and summarise the outcome.
+
+    Exit code 0 when every item succeeded, 1 when some failed, 2 when the input is invalid
+    (nothing ran), 3 when the run itself failed.
+    """
+    prefect_api = use_local_prefect_server()
+    is_csv = resource is not None or method is not None
+    input_format(file, csv=is_csv)
+    if is_csv and (resource is None or method is None):
+        raise BadRequest("a CSV import needs both --resource and --method")
+    runtime = get_runtime()
+    csv = CsvImport.for_route(runtime.router, resource, method) if resource and method else None
+    batch_id, total = _register(runtime, file, csv, concurrency, chunk_size)
+    _err.print(f"Batch [bold]{batch_id}[/]: {total} operations, valid. Running…"
+               + ("" if prefect_api else " (temporary Prefect server; start `prefect server "
+                  "start` to follow runs in its UI)"))
+    started = time.monotonic()
+    try:
+        failure = _execute(runtime, batch_id, total)
+    except KeyboardInterrupt:
+        _err.print(f"[bold red]interrupted[/] after {time.monotonic() - started:.0f} s; "
+                   f"see `batchops status {batch_id}`")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    status = runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
+    _print_summary(status, prefect_api)
+    if failure is not None:
+        _err.print(f"[bold red]the run failed:[/] {escape(failure)}")
+        raise typer.Exit(EXIT_RUN_FAILED)
+    raise typer.Exit(EXIT_ITEMS_FAILED if status.failed else EXIT_OK)
+
+
+# -- status, results, db -----------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    batch_id: Annotated[str, typer.Argument(metavar="ID", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show a batch's status and counters."""
+    runtime = get_runtime()
+    current = runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
+    if as_json:
+        typer.echo(current.model_dump_json(indent=2))
+    else:
+        _print_status(current)
+
+
+def _write_results(store: Store, batch_id: str, state: ItemState | None, fmt: ResultFormat,
+                   out: TextIO) -> int:
+    items = store.iter_results(batch_id, state=state)
+    if fmt is ResultFormat.JSON:
+        return write_results_json(items, out)
+    return write_results_csv(items, out)
+
+
+@app.command()
+def results(
+    batch_id: Annotated[str, typer.Argument(metavar="ID", show_default=False)],
+    state: Annotated[ItemState | None, typer.Option(
+        help="Only the items in this state.", show_default=False)] = None,
+    fmt: Annotated[ResultFormat, typer.Option("--format", help="File format.")] = (
+        ResultFormat.CSV),
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write to this file instead of standard output.",
+        dir_okay=False, show_default=False)] = None,
+) -> None:
+    """Write a batch's per-item results (CSV: row, index, id, state, status, error_code,
+    error_message, result).
+
+    ``row`` is the input line of a CSV import. Cells a spreadsheet would run as a formula
+    start with an apostrophe.
+    """
+    store = get_runtime().store
+    store.get_batch(batch_id)  # an unknown id fails before a file is created
+    if output is None:
+        _write_results(store, batch_id, state, fmt, sys.stdout)
+        return
+    with output.open("w", encoding="utf-8", newline="") as fh:
+        count = _write_results(store, batch_id, state, fmt, fh)
+    _err.print(f"Wrote {count} results to {escape(str(output))}")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Bring the batch store's schema to the newest migration (Alembic)."""
+    from alembic.runtime.migration import MigrationContext
+
+    store = get_runtime().store  # building the runtime migrates the store
+    store.migrate()
+    with store.read() as conn:
+        revision = MigrationContext.configure(conn).get_current_revision()
+    url = store.engine.url.render_as_string(hide_password=True)
+    _out.print(f"Store {escape(url)} is at revision {revision} (head).")
