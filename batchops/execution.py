@@ -2,7 +2,7 @@
 
 Everything a chunk records (item rows, counters, checkpoint, idempotency records) commits in
 one transaction, together with the sql target's writes when the target is the store's
-database. A chunk whose items are already recorded is not executed again.
+database. A chunk that is already recorded is not executed again: its recorded results are returned.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _is_atomic(runtime: Runtime, ops: Sequence[PlannedOperation]) -> bool:
 
 async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
                         scope: str) -> ChunkOutcome:
-    """Run the chunk's items that are not recorded yet and record their results.
+    """Run the chunk's items and record their results, unless the chunk is recorded already.
 
     When all of the chunk's operations go to the store's database, execution and recording
     share one transaction (and the chunk row is locked for it): a crash leaves no trace, and a
@@ -95,27 +95,33 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
     store = runtime.store
     ops = store.chunk_operations(ref.batch_id, ref.chunk_index)
     atomic = _is_atomic(runtime, ops)
+    executed: list[ItemResult] = []
     with store.engine.begin() as conn:
         store.lock_chunk(conn, ref)
-        recorded = store.recorded_results(conn, ref.batch_id, ref.start, ref.end)
-        todo = [op for op in ops if op.index not in recorded]
-        keys = [op.idempotency_key for op in todo if op.idempotency_key is not None]
-        answered, to_run = _replay_or_reject(todo, store.idempotency_lookup(conn, scope, keys))
+        recorded = store.recorded_results(conn, ref)
+        if recorded is not None:
+            return _outcome(ref, recorded, executed=[], already=len(recorded), started=started)
+        keys = [op.idempotency_key for op in ops if op.idempotency_key is not None]
+        answered, to_run = _replay_or_reject(ops, store.idempotency_lookup(conn, scope, keys))
         if atomic:
             ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn)
             executed = await _run_targets(runtime, to_run, ctx) if to_run else []
-            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed)
+            results = _record(runtime, conn, ref, scope, ops, to_run, answered, executed)
     if not atomic:
         ctx = ChunkContext(ref.batch_id, concurrency)
         executed = await _run_targets(runtime, to_run, ctx) if to_run else []
         with store.engine.begin() as conn:
-            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed)
-    every = [*recorded.values(), *results]
-    succeeded = sum(1 for r in every if r.state is ItemState.SUCCEEDED)
+            results = _record(runtime, conn, ref, scope, ops, to_run, answered, executed)
+    return _outcome(ref, results, executed=executed, already=0, started=started)
+
+
+def _outcome(ref: ChunkRef, results: Sequence[ItemResult], *, executed: Sequence[ItemResult],
+             already: int, started: float) -> ChunkOutcome:
+    succeeded = sum(1 for r in results if r.state is ItemState.SUCCEEDED)
     return ChunkOutcome(
-        chunk_index=ref.chunk_index, total=len(every), succeeded=succeeded,
-        failed=len(every) - succeeded, executed=len(executed),
-        replayed=sum(1 for r in results if r.replayed), already_recorded=len(recorded),
+        chunk_index=ref.chunk_index, total=len(results), succeeded=succeeded,
+        failed=len(results) - succeeded, executed=len(executed),
+        replayed=sum(1 for r in results if r.replayed), already_recorded=already,
         seconds=round(time.perf_counter() - started, 4),
     )
 
@@ -130,11 +136,12 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
         if op.index in by_index or op.index in answered:
             continue
         # A repeat of a key within the chunk: the first one's outcome, replayed.
+        assert op.idempotency_key is not None
         first = by_key[op.idempotency_key]
         answered[op.index] = first.model_copy(update={
             "id": op.id, "index": op.index, "replayed": True, "attempts": 0})
     results = sorted([*executed, *answered.values()], key=lambda r: r.index)
-    runtime.store.record_chunk(conn, ref, todo, results)
+    runtime.store.record_chunk(conn, ref, results)
     remember = [(op, by_index[op.index]) for op in to_run
                 if op.idempotency_key is not None
                 and by_index[op.index].state is ItemState.SUCCEEDED]

@@ -25,4 +25,5 @@ def json_value(value: Any) -> Any:
 
 
 def row_to_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: json_value(v) for k, v in row.items()}
+    # str(): SQLAlchemy's column names are a str subclass that serializes slowly.
+    return {str(k): json_value(v) for k, v in row.items()}

@@ -1,9 +1,10 @@
-"""The batch store (SQLAlchemy 2 Core): batches, their chunks and items, idempotency records.
+"""The batch store (SQLAlchemy 2 Core): batches, their chunks, idempotency records.
 
-A batch's operations are stored per chunk (one row per chunk of up to 500 operations, as JSON),
-so registering a 100,000-item batch writes 200 rows. Item results are rows of ``batch_items``,
-written per chunk in one bulk insert, together with the batch counters in one update and the
-chunk's checkpoint, all in the chunk's transaction.
+The chunk is the unit of storage as it is of orchestration: a batch's operations are stored
+per chunk (one row per chunk of up to 500 operations, as JSON), so registering a 100,000-item
+batch writes 200 rows, and a chunk's item results are written into its row in one update
+(with its checkpoint), together with the batch counters in one more, in the chunk's
+transaction. Reading results walks the chunks in order.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from batchops.schemas import (
     BatchState,
     BatchStatus,
     ChunkRef,
-    ItemErrorBody,
     ItemResult,
     ItemState,
     PlannedOperation,
@@ -66,28 +66,11 @@ batch_chunks = sa.Table(
     sa.Column("depends_on", sa.JSON, nullable=False),
     sa.Column("operations", sa.Text, nullable=False),
     sa.Column("done", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("results", sa.Text),  # JSON array of ItemResult, in index order, once done
     sa.Column("completed_at", sa.DateTime(timezone=True)),
 )
-
-batch_items = sa.Table(
-    "batch_items",
-    metadata,
-    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("idx", sa.Integer, primary_key=True),
-    sa.Column("op_id", sa.String(200)),
-    sa.Column("method", sa.String(8), nullable=False),
-    sa.Column("path", sa.Text, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("status", sa.Integer, nullable=False),
-    sa.Column("result", sa.JSON),
-    sa.Column("error_code", sa.String(64)),
-    sa.Column("error_message", sa.Text),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
-    sa.Column("replayed", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
-)
-sa.Index("ix_batch_items_state", batch_items.c.batch_id, batch_items.c.state)
 
 idempotency_records = sa.Table(
     "idempotency_records",
@@ -105,6 +88,7 @@ idempotency_records = sa.Table(
 sa.Index("ix_idempotency_expires", idempotency_records.c.expires_at)
 
 _OPS = TypeAdapter(list[PlannedOperation])
+_RESULTS = TypeAdapter(list[ItemResult])
 _TERMINAL = {BatchState.COMPLETED.value, BatchState.FAILED.value, BatchState.CANCELLED.value}
 
 
@@ -286,61 +270,56 @@ class Store:
             query = query.with_for_update()
         conn.execute(query)
 
-    def recorded_results(self, conn: Connection, batch_id: str, start: int,
-                         end: int) -> dict[int, ItemResult]:
-        rows = conn.execute(batch_items.select().where(
-            batch_items.c.batch_id == batch_id, batch_items.c.idx >= start, batch_items.c.idx < end,
-        )).mappings()
-        return {r["idx"]: _item_from_row(r) for r in rows}
+    def recorded_results(self, conn: Connection, ref: ChunkRef) -> list[ItemResult] | None:
+        """The chunk's recorded results, or ``None`` when it has not completed."""
+        raw = conn.execute(sa.select(batch_chunks.c.results).where(
+            batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
+            batch_chunks.c.done.is_(True),
+        )).scalar()
+        return None if raw is None else _RESULTS.validate_json(raw)
 
     def iter_results(self, batch_id: str, *, state: ItemState | None = None, after: int = -1,
-                     limit: int | None = None, page_size: int = 1000) -> Iterator[ItemResult]:
-        """Results in index order, read page by page (constant memory for big batches)."""
-        remaining = limit
-        while remaining is None or remaining > 0:
-            size = page_size if remaining is None else min(page_size, remaining)
-            query = batch_items.select().where(batch_items.c.batch_id == batch_id,
-                                               batch_items.c.idx > after)
-            if state is not None:
-                query = query.where(batch_items.c.state == state.value)
+                     limit: int | None = None, chunks_per_read: int = 8) -> Iterator[ItemResult]:
+        """Recorded results in index order, ``after`` an index, read a few chunks at a time
+        (constant memory for big batches). Items of chunks still running are not listed."""
+        c = batch_chunks.c
+        emitted = 0
+        next_chunk = 0
+        while True:
             with self.read() as conn:
-                rows = conn.execute(query.order_by(batch_items.c.idx).limit(size)).mappings().all()
+                rows = conn.execute(
+                    sa.select(c.chunk_index, c.results).where(
+                        c.batch_id == batch_id, c.chunk_index >= next_chunk, c.end > after + 1,
+                        c.done.is_(True))
+                    .order_by(c.chunk_index).limit(chunks_per_read)).all()
             if not rows:
                 return
-            for r in rows:
-                yield _item_from_row(r)
-            after = rows[-1]["idx"]
-            if remaining is not None:
-                remaining -= len(rows)
+            for row in rows:
+                for item in _RESULTS.validate_json(row.results):
+                    if item.index <= after or (state is not None and item.state != state):
+                        continue
+                    yield item
+                    emitted += 1
+                    if limit is not None and emitted >= limit:
+                        return
+            next_chunk = rows[-1].chunk_index + 1
 
     # -- recording ----------------------------------------------------------------------
 
-    def record_chunk(self, conn: Connection, ref: ChunkRef, ops: Sequence[PlannedOperation],
+    def record_chunk(self, conn: Connection, ref: ChunkRef,
                      results: Sequence[ItemResult]) -> None:
-        """Item rows (one bulk insert), counters (one update), checkpoint: one transaction."""
-        now = utcnow()
-        by_index = {op.index: op for op in ops}
-        if results:
-            conn.execute(batch_items.insert(), [
-                {
-                    "batch_id": ref.batch_id, "idx": r.index, "op_id": r.id,
-                    "method": by_index[r.index].method, "path": by_index[r.index].path,
-                    "state": r.state.value, "status": r.status, "result": r.result,
-                    "error_code": r.error.code if r.error else None,
-                    "error_message": r.error.message if r.error else None,
-                    "attempts": r.attempts, "replayed": r.replayed, "finished_at": now,
-                }
-                for r in results
-            ])
+        """The chunk's results and checkpoint (one update), the counters (one update)."""
         succeeded = sum(1 for r in results if r.state is ItemState.SUCCEEDED)
+        failed = len(results) - succeeded
+        conn.execute(batch_chunks.update().where(
+            batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
+        ).values(done=True, completed_at=utcnow(), succeeded=succeeded, failed=failed,
+                 results=_RESULTS.dump_json(list(results)).decode()))
         conn.execute(batches.update().where(batches.c.id == ref.batch_id).values(
             completed=batches.c.completed + len(results),
             succeeded=batches.c.succeeded + succeeded,
-            failed=batches.c.failed + (len(results) - succeeded),
+            failed=batches.c.failed + failed,
         ))
-        conn.execute(batch_chunks.update().where(
-            batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
-        ).values(done=True, completed_at=now))
 
     def mark_started(self, batch_id: str, flow_run_id: str | None) -> None:
         with self.engine.begin() as conn:
@@ -400,10 +379,3 @@ class Store:
             return conn.execute(t.delete().where(t.c.expires_at <= utcnow())).rowcount
 
 
-def _item_from_row(r: Any) -> ItemResult:
-    error = None
-    if r["error_code"] is not None:
-        error = ItemErrorBody(code=r["error_code"], message=r["error_message"] or "")
-    return ItemResult(id=r["op_id"], index=r["idx"], status=r["status"],
-                      state=ItemState(r["state"]), result=r["result"], error=error,
-                      attempts=r["attempts"], replayed=r["replayed"])

@@ -77,7 +77,7 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
 @flow(
     name="process-batch",
     flow_run_name=_flow_run_name,
-    task_runner=ThreadPoolTaskRunner(max_workers=get_settings().chunk_workers),
+    task_runner=ThreadPoolTaskRunner(max_workers=get_settings().chunk_workers),  # type: ignore[arg-type]
     log_prints=True,
 )
 def process_batch(
@@ -113,7 +113,7 @@ def process_batch(
     logger.info("batch %s: %d items in %d chunks, %d chunks at a time, %d items each",
                 batch_id, total, len(chunks), parallel, per_chunk)
 
-    progress_id = create_progress_artifact(
+    progress_id: UUID = create_progress_artifact(  # type: ignore[assignment]
         0.0, key=f"batch-{batch_id}-progress", description=f"batch {batch_id}: 0/{total}")
     done_items = 0
     failed_chunks: list[ChunkRef] = []

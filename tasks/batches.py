@@ -7,8 +7,8 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from batchops.reporting import summary_markdown, table_rows
 from batchops.registration import register_batch
+from batchops.reporting import summary_markdown, table_rows
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
 

@@ -37,7 +37,7 @@ def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: Sta
     """Retry lost connections and timeouts; a constraint violation or a bug is not retried."""
     try:
         # _sync: this runs inside the async task engine, where result() would be a coroutine.
-        state.result(raise_on_failure=True, _sync=True)  # type: ignore[call-arg]
+        state.result(raise_on_failure=True, _sync=True)  # type: ignore[call-overload]
     except _TRANSIENT:
         return True
     except Exception:

@@ -1,4 +1,4 @@
-"""batches, chunks, items, idempotency records
+"""batches, chunks (operations and results), idempotency records
 
 Revision ID: 0001
 Revises:
@@ -43,26 +43,11 @@ def upgrade() -> None:
         sa.Column("depends_on", sa.JSON, nullable=False),
         sa.Column("operations", sa.Text, nullable=False),
         sa.Column("done", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("results", sa.Text),
         sa.Column("completed_at", sa.DateTime(timezone=True)),
     )
-    op.create_table(
-        "batch_items",
-        sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"),
-                  primary_key=True),
-        sa.Column("idx", sa.Integer, primary_key=True),
-        sa.Column("op_id", sa.String(200)),
-        sa.Column("method", sa.String(8), nullable=False),
-        sa.Column("path", sa.Text, nullable=False),
-        sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("status", sa.Integer, nullable=False),
-        sa.Column("result", sa.JSON),
-        sa.Column("error_code", sa.String(64)),
-        sa.Column("error_message", sa.Text),
-        sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
-        sa.Column("replayed", sa.Boolean, nullable=False, server_default=sa.false()),
-        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
-    )
-    op.create_index("ix_batch_items_state", "batch_items", ["batch_id", "state"])
     op.create_table(
         "idempotency_records",
         sa.Column("scope", sa.String(128), primary_key=True),
@@ -80,7 +65,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("idempotency_records")
-    op.drop_index("ix_batch_items_state", "batch_items")
-    op.drop_table("batch_items")
     op.drop_table("batch_chunks")
     op.drop_table("batches")
