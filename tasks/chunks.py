@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -36,7 +37,7 @@ def chunk_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
     """Retry lost connections and timeouts; a constraint violation or a bug is not retried."""
     try:
-        # _sync: this runs inside the async task engine, where result() would be a coroutine.
+        # _sync: result() is a coroutine wherever an event loop runs (async task engines).
         state.result(raise_on_failure=True, _sync=True)  # type: ignore[call-overload]
     except _TRANSIENT:
         return True
@@ -56,7 +57,10 @@ def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: Sta
     cache_expiration=timedelta(hours=24),
     persist_result=True,
 )
-async def run_chunk(ref: ChunkRef, concurrency: int, scope: str,
-                    generation: int = 0) -> ChunkOutcome:
-    """Execute the chunk's items and record their results (see ``batchops.execution``)."""
-    return await execute_chunk(get_runtime(), ref, concurrency=concurrency, scope=scope)
+def run_chunk(ref: ChunkRef, concurrency: int, scope: str, generation: int = 0) -> ChunkOutcome:
+    """Execute the chunk's items and record their results (see ``batchops.execution``).
+
+    A sync task on purpose: in a worker thread it shares the flow's Prefect client, where an
+    async task would build a client per run; the items' event loop is the chunk's own.
+    """
+    return asyncio.run(execute_chunk(get_runtime(), ref, concurrency=concurrency, scope=scope))
