@@ -1,0 +1,20 @@
+"""The store's schema comes from Alembic migrations and matches the code's metadata."""
+
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from batchops.runtime import Runtime
+from batchops.store import metadata
+
+
+def test_migrations_build_exactly_the_schema_the_code_uses(runtime: Runtime) -> None:
+    runtime.store.migrate()  # a second upgrade is a no-op
+    with runtime.store.engine.connect() as conn:
+        context = MigrationContext.configure(conn)
+        assert context.get_current_revision() == "0001"
+        store_tables = set(metadata.tables)
+        diffs = [d for d in compare_metadata(context, metadata)
+                 if not (d[0] == "remove_table" and d[1].name not in store_tables)]
+    assert diffs == []
