@@ -285,16 +285,16 @@ def _execute(runtime: Runtime, batch_id: str, total: int) -> str | None:
 def run(
     file: Annotated[Path, typer.Argument(
         help="Operations: a JSON array (.json), one per line (.jsonl), or rows (.csv).",
-        show_default=False)],
+        metavar="FILE", show_default=False)],
     resource: Annotated[str | None, typer.Option(
         help="CSV only: the resource each row is for, e.g. users.")] = None,
     method: Annotated[str | None, typer.Option(
         help="CSV only: POST creates /RESOURCE; PUT, PATCH, DELETE, GET use the row's id.")
     ] = None,
     concurrency: Annotated[int | None, typer.Option(
-        min=1, max=1000, help="Items in flight at once [default: the configured one].")] = None,
+        min=1, max=1000, help="Items in flight at once (default: the configured default).")] = None,
     chunk_size: Annotated[int | None, typer.Option(
-        min=1, max=MAX_CHUNK_SIZE, help="Items per chunk task run [default: 500].")] = None,
+        min=1, max=MAX_CHUNK_SIZE, help="Items per chunk task run (default: 500).")] = None,
 ) -> None:
     """Validate a batch file, run it with a live progress bar, and summarise the outcome.
 
@@ -363,9 +363,9 @@ def results(
         "--output", "-o", help="Write to this file instead of standard output.",
         dir_okay=False, show_default=False)] = None,
 ) -> None:
-    """Write a batch's per-item results (CSV: row, index, id, state, status, error_code,
-    error_message, result).
+    """Write a batch's per-item results as CSV or JSON.
 
+    CSV columns: row, index, id, state, status, error_code, error_message, result (JSON).
     ``row`` is the input line of a CSV import. Cells a spreadsheet would run as a formula
     start with an apostrophe.
     """
@@ -390,3 +390,31 @@ def db_upgrade() -> None:
         revision = MigrationContext.configure(conn).get_current_revision()
     url = store.engine.url.render_as_string(hide_password=True)
     _out.print(f"Store {escape(url)} is at revision {revision} (head).")
+
+
+@app.command()
+def up(
+    demo: Annotated[Path | None, typer.Option(help="Batch to run once the server is up.")] = Path(
+        "examples/demo.json"),
+    port: Annotated[int, typer.Option(help="Port of the Prefect server (UI and API).")] = 4200,
+    stay: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
+) -> None:
+    """Start the system on the embedded default: a Prefect server (SQLite under .data/),
+    then the demo batch through this CLI. Ctrl-C stops everything."""
+    from deployments.local import run_local_system
+
+    raise typer.Exit(run_local_system(demo if demo and demo.exists() else None, port=port,
+                                      stay=stay))
+
+
+@app.command()
+def serve() -> None:
+    """Serve the deployments (process-batch) from this process, as a Prefect runner."""
+    use_local_prefect_server()
+    from deployments.serve import serve_deployments
+
+    serve_deployments()
+
+
+if __name__ == "__main__":
+    app()

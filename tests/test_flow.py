@@ -114,7 +114,7 @@ def test_more_than_the_limit_is_rejected(runtime: Runtime) -> None:
         register_batch(runtime, [user(i) for i in range(1001)])
     assert (caught.value.code, caught.value.http_status, caught.value.limit) == (
         "batch_too_large", 413, 1000)
-    batch_id, total = register_batch(runtime, [user(i) for i in range(1000)])
+    _, total = register_batch(runtime, [user(i) for i in range(1000)])
     assert total == 1000
 
 
@@ -215,7 +215,7 @@ def test_concurrency_limit_is_respected_for_5000_emails(configure, database_url:
     ops = [{"id": f"m{i}", "method": "POST", "path": "/emails",
             "body": {"to": f"reader{i}@example.com", "name": f"Reader {i}",
                      "send_latency": 0.003}} for i in range(5000)]
-    batch_id, results = run(runtime, ops, concurrency=concurrency)
+    _, results = run(runtime, ops, concurrency=concurrency)
 
     assert len(results) == 5000 and all(r.status == 201 for r in results)
     assert results[42].result["recipient"] == "reader42@example.com"
