@@ -68,7 +68,7 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, data_dir: Path
         code = 0
         if demo_file is not None:
             console.print(f"Running the demo batch {demo_file} through the CLI …")
-            code = subprocess.call([sys.executable, "-m", "batchops.cli", "run",
+            code = subprocess.call([sys.executable, "-m", "cli", "run",
                                     str(demo_file)], env=env)
             console.print(f"Demo batch finished (exit code {code}); its flow run is in the UI: "
                           f"{ui}/runs")

@@ -17,7 +17,8 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner, Result
 
-from batchops.cli import (
+from batchops.runtime import Runtime
+from cli.main import (
     EXIT_BAD_INPUT,
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -25,7 +26,6 @@ from batchops.cli import (
     app,
     use_local_prefect_server,
 )
-from batchops.runtime import Runtime
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # Environment the CLI sets for Prefect; registered so each test leaves it as it found it.

@@ -415,6 +415,3 @@ def serve() -> None:
 
     serve_deployments()
 
-
-if __name__ == "__main__":
-    app()

@@ -1,0 +1,1 @@
+"""The batchops command line (Typer + Rich): a top layer beside api/ and deployments/."""
