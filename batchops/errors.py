@@ -14,6 +14,7 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     ├── NotFound                  404  not_found
     │   └── BatchNotFound         404  batch_not_found
     ├── IdempotencyConflict       409  idempotency_key_reused
+    ├── BatchInProgress           409  batch_in_progress
     ├── ConfigurationError        500  configuration_error
     └── TransientError            503  transient_error  (retried: connection loss, timeouts)
 
@@ -29,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "BadRequest",
+    "BatchInProgress",
     "BatchNotFound",
     "BatchTooLarge",
     "BatchopsError",
@@ -128,6 +130,11 @@ class BatchNotFound(NotFound):
 
 class IdempotencyConflict(BatchopsError):
     code = "idempotency_key_reused"
+    http_status = 409
+
+
+class BatchInProgress(BatchopsError):
+    code = "batch_in_progress"
     http_status = 409
 
 

@@ -98,21 +98,24 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
     executed: list[ItemResult] = []
     with store.engine.begin() as conn:
         store.lock_chunk(conn, ref)
-        recorded = store.recorded_results(conn, ref)
-        if recorded is not None:
+        done, recorded = store.recorded_results(conn, ref)
+        if done:
             return _outcome(ref, recorded, executed=[], already=len(recorded), started=started)
-        keys = [op.idempotency_key for op in ops if op.idempotency_key is not None]
-        answered, to_run = _replay_or_reject(ops, store.idempotency_lookup(conn, scope, keys))
+        # A chunk reopened by a retry keeps its successes and runs the rest again.
+        kept = {r.index: r for r in recorded if r.state is ItemState.SUCCEEDED}
+        todo = [op for op in ops if op.index not in kept]
+        keys = [op.idempotency_key for op in todo if op.idempotency_key is not None]
+        answered, to_run = _replay_or_reject(todo, store.idempotency_lookup(conn, scope, keys))
         if atomic:
             ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn)
             executed = await _run_targets(runtime, to_run, ctx) if to_run else []
-            results = _record(runtime, conn, ref, scope, ops, to_run, answered, executed)
+            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
     if not atomic:
         ctx = ChunkContext(ref.batch_id, concurrency)
         executed = await _run_targets(runtime, to_run, ctx) if to_run else []
         with store.engine.begin() as conn:
-            results = _record(runtime, conn, ref, scope, ops, to_run, answered, executed)
-    return _outcome(ref, results, executed=executed, already=0, started=started)
+            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
+    return _outcome(ref, results, executed=executed, already=len(kept), started=started)
 
 
 def _outcome(ref: ChunkRef, results: Sequence[ItemResult], *, executed: Sequence[ItemResult],
@@ -128,7 +131,8 @@ def _outcome(ref: ChunkRef, results: Sequence[ItemResult], *, executed: Sequence
 
 def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
             todo: Sequence[PlannedOperation], to_run: Sequence[PlannedOperation],
-            answered: dict[int, ItemResult], executed: list[ItemResult]) -> list[ItemResult]:
+            answered: dict[int, ItemResult], executed: list[ItemResult],
+            kept: dict[int, ItemResult]) -> list[ItemResult]:
     by_index = {r.index: r for r in executed}
     by_key = {op.idempotency_key: by_index[op.index] for op in to_run
               if op.idempotency_key is not None}
@@ -140,8 +144,9 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
         first = by_key[op.idempotency_key]
         answered[op.index] = first.model_copy(update={
             "id": op.id, "index": op.index, "replayed": True, "attempts": 0})
-    results = sorted([*executed, *answered.values()], key=lambda r: r.index)
-    runtime.store.record_chunk(conn, ref, results)
+    new = [*executed, *answered.values()]
+    results = sorted([*new, *kept.values()], key=lambda r: r.index)
+    runtime.store.record_chunk(conn, ref, results, new)
     remember = [(op, by_index[op.index]) for op in to_run
                 if op.idempotency_key is not None
                 and by_index[op.index].state is ItemState.SUCCEEDED]

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
-from batchops.errors import BatchNotFound
+from batchops.errors import BatchInProgress, BatchNotFound
 from batchops.schemas import (
     BatchState,
     BatchStatus,
@@ -47,6 +47,7 @@ batches = sa.Table(
     sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
     sa.Column("concurrency", sa.Integer, nullable=False),
     sa.Column("chunk_size", sa.Integer, nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
     sa.Column("flow_run_id", sa.String(64)),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -151,6 +152,7 @@ class BatchRecord:
     failed: int
     concurrency: int
     chunk_size: int
+    generation: int
     flow_run_id: str | None
     error: str | None
     created_at: datetime
@@ -270,13 +272,16 @@ class Store:
             query = query.with_for_update()
         conn.execute(query)
 
-    def recorded_results(self, conn: Connection, ref: ChunkRef) -> list[ItemResult] | None:
-        """The chunk's recorded results, or ``None`` when it has not completed."""
-        raw = conn.execute(sa.select(batch_chunks.c.results).where(
+    def recorded_results(self, conn: Connection,
+                         ref: ChunkRef) -> tuple[bool, list[ItemResult]]:
+        """``(done, results)``: a done chunk's results, or what a chunk reopened for a retry
+        had recorded before (empty for a chunk that never completed)."""
+        row = conn.execute(sa.select(batch_chunks.c.done, batch_chunks.c.results).where(
             batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
-            batch_chunks.c.done.is_(True),
-        )).scalar()
-        return None if raw is None else _RESULTS.validate_json(raw)
+        )).first()
+        if row is None or row.results is None:
+            return False, []
+        return bool(row.done), _RESULTS.validate_json(row.results)
 
     def iter_results(self, batch_id: str, *, state: ItemState | None = None, after: int = -1,
                      limit: int | None = None, chunks_per_read: int = 8) -> Iterator[ItemResult]:
@@ -306,34 +311,81 @@ class Store:
 
     # -- recording ----------------------------------------------------------------------
 
-    def record_chunk(self, conn: Connection, ref: ChunkRef,
-                     results: Sequence[ItemResult]) -> None:
-        """The chunk's results and checkpoint (one update), the counters (one update)."""
+    def record_chunk(self, conn: Connection, ref: ChunkRef, results: Sequence[ItemResult],
+                     new: Sequence[ItemResult]) -> None:
+        """The chunk's results and checkpoint (one update), the counters (one update).
+
+        ``results`` is every item of the chunk; ``new`` the ones not counted before (all of
+        them, except on a retry, where the kept successes were counted already).
+        """
         succeeded = sum(1 for r in results if r.state is ItemState.SUCCEEDED)
-        failed = len(results) - succeeded
+        new_succeeded = sum(1 for r in new if r.state is ItemState.SUCCEEDED)
         conn.execute(batch_chunks.update().where(
             batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
-        ).values(done=True, completed_at=utcnow(), succeeded=succeeded, failed=failed,
+        ).values(done=True, completed_at=utcnow(), succeeded=succeeded,
+                 failed=len(results) - succeeded,
                  results=_RESULTS.dump_json(list(results)).decode()))
         conn.execute(batches.update().where(batches.c.id == ref.batch_id).values(
-            completed=batches.c.completed + len(results),
-            succeeded=batches.c.succeeded + succeeded,
-            failed=batches.c.failed + failed,
+            completed=batches.c.completed + len(new),
+            succeeded=batches.c.succeeded + new_succeeded,
+            failed=batches.c.failed + (len(new) - new_succeeded),
         ))
 
-    def mark_started(self, batch_id: str, flow_run_id: str | None) -> None:
+    def mark_started(self, batch_id: str, flow_run_id: str | None) -> bool:
+        """Processing under this flow run; ``False`` when the batch was cancelled."""
         with self.engine.begin() as conn:
-            conn.execute(batches.update().where(batches.c.id == batch_id).values(
+            return conn.execute(batches.update().where(
+                batches.c.id == batch_id, batches.c.status != BatchState.CANCELLED.value,
+            ).values(
                 status=BatchState.PROCESSING.value, flow_run_id=flow_run_id,
                 started_at=sa.func.coalesce(batches.c.started_at, utcnow()),
                 finished_at=None, error=None,
-            ))
+            )).rowcount == 1
 
     def mark_finished(self, batch_id: str, state: BatchState, error: str | None = None) -> None:
+        """Final status; a cancelled batch stays cancelled."""
         with self.engine.begin() as conn:
+            conn.execute(batches.update().where(
+                batches.c.id == batch_id, batches.c.status != BatchState.CANCELLED.value,
+            ).values(status=state.value, finished_at=utcnow(), error=error))
+
+    def cancel(self, batch_id: str) -> BatchRecord:
+        """Stop scheduling new chunks: queued or processing → cancelled. Chunks already
+        recorded keep their results; a terminal batch is left as it is."""
+        with self.engine.begin() as conn:
+            conn.execute(batches.update().where(
+                batches.c.id == batch_id,
+                batches.c.status.in_([BatchState.QUEUED.value, BatchState.PROCESSING.value]),
+            ).values(status=BatchState.CANCELLED.value, finished_at=utcnow()))
+        return self.get_batch(batch_id)
+
+    def prepare_retry(self, batch_id: str) -> int:
+        """Open the batch's failed (and never-run) items for another run; how many there are.
+
+        Chunks with failures are reopened (their succeeded results are kept and not run
+        again), the counters lose the failed items, the batch is queued under a new generation
+        so chunk cache keys change.
+        """
+        c = batch_chunks.c
+        with self.engine.begin() as conn:
+            batch = conn.execute(batches.select().where(batches.c.id == batch_id)
+                                 .with_for_update()).mappings().first()
+            if batch is None:
+                raise BatchNotFound(batch_id)
+            if batch["status"] in (BatchState.QUEUED.value, BatchState.PROCESSING.value):
+                raise BatchInProgress(f"batch {batch_id} is {batch['status']}; retry it once it "
+                                      "has finished")
+            failed = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(c.failed), 0)).where(
+                c.batch_id == batch_id, c.done.is_(True))).scalar_one()
+            conn.execute(batch_chunks.update().where(
+                c.batch_id == batch_id, c.done.is_(True), c.failed > 0,
+            ).values(done=False))
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
-                status=state.value, finished_at=utcnow(), error=error,
+                status=BatchState.QUEUED.value, generation=batches.c.generation + 1,
+                completed=batches.c.completed - failed, failed=batches.c.failed - failed,
+                finished_at=None, error=None,
             ))
+            return int(batch["total"]) - int(batch["completed"]) + int(failed)
 
     def is_terminal(self, batch_id: str) -> bool:
         return self.get_batch(batch_id).status in _TERMINAL

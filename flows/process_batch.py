@@ -9,6 +9,7 @@ from uuid import UUID
 
 from prefect import flow, get_client, runtime, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.exceptions import CancelledRun
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -44,7 +45,8 @@ def _chunk_task(settings_retries: int, backoff: float) -> Any:
 
 
 def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chunk: int,
-                scope: str) -> Iterator[tuple[ChunkRef, PrefectFuture[ChunkOutcome]]]:
+                scope: str, generation: int,
+                ) -> Iterator[tuple[ChunkRef, PrefectFuture[ChunkOutcome]]]:
     """Submit chunk task runs, yielding each as it completes.
 
     Independent chunks with the full worker count go out in one ``run_chunk.map``. Otherwise
@@ -55,7 +57,8 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
     chunk_task = _chunk_task(settings.chunk_retries, settings.chunk_retry_backoff_seconds)
     refs = [ref for ref, _ in chunks]
     if parallel >= settings.chunk_workers and not any(deps for _, deps in chunks):
-        futures = chunk_task.map(refs, unmapped(per_chunk), unmapped(scope))
+        futures = chunk_task.map(refs, unmapped(per_chunk), unmapped(scope),
+                                 unmapped(generation))
         by_future = {f.task_run_id: ref for f, ref in zip(futures, refs, strict=True)}
         for future in as_completed(list(futures)):
             yield by_future[future.task_run_id], future
@@ -66,7 +69,7 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
     while pending or in_flight:
         while pending and len(in_flight) < parallel:
             ref, deps = pending.popleft()
-            future = chunk_task.submit(ref, per_chunk, scope,
+            future = chunk_task.submit(ref, per_chunk, scope, generation,
                                        wait_for=[submitted[d] for d in deps])
             submitted[ref.chunk_index] = future
             in_flight[future.task_run_id] = ref
@@ -118,10 +121,14 @@ def process_batch(
     done_items = 0
     failed_chunks: list[ChunkRef] = []
     errors: list[str] = []
-    for ref, future in _run_chunks(chunks, parallel, per_chunk, batch["scope"]):
+    for ref, future in _run_chunks(chunks, parallel, per_chunk, batch["scope"],
+                                   batch["generation"]):
         try:
             outcome = future.result()
             done_items += outcome.total
+        except CancelledRun:
+            logger.info("chunk %d (%s) not started: the batch was cancelled", ref.chunk_index,
+                        ref.label)
         except Exception as exc:
             failed_chunks.append(ref)
             errors.append(f"chunk {ref.chunk_index}: {type(exc).__name__}: {exc}")

@@ -31,9 +31,10 @@ def load_batch(batch_id: str, flow_run_id: str | None) -> dict[str, Any]:
     store = get_runtime().store
     batch = store.get_batch(batch_id)
     plan = store.chunk_plan(batch_id)
-    store.mark_started(batch_id, flow_run_id)
+    started = store.mark_started(batch_id, flow_run_id)
     return {"total": batch.total, "concurrency": batch.concurrency, "scope": batch.scope,
-            "chunks": plan}
+            "generation": batch.generation, "chunks": plan if started else [],
+            "cancelled": not started}
 
 
 @task(name="finish-batch")
@@ -43,7 +44,7 @@ def finish_batch(batch_id: str, failed_chunks: list[ChunkRef],
     runtime = get_runtime()
     store = runtime.store
     state = BatchState.FAILED if failed_chunks else BatchState.COMPLETED
-    store.mark_finished(batch_id, state, error)
+    store.mark_finished(batch_id, state, error)  # a cancelled batch stays cancelled
     status = store.status(batch_id)
     summary = BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed)
     limit = runtime.settings.artifact_max_rows

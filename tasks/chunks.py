@@ -10,13 +10,13 @@ import sqlalchemy as sa
 from prefect import Task, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
-from prefect.states import State
+from prefect.states import Cancelled, State
 from prefect.tasks import exponential_backoff
 
 from batchops.errors import TransientError
 from batchops.execution import ChunkOutcome, execute_chunk
 from batchops.runtime import get_runtime
-from batchops.schemas import ChunkRef
+from batchops.schemas import BatchState, ChunkRef
 
 __all__ = ["chunk_cache_key", "retry_transient_failures", "run_chunk"]
 
@@ -57,10 +57,15 @@ def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: Sta
     cache_expiration=timedelta(hours=24),
     persist_result=True,
 )
-def run_chunk(ref: ChunkRef, concurrency: int, scope: str, generation: int = 0) -> ChunkOutcome:
+def run_chunk(ref: ChunkRef, concurrency: int, scope: str,
+              generation: int = 0) -> ChunkOutcome | State:
     """Execute the chunk's items and record their results (see ``batchops.execution``).
 
+    A cancelled batch starts no new chunk: the task run ends ``Cancelled`` (never cached).
     A sync task on purpose: in a worker thread it shares the flow's Prefect client, where an
     async task would build a client per run; the items' event loop is the chunk's own.
     """
-    return asyncio.run(execute_chunk(get_runtime(), ref, concurrency=concurrency, scope=scope))
+    runtime = get_runtime()
+    if runtime.store.get_batch(ref.batch_id).status == BatchState.CANCELLED.value:
+        return Cancelled(message=f"batch {ref.batch_id} was cancelled; chunk not started")
+    return asyncio.run(execute_chunk(runtime, ref, concurrency=concurrency, scope=scope))

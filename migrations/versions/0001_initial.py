@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
         sa.Column("concurrency", sa.Integer, nullable=False),
         sa.Column("chunk_size", sa.Integer, nullable=False),
+        sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
         sa.Column("flow_run_id", sa.String(64)),
         sa.Column("error", sa.Text),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
