@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
+from batchops.migrate import alembic_config
 from batchops.runtime import Runtime
 from batchops.store import metadata
 
@@ -13,7 +15,8 @@ def test_migrations_build_exactly_the_schema_the_code_uses(runtime: Runtime) -> 
     runtime.store.migrate()  # a second upgrade is a no-op
     with runtime.store.engine.connect() as conn:
         context = MigrationContext.configure(conn)
-        assert context.get_current_revision() == "0001"
+        head = ScriptDirectory.from_config(alembic_config(runtime.store.engine)).get_current_head()
+        assert context.get_current_revision() == head
         store_tables = set(metadata.tables)
         diffs = [d for d in compare_metadata(context, metadata)
                  if not (d[0] == "remove_table" and d[1].name not in store_tables)]
