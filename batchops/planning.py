@@ -105,7 +105,8 @@ class ChunkPlanner:
                 self._last_free[rc] = index
                 self._setters_since_free[rc] = set()
         deps.discard(index)
-        keys = "\n".join(op.idempotency_key or f"#{op.index}:{op.payload_hash}" for op in ops)
+        # The batch id is part of the cache key too; unkeyed items are named by position.
+        keys = "\n".join(op.idempotency_key or f"#{op.index}" for op in ops)
         token = hashlib.sha256(keys.encode()).hexdigest()
         ref = ChunkRef(batch_id=self.batch_id, chunk_index=index, start=ops[0].index,
                        end=ops[-1].index + 1, cache_token=token)

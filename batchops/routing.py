@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -26,8 +27,13 @@ class RouteMatch:
     handler: Handler | None = None
 
 
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9_~-]+(?:/[A-Za-z0-9_~-]+)*/?")
+
+
 def check_path(path: str) -> str | None:
     """Why ``path`` is not a safe relative API path, or ``None`` when it is."""
+    if _PLAIN_PATH.fullmatch(path):
+        return None  # the common case, nothing to decode
     if not path.startswith("/") or path.startswith("//"):
         return "must be a relative path starting with '/' (no scheme or host)"
     if "://" in path:

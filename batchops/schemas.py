@@ -100,7 +100,7 @@ class PlannedOperation(BaseModel):
     body: dict[str, Any] | None = None
     headers: dict[str, str] | None = None
     idempotency_key: str | None = None
-    payload_hash: str
+    payload_hash: str | None = None  # set when idempotency_key is
     target: str
     resource: str | None = None
     params: dict[str, str] = {}
