@@ -9,8 +9,9 @@ are executed three ways on the same starting rows:
 * by ``SqlTarget.execute_on`` on consecutive slices of the batch, each committed on its own
   (a batch cut into chunks).
 
-Every item's outcome (state, HTTP status, error code, message, row) and the final rows of both
-tables must be the same. Runs on SQLite and PostgreSQL (the ``runtime`` fixture).
+Every item's outcome (state, HTTP status, error code, row; for a conflict the database's own
+message) and the final rows of both tables must be the same. Runs on SQLite and PostgreSQL
+(the ``runtime`` fixture).
 """
 
 from __future__ import annotations

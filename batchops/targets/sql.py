@@ -5,7 +5,10 @@ a statement needs it, one set of columns, and each record at most once). Each ru
 statement inside a savepoint:
 
 * ``POST``   multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING *`` — the rows that came
-  back went in, the others are the conflicts, re-tried one by one to get the database's reason;
+  back went in, the others are the conflicts, re-tried one by one to get the database's reason
+  (when a later row of the run took a key a skipped row holds, the run is cut after the skipped
+  row, so its reason is the one it meets in batch order). Rows that name neither the primary
+  key nor a unique column cannot conflict set-wise: a plain multi-row ``INSERT … RETURNING *``;
 * ``PUT``    multi-row ``INSERT … ON CONFLICT (pk) DO UPDATE … RETURNING *``;
 * ``PATCH``  ``UPDATE … FROM (VALUES …) RETURNING *`` (PostgreSQL), per row on SQLite;
 * ``DELETE`` ``DELETE … WHERE pk IN (…) RETURNING pk``;
@@ -94,6 +97,14 @@ def split_runs(items: Sequence[PlannedOperation],
         yield run
 
 
+class _SplitRun(Exception):
+    """Raised inside a run's savepoint: undo it and run ``run[:at]``, then ``run[at:]``."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(at)
+        self.at = at
+
+
 def _row_json(row: RowMapping) -> dict[str, Any]:
     # A row of a table selected by its columns is keyed by column name.
     return row_to_json(cast("Mapping[str, Any]", row))
@@ -169,6 +180,9 @@ class SqlTarget:
         try:
             with conn.begin_nested():
                 return self._bulk(conn, res, run)
+        except _SplitRun as split:
+            return (self._guarded(conn, res, run[:split.at])
+                    + self._guarded(conn, res, run[split.at:]))
         except (sa.exc.IntegrityError, sa.exc.DataError) as exc:
             if len(run) == 1:
                 status, code, message = classify_db_error(exc)
@@ -206,26 +220,23 @@ class SqlTarget:
             returned = conn.execute(t.insert().returning(*t.c), rows).mappings().all()
             return [ItemResult.ok(op, 201, _row_json(got))
                     for op, got in zip(run, returned, strict=True)]
-        with conn.begin_nested() as savepoint:
-            stmt = _insert(conn, t).on_conflict_do_nothing().returning(*t.c)
-            returned = conn.execute(stmt, rows).mappings().all()
-            went_in: list[RowMapping | None] = []
-            position = 0  # walk both lists in order
-            for row in rows:
-                got = returned[position] if position < len(returned) else None
-                if got is not None and all(got[c] == row[c] for c in match_on):
-                    went_in.append(got)
-                    position += 1
-                else:
-                    went_in.append(None)
-            cut = _first_shadowed_skip(rows, went_in, match_on)
-            if cut is not None:
-                savepoint.rollback()
+        stmt = _insert(conn, t).on_conflict_do_nothing().returning(*t.c)
+        returned = conn.execute(stmt, rows).mappings().all()
+        went_in: list[RowMapping | None] = []
+        position = 0  # walk both lists in order
+        for row in rows:
+            got = returned[position] if position < len(returned) else None
+            if got is not None and all(got[c] == row[c] for c in match_on):
+                went_in.append(got)
+                position += 1
+            else:
+                went_in.append(None)
+        cut = _first_shadowed_skip(rows, went_in, match_on)
         if cut is not None:
-            # A later row of the run took a value the skipped row holds: retrying the skipped
-            # row now would meet that later row, so the database would give another reason.
-            # Run the items up to the skipped one, then the rest.
-            return self._post(conn, res, run[:cut + 1]) + self._post(conn, res, run[cut + 1:])
+            # A later row of the run took a value the skipped row holds: retried now, the
+            # skipped row would meet that later row and the database would give another
+            # reason. Undo the run, then run the items up to the skipped one, and the rest.
+            raise _SplitRun(cut + 1)
         return [ItemResult.ok(op, 201, _row_json(got)) if got is not None
                 else self._post_one(conn, t, op, row)
                 for op, row, got in zip(run, rows, went_in, strict=True)]
