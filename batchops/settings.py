@@ -111,10 +111,22 @@ class Settings(BaseSettings):
     chunk_retry_backoff_seconds: float = Field(1.0, ge=0)
     idempotency_retention_hours: float = Field(24, gt=0)
     result_cache_hours: float = Field(24, gt=0)
-    artifact_max_rows: int = Field(10_000, ge=1, description="rows of the item table artifact")
+    artifact_max_rows: int = Field(
+        1000, ge=1, description="rows of the item table artifact (failures first beyond it)")
     handler_modules: list[str] = ["batchops.demo.handlers"]
     resources: dict[str, ResourceSpec] = Field(default_factory=_demo_resources)
     api_keys: list[SecretStr] = []
+
+    # The HTTP API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    sync_threshold: int = Field(100, ge=0, description="mode auto: up to this many ops run sync")
+    sync_wait_seconds: float = Field(10, ge=0, description="sync wait before answering 202")
+    max_sync_wait_seconds: float = Field(60, ge=0, description="cap on Prefer: wait=N")
+    sync_workers: int = Field(8, ge=1, le=256, description="sync batches running at once")
+    quota_ops_per_minute: int = Field(
+        60_000, ge=0, description="operations per API key per minute; 0: no quota")
+    process_batch_deployment: str = "process-batch/process-batch"
 
     @classmethod
     def settings_customise_sources(

@@ -291,12 +291,15 @@ class Store:
         emitted = 0
         next_chunk = 0
         while True:
+            query = sa.select(c.chunk_index, c.results).where(
+                c.batch_id == batch_id, c.chunk_index >= next_chunk, c.end > after + 1,
+                c.done.is_(True))
+            if state is ItemState.FAILED:
+                query = query.where(c.failed > 0)
+            elif state is ItemState.SUCCEEDED:
+                query = query.where(c.succeeded > 0)
             with self.read() as conn:
-                rows = conn.execute(
-                    sa.select(c.chunk_index, c.results).where(
-                        c.batch_id == batch_id, c.chunk_index >= next_chunk, c.end > after + 1,
-                        c.done.is_(True))
-                    .order_by(c.chunk_index).limit(chunks_per_read)).all()
+                rows = conn.execute(query.order_by(c.chunk_index).limit(chunks_per_read)).all()
             if not rows:
                 return
             for row in rows:

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from batchops.registration import register_batch
 from batchops.reporting import summary_markdown, table_rows
 from batchops.runtime import get_runtime
-from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
+from batchops.schemas import BatchState, BatchSummary, ChunkRef, ItemState, Operation
 
 __all__ = ["finish_batch", "load_batch", "register_operations"]
 
@@ -48,13 +48,20 @@ def finish_batch(batch_id: str, failed_chunks: list[ChunkRef],
     status = store.status(batch_id)
     summary = BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed)
     limit = runtime.settings.artifact_max_rows
-    rows = table_rows(store.iter_results(batch_id, limit=limit))
-    create_table_artifact(
-        rows, key=f"batch-{batch_id}-items",
-        description=(f"Every item of batch {batch_id}" if status.total <= limit else
-                     f"First {limit} of {status.total} items of batch {batch_id}; "
-                     "all of them: `batchops results ID --format csv`"),
-    )
+    if status.total <= limit:
+        items = list(store.iter_results(batch_id))
+        description = f"Every item of batch {batch_id}"
+    else:
+        # A big import: its failures first, then successes up to the limit.
+        items = list(store.iter_results(batch_id, state=ItemState.FAILED, limit=limit))
+        if len(items) < limit:
+            items += store.iter_results(batch_id, state=ItemState.SUCCEEDED,
+                                        limit=limit - len(items))
+        items.sort(key=lambda r: r.index)
+        description = (f"{len(items)} of the {status.total} items of batch {batch_id}, "
+                       "failures first; all of them: `batchops results ID --format csv`")
+    create_table_artifact(table_rows(items), key=f"batch-{batch_id}-items",
+                          description=description)
     create_markdown_artifact(summary_markdown(status, failed_chunks, error),
                              key=f"batch-{batch_id}-summary",
                              description=f"Summary of batch {batch_id}")

@@ -133,6 +133,7 @@ class SqlTarget:
 
     def __init__(self, resources: dict[str, Resource], store_url: str) -> None:
         self.resources = resources
+        self._constraint_cache: dict[tuple[str, str], dict[str, str]] = {}
         self.store_url = store_url
 
     def database_url(self, op: PlannedOperation) -> str:
@@ -237,9 +238,72 @@ class SqlTarget:
             # skipped row would meet that later row and the database would give another
             # reason. Undo the run, then run the items up to the skipped one, and the rest.
             raise _SplitRun(cut + 1)
-        return [ItemResult.ok(op, 201, _row_json(got)) if got is not None
-                else self._post_one(conn, t, op, row)
-                for op, row, got in zip(run, rows, went_in, strict=True)]
+        skipped = [(i, rows[i]) for i, got in enumerate(went_in) if got is None]
+        reasons = self._conflict_reasons(conn, res, skipped, match_on) if skipped else {}
+        results = []
+        for i, (op, row, got) in enumerate(zip(run, rows, went_in, strict=True)):
+            if got is not None:
+                results.append(ItemResult.ok(op, 201, _row_json(got)))
+            elif i in reasons:
+                results.append(ItemResult.fail(op, 409, "unique_violation", reasons[i]))
+            else:
+                results.append(self._post_one(conn, t, op, row))
+        return results
+
+    def _conflict_reasons(self, conn: Connection, res: Resource,
+                          skipped: list[tuple[int, dict[str, Any]]],
+                          columns: list[str]) -> dict[int, str]:
+        """The database's reason for each skipped row, found set-wise with one query.
+
+        A row that collides on exactly one key or unique column gets the message the database
+        gives for that constraint; anything less clear-cut is left to a one-row retry.
+        """
+        t = res.table
+        names = self._unique_constraints(conn, res)
+        plain = [c for c in columns if c in names
+                 and res.spec.columns[c].type in ("integer", "text")]
+        if len(plain) < len(columns):
+            return {}  # a column whose constraint or value rendering is not known here
+        wanted = {c: {row[c] for _, row in skipped if row[c] is not None} for c in plain}
+        conditions = [t.c[c].in_(list(v)) for c, v in wanted.items() if v]
+        if not conditions:
+            return {}
+        taken: set[tuple[str, Any]] = set()
+        for holder in conn.execute(sa.select(*(t.c[c] for c in plain))
+                                   .where(sa.or_(*conditions))).mappings():
+            taken.update((c, holder[c]) for c in plain)
+        reasons: dict[int, str] = {}
+        for i, row in skipped:
+            hits = [c for c in columns if row[c] is not None and (c, row[c]) in taken]
+            if len(hits) == 1 and hits[0] in plain:
+                col = hits[0]
+                if conn.dialect.name == "postgresql":
+                    reasons[i] = (f'duplicate key value violates unique constraint '
+                                  f'"{names[col]}" (Key ({col})=({row[col]}) already exists.)')
+                else:
+                    reasons[i] = f"UNIQUE constraint failed: {t.name}.{col}"
+        return reasons
+
+    def _unique_constraints(self, conn: Connection, res: Resource) -> dict[str, str]:
+        """Single-column unique constraints of the table: column → constraint name."""
+        key = (conn.engine.url.render_as_string(hide_password=False), res.table.name)
+        found = self._constraint_cache.get(key)
+        if found is None:
+            inspector = sa.inspect(conn)
+            found = {}
+            pk = inspector.get_pk_constraint(res.table.name)
+            if len(pk.get("constrained_columns") or []) == 1 and pk.get("name"):
+                found[pk["constrained_columns"][0]] = str(pk["name"])
+            for uc in inspector.get_unique_constraints(res.table.name):
+                if len(uc["column_names"]) == 1 and uc.get("name"):
+                    found.setdefault(uc["column_names"][0], str(uc["name"]))
+            for ix in inspector.get_indexes(res.table.name):
+                if ix.get("unique") and len(ix["column_names"]) == 1 and ix.get("name"):
+                    found.setdefault(str(ix["column_names"][0]), str(ix["name"]))
+            if conn.dialect.name == "sqlite":
+                found[res.primary_key] = "primary key"  # SQLite names the column, not this
+            self._constraint_cache[key] = found
+        return found
 
     def _post_one(self, conn: Connection, t: sa.Table, op: PlannedOperation,
                   row: dict[str, Any]) -> ItemResult:
