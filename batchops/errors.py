@@ -8,9 +8,13 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
 
     BatchopsError
     ├── BadRequest                400  bad_request
-    │   └── MalformedInput        400  malformed_input   (unparseable JSON / CSV)
+    │   └── MalformedInput        400  malformed_input   (unparseable CSV, files)
+    │       └── MalformedJson     400  malformed_json    (a request body that is not JSON)
+    ├── InvalidApiKey             401  unauthorized
+    ├── QuotaExceeded             429  quota_exceeded    (``retry_after`` seconds)
     ├── ValidationFailed          422  validation_failed (carries every FieldError)
     ├── BatchTooLarge             413  batch_too_large
+    │   └── BodyTooLarge          413  batch_too_large   (bytes; the connection is closed)
     ├── NotFound                  404  not_found
     │   └── BatchNotFound         404  batch_not_found
     ├── IdempotencyConflict       409  idempotency_key_reused
@@ -34,12 +38,16 @@ __all__ = [
     "BatchNotFound",
     "BatchTooLarge",
     "BatchopsError",
+    "BodyTooLarge",
     "ConfigurationError",
     "FieldError",
     "IdempotencyConflict",
+    "InvalidApiKey",
     "ItemError",
     "MalformedInput",
+    "MalformedJson",
     "NotFound",
+    "QuotaExceeded",
     "TransientError",
     "ValidationFailed",
 ]
@@ -167,3 +175,49 @@ class ItemError(Exception):
             self.status = status
         if code is not None:
             self.code = code
+
+
+class InvalidApiKey(BatchopsError):
+    """No API key, or one that matches none of the configured keys (401)."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class QuotaExceeded(BatchopsError):
+    """The caller is over its operations-per-minute quota (429, with ``Retry-After``)."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: int, limit: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.limit = limit
+
+    def details(self) -> dict[str, Any]:
+        return {"limit": self.limit, "retry_after": self.retry_after}
+
+
+class BodyTooLarge(BatchTooLarge):
+    """The request body is over ``settings.max_body_bytes`` (413 ``batch_too_large``).
+
+    The rest of the body is never read: the response closes the connection
+    (``close_connection``), instead of letting the server drain what the client still sends.
+    """
+
+    close_connection = True
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(size, limit)
+        self.message = f"request body is larger than {limit} bytes (limit {limit} bytes)"
+        self.args = (self.message,)
+
+    def details(self) -> dict[str, Any]:
+        return {"limit_bytes": self.limit}
+
+
+class MalformedJson(MalformedInput):
+    """The body is not JSON (400 ``malformed_json``)."""
+
+    code = "malformed_json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
+import batchops.batch_requests  # noqa: F401  (its table lives on the store's metadata)
 from batchops.store import metadata
 
 config = context.config

@@ -1,0 +1,1 @@
+"""The batchops HTTP API (FastAPI): ``api.main:app``, or ``api.main.run()``."""

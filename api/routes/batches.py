@@ -1,0 +1,452 @@
+"""``/batches``: submit a batch (sync or async), read its status and its results.
+
+``POST /batches`` reads the body within the size limit, checks the envelope, then:
+
+1. a batch-level ``Idempotency-Key`` already used with this body → that batch's answer;
+2. the caller's operations-per-minute quota is charged;
+3. every operation is validated and the batch stored (:func:`register_batch`);
+4. sync: the flow runs in this process and the answer waits for it (``200``/``207``), or
+   becomes ``202`` when the wait is over; async: a flow run of the deployment, ``202``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from api.body import read_json
+from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
+from batchops.batch_requests import (
+    BatchRequest,
+    BatchRequests,
+    IdempotencyKeyInFlight,
+    request_hash,
+)
+from batchops.csvio import write_results_csv
+from batchops.errors import (
+    BatchNotFound,
+    BatchTooLarge,
+    FieldError,
+    TransientError,
+    ValidationFailed,
+)
+from batchops.planning import chunk_operations
+from batchops.registration import new_batch_id, register_batch
+from batchops.runtime import Runtime
+from batchops.schemas import (
+    BatchCreate,
+    BatchState,
+    BatchStatus,
+    BatchSummary,
+    ItemResult,
+    ItemState,
+)
+from batchops.store import BatchRecord, utcnow
+from batchops.validation import validate_operations
+
+__all__ = ["parse_prefer", "router"]
+
+router = APIRouter(tags=["batches"])
+
+_TERMINAL = {BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED}
+# A claim whose batch never appeared this long after was left by a crashed request.
+_STALE_CLAIM = timedelta(seconds=60)
+_CSV_PAGE = 1000
+BatchId = Annotated[str, Path(max_length=64, description="the batch's id")]
+
+
+# -- response models (for the OpenAPI document) ------------------------------------------------
+
+
+class BatchAccepted(BaseModel):
+    """``202``: the batch runs on; follow ``status_url``."""
+
+    batch_id: str
+    status: BatchState
+    status_url: str
+
+
+class BatchOutcome(BaseModel):
+    """``200``/``207``: a sync batch's summary and every item's result."""
+
+    batch_id: str
+    status: BatchState
+    summary: BatchSummary
+    results: list[ItemResult]
+
+
+class ResultsPage(BaseModel):
+    batch_id: str
+    items: list[ItemResult]
+    next_after: int | None
+
+
+class DryRunPlan(BaseModel):
+    dry_run: Literal[True]
+    total: int
+    chunks: int
+    mode: Literal["sync", "async"]
+    by_target_method: dict[str, int]
+
+
+class _ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: _ErrorDetail
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+# -- Prefer (RFC 7240) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preferences:
+    respond_async: bool = False
+    wait: float | None = None
+
+
+def parse_prefer(values: list[str] | None) -> Preferences:
+    """``respond-async`` and ``wait=N`` from ``Prefer`` headers; other preferences ignored."""
+    respond_async, wait = False, None
+    for value in values or []:
+        for token in value.split(","):
+            name, _, raw = token.split(";", 1)[0].partition("=")
+            name = name.strip().lower()
+            if name == "respond-async":
+                respond_async = True
+            elif name == "wait":
+                try:
+                    seconds = float(raw.strip().strip('"'))
+                except ValueError:
+                    continue
+                if seconds >= 0:
+                    wait = seconds
+    return Preferences(respond_async, wait)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def item_json(result: ItemResult) -> dict[str, Any]:
+    """An item as the API shows it: ``result`` when it succeeded, ``error`` when it failed."""
+    data = result.model_dump(mode="json")
+    data.pop("result" if result.state is ItemState.FAILED else "error", None)
+    return data
+
+
+def _owned_batch(runtime: Runtime, batch_id: str, scope: str) -> BatchRecord:
+    batch = runtime.store.get_batch(batch_id)
+    if batch.scope != scope:  # another key's batch does not exist for this caller
+        raise BatchNotFound(batch_id)
+    return batch
+
+
+def _status(runtime: Runtime, batch_id: str) -> BatchStatus:
+    return runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
+
+
+def _parse_request(raw: Any, max_operations: int) -> tuple[BatchCreate, list[Any]]:
+    """The envelope (mode, concurrency, callback_url) and the raw operations.
+
+    Operations are validated later, by the core; envelope errors are reported together with
+    theirs.
+    """
+    if not isinstance(raw, dict):
+        raise ValidationFailed([FieldError(None, None, "body",
+                                           "expected a JSON object with 'operations'")])
+    operations = raw.get("operations")
+    if not isinstance(operations, list):
+        message = "field required" if operations is None else "expected a list of operations"
+        raise ValidationFailed([FieldError(None, None, "operations", message)])
+    if len(operations) > max_operations:
+        raise BatchTooLarge(len(operations), max_operations)
+    if not operations:
+        raise ValidationFailed([FieldError(None, None, "operations",
+                                           "at least one operation is required")])
+    try:
+        envelope = BatchCreate.model_validate({**raw, "operations": []})
+    except ValidationError as exc:
+        errors = [FieldError(None, None, ".".join(str(p) for p in e["loc"]), e["msg"])
+                  for e in exc.errors(include_url=False)]
+        raise ValidationFailed(errors) from None
+    return envelope, operations
+
+
+def _envelope_and_operation_errors(raw: Any, exc: ValidationFailed, runtime: Runtime,
+                                   ) -> ValidationFailed:
+    """``exc`` (envelope errors) with the operations' own errors added: every error at once."""
+    operations = raw.get("operations") if isinstance(raw, dict) else None
+    if not isinstance(operations, list) or not operations:
+        return exc
+    try:
+        validate_operations(operations, runtime.router, runtime.settings.max_operations)
+    except ValidationFailed as ops_exc:
+        return ValidationFailed([*exc.errors, *ops_exc.errors])
+    return exc
+
+
+def _dry_run(runtime: Runtime, operations: list[Any], mode: str) -> dict[str, Any]:
+    settings = runtime.settings
+    planned = validate_operations(operations, runtime.router, settings.max_operations)
+    chunks = sum(1 for _ in chunk_operations("dry-run", planned, settings.chunk_size,
+                                             runtime.resources))
+    by_target_method = Counter(f"{op.target} {op.method}" for op in planned)
+    return {"dry_run": True, "total": len(planned), "chunks": chunks, "mode": mode,
+            "by_target_method": dict(sorted(by_target_method.items()))}
+
+
+def _outcome(runtime: Runtime, batch_id: str) -> tuple[int, dict[str, Any]]:
+    """The final answer of a finished batch: 200 when every item succeeded, else 207."""
+    status = _status(runtime, batch_id)
+    results = [item_json(r) for r in runtime.store.iter_results(batch_id)]
+    all_ok = (status.status is BatchState.COMPLETED and status.failed == 0
+              and status.succeeded == status.total)
+    body = {
+        "batch_id": batch_id, "status": status.status.value,
+        "summary": {"total": status.total, "succeeded": status.succeeded,
+                    "failed": status.failed},
+        "results": results,
+    }
+    return (200 if all_ok else 207), body
+
+
+def _accepted(request: Request, batch_id: str, status: BatchState,
+              headers: dict[str, str] | None = None) -> JSONResponse:
+    status_url = str(request.url_for("get_batch_status", batch_id=batch_id))
+    return JSONResponse(
+        {"batch_id": batch_id, "status": status.value, "status_url": status_url},
+        status_code=202, headers={"Location": status_url, **(headers or {})})
+
+
+async def _await_terminal(runtime: Runtime, batch_id: str, seconds: float) -> BatchState:
+    """Poll the store until the batch has finished or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        status = (await asyncio.to_thread(runtime.store.get_batch, batch_id)).status
+        state = BatchState(status)
+        if state in _TERMINAL or time.monotonic() >= deadline:
+            return state
+        await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.01)))
+        delay = min(delay * 2, 0.5)
+
+
+async def _replay(request: Request, runtime: Runtime, earlier: BatchRequest,
+                  wait: float) -> Response:
+    """The answer for a repeated request: the same batch, no second run."""
+    headers = {"Idempotent-Replayed": "true"}
+    if earlier.mode == "sync":
+        state = await _await_terminal(runtime, earlier.batch_id, wait)
+        if state in _TERMINAL:
+            code, body = await asyncio.to_thread(_outcome, runtime, earlier.batch_id)
+            return JSONResponse(body, status_code=code, headers=headers)
+    else:
+        state = BatchState((await asyncio.to_thread(runtime.store.get_batch,
+                                                    earlier.batch_id)).status)
+    return _accepted(request, earlier.batch_id, state, headers)
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+
+_BATCH_CREATE_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}}},
+}
+
+
+@router.post(
+    "/batches",
+    name="create_batch",
+    summary="Submit a batch of operations",
+    openapi_extra={"requestBody": _BATCH_CREATE_BODY},
+    responses={
+        200: {"model": BatchOutcome, "description": "sync: every item succeeded"},
+        202: {"model": BatchAccepted, "description": "async, or the sync wait is over"},
+        207: {"model": BatchOutcome, "description": "sync: some or all items failed"},
+        **_errors(400, 401, 409, 413, 422, 429, 503),
+    },
+)
+async def create_batch(
+    request: Request,
+    runtime: RuntimeDep,
+    scope: ScopeDep,
+    quota: QuotaDep,
+    runner: RunnerDep,
+    dry_run: Annotated[bool, Query(description="validate and plan only; run nothing")] = False,
+    prefer: Annotated[list[str] | None, Header(
+        description="RFC 7240: respond-async, wait=N (seconds)")] = None,
+    idempotency_key: Annotated[str | None, Header(
+        min_length=1, max_length=255,
+        description="makes the whole request idempotent for 24 h")] = None,
+) -> Response:
+    """Validate every operation, store the batch, and run it.
+
+    ``mode`` ``auto`` runs up to 100 operations synchronously (``200``/``207`` with every
+    item's result) and larger batches asynchronously (``202`` with ``status_url``).
+    ``Prefer: respond-async`` forces async; ``Prefer: wait=N`` bounds the sync wait, after
+    which the answer is ``202`` and the run goes on.
+    """
+    settings = runtime.settings
+    raw = await read_json(request, settings.max_body_bytes)
+    try:
+        envelope, operations = _parse_request(raw, settings.max_operations)
+    except ValidationFailed as exc:
+        raise await asyncio.to_thread(_envelope_and_operation_errors, raw, exc,
+                                      runtime) from None
+    prefs = parse_prefer(prefer)
+    if prefs.respond_async or envelope.mode == "async":
+        mode = "async"
+    elif envelope.mode == "sync":
+        mode = "sync"
+    else:
+        mode = "sync" if len(operations) <= settings.sync_threshold else "async"
+    applied = ["respond-async"] if prefs.respond_async else []
+    wait = settings.sync_wait_seconds
+    if mode == "sync" and prefs.wait is not None:
+        wait = prefs.wait
+        applied.append(f"wait={prefs.wait:g}")
+    wait = min(wait, settings.max_sync_wait_seconds)
+
+    if dry_run:
+        plan = await asyncio.to_thread(_dry_run, runtime, operations, mode)
+        return JSONResponse(plan)
+
+    batch_id = new_batch_id()
+    claims = BatchRequests(runtime.store,
+                           timedelta(hours=settings.idempotency_retention_hours))
+    if idempotency_key is not None:
+        digest = request_hash(raw)
+        for _ in range(2):
+            earlier = await asyncio.to_thread(claims.claim, scope, idempotency_key, digest,
+                                              batch_id, mode)
+            if earlier is None:
+                break
+            try:
+                return await _replay(request, runtime, earlier, wait)
+            except BatchNotFound:
+                if utcnow() - earlier.created_at < _STALE_CLAIM:
+                    raise IdempotencyKeyInFlight(
+                        f"the first request with Idempotency-Key {idempotency_key!r} is still "
+                        "registering its batch; retry in a moment") from None
+                await asyncio.to_thread(claims.release, scope, idempotency_key,
+                                        earlier.batch_id)
+        else:
+            raise IdempotencyKeyInFlight(f"Idempotency-Key {idempotency_key!r} is in use")
+
+    charge: str | None = None
+    try:
+        charge = await quota.charge(scope, len(operations))
+        await asyncio.to_thread(register_batch, runtime, operations, batch_id=batch_id,
+                                concurrency=envelope.concurrency, scope=scope, source="api")
+        if mode == "async":
+            await runner.start_deployment(runtime, batch_id)
+    except BaseException:
+        await quota.refund(charge, len(operations))  # nothing of the batch ran
+        if idempotency_key is not None:
+            await asyncio.to_thread(claims.release, scope, idempotency_key, batch_id)
+        raise
+    metrics = request.app.state.metrics
+    metrics.batches_submitted.labels(mode).inc()
+    metrics.operations_submitted.inc(len(operations))
+    headers = {"Preference-Applied": ", ".join(applied)} if applied else {}
+
+    if mode == "async":
+        return _accepted(request, batch_id, BatchState.QUEUED, headers)
+    run = runner.start_in_process(batch_id)
+    if not await runner.wait(run, wait):
+        state = BatchState((await asyncio.to_thread(runtime.store.get_batch, batch_id)).status)
+        return _accepted(request, batch_id, state, headers)
+    code, body = await asyncio.to_thread(_outcome, runtime, batch_id)
+    if BatchState(body["status"]) not in _TERMINAL:
+        await asyncio.to_thread(_could_not_run, runtime, batch_id, run)
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+def _could_not_run(runtime: Runtime, batch_id: str, run: Future[None]) -> None:
+    """A sync run ended without finishing its batch: the flow could not run at all (for
+    example the Prefect API is unreachable). The batch is marked failed, so it can be retried."""
+    error = run.exception()
+    reason = f"{type(error).__name__}: {error}" if error else "the flow run did not finish"
+    runtime.store.mark_finished(batch_id, BatchState.FAILED, f"could not run: {reason}")
+    raise TransientError(f"batch {batch_id} could not run ({reason}); retry it")
+
+
+@router.get(
+    "/batches/{batch_id}/status",
+    name="get_batch_status",
+    response_model=BatchStatus,
+    summary="A batch's status and progress",
+    responses=_errors(401, 404),
+)
+def get_batch_status(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) -> BatchStatus:
+    """Counters only grow while a batch runs: ``completed``/``progress`` never go backwards."""
+    _owned_batch(runtime, batch_id, scope)
+    return _status(runtime, batch_id)
+
+
+@router.get(
+    "/batches/{batch_id}/results",
+    name="get_batch_results",
+    summary="A batch's item results: paged JSON, or a CSV download",
+    response_model=ResultsPage,
+    responses={200: {"content": {"text/csv": {}}}, **_errors(401, 404)},
+)
+def get_batch_results(
+    batch_id: BatchId,
+    runtime: RuntimeDep,
+    scope: ScopeDep,
+    state: Annotated[ItemState | None, Query(description="only items in this state")] = None,
+    fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json",
+    after: Annotated[int, Query(ge=-1, description="only items with a larger index")] = -1,
+    limit: Annotated[int | None, Query(ge=1, le=10_000,
+                                       description="JSON page size (default 1000)")] = None,
+) -> Response:
+    """Items recorded so far, in index order. JSON pages continue with ``after=next_after``;
+    ``format=csv`` streams every matching item (spreadsheet formulas escaped)."""
+    _owned_batch(runtime, batch_id, scope)
+    store = runtime.store
+    if fmt == "csv":
+        results = store.iter_results(batch_id, state=state, after=after, limit=limit)
+        return StreamingResponse(
+            _csv_pages(results), media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition":
+                     f'attachment; filename="batch-{batch_id}-results.csv"'})
+    size = limit or 1000
+    items = list(store.iter_results(batch_id, state=state, after=after, limit=size))
+    next_after = items[-1].index if len(items) == size else None
+    return JSONResponse({"batch_id": batch_id, "items": [item_json(r) for r in items],
+                         "next_after": next_after})
+
+
+def _csv_pages(results: Iterator[ItemResult]) -> Iterator[str]:
+    """The results CSV (``batchops.csvio``'s columns and escaping), a page at a time."""
+    first = True
+    while True:
+        page = [r for _, r in zip(range(_CSV_PAGE), results, strict=False)]
+        if not page and not first:
+            return
+        out = io.StringIO()
+        write_results_csv(page, out)
+        text = out.getvalue()
+        yield text if first else text.split("\n", 1)[1]
+        if len(page) < _CSV_PAGE:
+            return
+        first = False

@@ -1,0 +1,71 @@
+"""Operations: liveness, readiness (the store and the Prefect API) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.deps import RuntimeDep
+from api.errors import error_response
+from batchops.runtime import Runtime
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["operations"])
+
+_CHECK_SECONDS = 5.0
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _check_store(runtime: Runtime) -> None:
+    with runtime.store.read() as conn:
+        conn.execute(sa.text("SELECT 1"))
+
+
+async def _check_prefect() -> None:
+    from prefect import get_client
+
+    async with get_client() as client:
+        problem = await client.api_healthcheck()
+    if problem is not None:
+        raise problem
+
+
+async def _probe(name: str, check: Any) -> tuple[str, str]:
+    try:
+        await asyncio.wait_for(check, timeout=_CHECK_SECONDS)
+    except TimeoutError:
+        return name, f"no answer within {_CHECK_SECONDS:g} s"
+    except Exception as exc:
+        return name, f"{type(exc).__name__}: {exc}".strip()
+    return name, "ok"
+
+
+@router.get("/readyz", summary="Readiness: the batch store and the Prefect API answer",
+            responses={503: {"description": "a dependency does not answer"}})
+async def readyz(runtime: RuntimeDep) -> Response:
+    checks = dict(await asyncio.gather(
+        _probe("store", asyncio.to_thread(_check_store, runtime)),
+        _probe("prefect", _check_prefect()),
+    ))
+    if all(result == "ok" for result in checks.values()):
+        return JSONResponse({"status": "ready", "checks": checks})
+    failing = ", ".join(name for name, result in checks.items() if result != "ok")
+    return error_response(503, "not_ready", f"not ready: {failing} unavailable", checks=checks)
+
+
+@router.get("/metrics", summary="Prometheus metrics",
+            response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    body = await asyncio.to_thread(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

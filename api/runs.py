@@ -1,0 +1,81 @@
+"""Starting a registered batch: in this process (sync answers) or as a deployment flow run.
+
+Sync batches run ``process_batch`` in a small thread pool of the API process, so a request
+can wait for its results and answer ``202`` when the wait is over while the run goes on.
+Async batches become a flow run of the ``process-batch`` deployment, which a runner or a
+worker picks up; the API does not wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from uuid import UUID
+
+from batchops.errors import TransientError
+from batchops.runtime import Runtime
+from batchops.schemas import BatchState
+
+__all__ = ["BatchRunner"]
+
+logger = logging.getLogger("api")
+
+
+def _run_flow(batch_id: str) -> None:
+    from flows.process_batch import process_batch  # imports Prefect only when a batch runs
+
+    state = process_batch(batch_id=batch_id, return_state=True)
+    if not state.is_completed():
+        logger.warning("batch %s: its flow run ended %s: %s", batch_id, state.type.value,
+                       state.message)
+
+
+class BatchRunner:
+    """Runs batches in this process (``workers`` at a time) or through a deployment."""
+
+    def __init__(self, workers: int, deployment: str) -> None:
+        self.deployment = deployment
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchops-sync")
+
+    def start_in_process(self, batch_id: str) -> Future[None]:
+        """Run the batch's flow in a worker thread; the future ends when the run has."""
+        # The request's context travels with the run (Prefect settings live in context vars).
+        context = contextvars.copy_context()
+        return self._pool.submit(context.run, _run_flow, batch_id)
+
+    async def wait(self, run: Future[None], seconds: float) -> bool:
+        """Wait up to ``seconds`` for an in-process run; ``True`` when it has ended."""
+        if not run.done() and seconds > 0:
+            await asyncio.wait({asyncio.wrap_future(run)}, timeout=seconds)
+        return run.done()
+
+    async def start_deployment(self, runtime: Runtime, batch_id: str) -> UUID:
+        """Create a flow run of the deployment for the batch; its id.
+
+        Raises:
+            TransientError: the flow run could not be created (the batch is marked failed).
+        """
+        from prefect.deployments import arun_deployment
+
+        try:
+            flow_run = await arun_deployment(
+                self.deployment, parameters={"batch_id": batch_id}, timeout=0,
+                as_subflow=False, flow_run_name=f"batch-{batch_id}",
+                idempotency_key=f"batchops-batch-{batch_id}",
+            )
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.error("batch %s: cannot start a flow run of %s: %s", batch_id,
+                         self.deployment, reason)
+            await asyncio.to_thread(runtime.store.mark_finished, batch_id, BatchState.FAILED,
+                                    f"could not start the flow run: {reason}")
+            raise TransientError(
+                f"could not start a flow run of the deployment {self.deployment!r} for batch "
+                f"{batch_id}; retry the request") from None
+        return flow_run.id
+
+    def shutdown(self) -> None:
+        """Let the sync batches taken in finish (graceful shutdown); accept no new ones."""
+        self._pool.shutdown(wait=True)
