@@ -51,7 +51,8 @@ class BatchRunner:
             await asyncio.wait({asyncio.wrap_future(run)}, timeout=seconds)
         return run.done()
 
-    async def start_deployment(self, runtime: Runtime, batch_id: str) -> UUID:
+    async def start_deployment(self, runtime: Runtime, batch_id: str,
+                               generation: int = 0) -> UUID:
         """Create a flow run of the deployment for the batch; its id.
 
         Raises:
@@ -63,7 +64,7 @@ class BatchRunner:
             flow_run = await arun_deployment(
                 self.deployment, parameters={"batch_id": batch_id}, timeout=0,
                 as_subflow=False, flow_run_name=f"batch-{batch_id}",
-                idempotency_key=f"batchops-batch-{batch_id}",
+                idempotency_key=f"batchops-batch-{batch_id}-g{generation}",
             )
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
@@ -74,6 +75,7 @@ class BatchRunner:
             raise TransientError(
                 f"could not start a flow run of the deployment {self.deployment!r} for batch "
                 f"{batch_id}; retry the request") from None
+        await asyncio.to_thread(runtime.store.set_flow_run_id, batch_id, str(flow_run.id))
         return flow_run.id
 
     def shutdown(self) -> None:

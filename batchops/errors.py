@@ -19,6 +19,7 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     │   └── BatchNotFound         404  batch_not_found
     ├── IdempotencyConflict       409  idempotency_key_reused
     ├── BatchInProgress           409  batch_in_progress
+    ├── BatchFinished             409  batch_finished
     ├── ConfigurationError        500  configuration_error
     └── TransientError            503  transient_error  (retried: connection loss, timeouts)
 
@@ -34,6 +35,7 @@ from typing import Any
 
 __all__ = [
     "BadRequest",
+    "BatchFinished",
     "BatchInProgress",
     "BatchNotFound",
     "BatchTooLarge",
@@ -143,6 +145,11 @@ class IdempotencyConflict(BatchopsError):
 
 class BatchInProgress(BatchopsError):
     code = "batch_in_progress"
+    http_status = 409
+
+
+class BatchFinished(BatchopsError):
+    code = "batch_finished"
     http_status = 409
 
 

@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     max_operations: int = Field(1000, ge=1, description="per request to POST /batches")
     max_import_rows: int = Field(1_000_000, ge=1, description="per CSV/file import")
     max_body_bytes: int = 10 * 1024 * 1024
+    max_import_bytes: int = Field(200 * 1024 * 1024, ge=1, description="per CSV upload")
     chunk_size: int = Field(MAX_CHUNK_SIZE, ge=1, le=MAX_CHUNK_SIZE)
     default_concurrency: int = Field(10, ge=1, le=1000)
     chunk_workers: int = Field(4, ge=1, le=64, description="chunk task runs in parallel")

@@ -382,6 +382,9 @@ class Store:
                                       "has finished")
             failed = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(c.failed), 0)).where(
                 c.batch_id == batch_id, c.done.is_(True))).scalar_one()
+            to_run = int(batch["total"]) - int(batch["completed"]) + int(failed)
+            if to_run == 0:
+                return 0  # every item succeeded: nothing to run, nothing changes
             conn.execute(batch_chunks.update().where(
                 c.batch_id == batch_id, c.done.is_(True), c.failed > 0,
             ).values(done=False))
@@ -390,7 +393,13 @@ class Store:
                 completed=batches.c.completed - failed, failed=batches.c.failed - failed,
                 finished_at=None, error=None,
             ))
-            return int(batch["total"]) - int(batch["completed"]) + int(failed)
+            return to_run
+
+    def set_flow_run_id(self, batch_id: str, flow_run_id: str) -> None:
+        """The flow run that will process a queued batch (so its UI link shows at once)."""
+        with self.engine.begin() as conn:
+            conn.execute(batches.update().where(batches.c.id == batch_id)
+                         .values(flow_run_id=flow_run_id))
 
     def is_terminal(self, batch_id: str) -> bool:
         return self.get_batch(batch_id).status in _TERMINAL

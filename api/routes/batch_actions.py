@@ -1,0 +1,161 @@
+"""Acting on a batch: cancel it, retry its failed items, follow its items as they finish, and
+import a CSV file as a new batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path as FilePath
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
+from api.routes.batches import BatchAccepted, BatchId, _accepted, _errors, _owned_batch, item_json
+from batchops.csvio import CsvImport, open_operations
+from batchops.errors import BadRequest, BatchFinished, BodyTooLarge, QuotaExceeded
+from batchops.registration import register_batch
+from batchops.runtime import Runtime
+from batchops.schemas import BatchState, BatchStatus, ItemResult, Method
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["batches"])
+
+_TERMINAL = {BatchState.COMPLETED.value, BatchState.FAILED.value, BatchState.CANCELLED.value}
+_EVENTS_POLL_SECONDS = 0.25
+_UPLOAD_PART = 1 << 16
+
+
+@router.post("/batches/{batch_id}/cancel", name="cancel_batch", response_model=BatchStatus,
+             summary="Stop a batch: no new chunk starts", responses=_errors(401, 404, 409))
+def cancel_batch(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) -> BatchStatus:
+    """Chunks already running finish and keep their results; no other chunk starts. The
+    status becomes ``cancelled``. Cancelling a cancelled batch answers its status again; a
+    batch that has completed or failed cannot be cancelled (409 ``batch_finished``)."""
+    batch = _owned_batch(runtime, batch_id, scope)
+    if batch.status in (BatchState.COMPLETED.value, BatchState.FAILED.value):
+        raise BatchFinished(f"batch {batch_id} has already {batch.status}")
+    runtime.store.cancel(batch_id)
+    return runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
+
+
+@router.post("/batches/{batch_id}/retry", name="retry_batch", response_model=BatchAccepted,
+             status_code=202, summary="Run the failed items of a finished batch again",
+             responses={200: {"model": BatchStatus}, **_errors(401, 404, 409)})
+async def retry_batch(batch_id: BatchId, request: Request, runtime: RuntimeDep,
+                      scope: ScopeDep, runner: RunnerDep) -> JSONResponse:
+    """A new flow run of the same batch runs only its failed (and never-run) items; items
+    that succeeded keep their results. ``202`` with the status URL, or ``200`` with the
+    status when no item needs another run. A batch still running answers 409."""
+    _owned_batch(runtime, batch_id, scope)
+    to_run = await asyncio.to_thread(runtime.store.prepare_retry, batch_id)
+    if to_run == 0:
+        status = runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
+        return JSONResponse(status.model_dump(mode="json"))
+    generation = runtime.store.get_batch(batch_id).generation
+    await runner.start_deployment(runtime, batch_id, generation)
+    return _accepted(request, batch_id, BatchState.QUEUED)
+
+
+@router.get("/batches/{batch_id}/events", name="batch_events",
+            summary="Item results as NDJSON, streamed as they finish",
+            responses={200: {"content": {"application/x-ndjson": {}}}, **_errors(401, 404)})
+async def batch_events(
+    batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep,
+    after: Annotated[int, Query(ge=-1, description="resume after this item index")] = -1,
+) -> StreamingResponse:
+    """One JSON line per item, in index order, as chunks record them; the stream ends with a
+    ``{"event": "end", ...}`` line once the batch has finished. Reconnect with
+    ``after=<last index seen>`` to resume."""
+    _owned_batch(runtime, batch_id, scope)
+    store = runtime.store
+
+    async def lines() -> AsyncIterator[str]:
+        last = after
+        while True:
+            # Read the status first: items recorded before a terminal status are all listed.
+            batch = await asyncio.to_thread(store.get_batch, batch_id)
+            items = await asyncio.to_thread(_recorded_after, runtime, batch_id, last)
+            # Chunks finish out of order: emit only the unbroken run of indexes after `last`.
+            for item in items:
+                if item.index != last + 1 and batch.status not in _TERMINAL:
+                    break
+                last = item.index
+                yield json.dumps(item_json(item)) + "\n"
+            if batch.status in _TERMINAL:
+                yield json.dumps({"event": "end", "status": batch.status, "last": last}) + "\n"
+                return
+            await asyncio.sleep(_EVENTS_POLL_SECONDS)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _recorded_after(runtime: Runtime, batch_id: str, after: int) -> list[ItemResult]:
+    return list(runtime.store.iter_results(batch_id, after=after))
+
+
+async def _spool_upload(request: Request, limit: int) -> FilePath:
+    """The uploaded CSV (multipart ``file`` field or a ``text/csv`` body) in a temp file."""
+    out = tempfile.NamedTemporaryFile(suffix=".csv", delete=False)  # noqa: SIM115
+    path = FilePath(out.name)
+    size = 0
+    try:
+        with out:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                form = await request.form(max_files=1, max_fields=10)
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise BadRequest("multipart upload needs a 'file' field with the CSV")
+                while part := await upload.read(_UPLOAD_PART):
+                    size += len(part)
+                    if size > limit:
+                        raise BodyTooLarge(size, limit)
+                    out.write(part)
+            else:
+                async for part in request.stream():
+                    size += len(part)
+                    if size > limit:
+                        raise BodyTooLarge(size, limit)
+                    out.write(part)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+@router.post("/batches/import", name="import_batch", response_model=BatchAccepted,
+             status_code=202, summary="Import a CSV file as a batch on one resource",
+             responses=_errors(400, 401, 413, 422, 429))
+async def import_batch(
+    request: Request, runtime: RuntimeDep, scope: ScopeDep, quota: QuotaDep, runner: RunnerDep,
+    resource: Annotated[str, Query(description="the resource every row applies to")],
+    method: Annotated[Method, Query(description="POST inserts rows; PUT/PATCH/DELETE by id")],
+) -> JSONResponse:
+    """Each row becomes one operation (``POST /{resource}`` with the row as body, or
+    ``{METHOD} /{resource}/{id}``); every row is validated first (422 lists each bad row's
+    line), then the batch runs as a flow run of the deployment: ``202`` with the status URL.
+    Results (``format=csv``) carry each item's input line number in ``row``."""
+    settings = runtime.settings
+    spec = CsvImport.for_route(runtime.router, resource, method)
+    path = await _spool_upload(request, settings.max_import_bytes)
+    try:
+        def register() -> tuple[str, int]:
+            with open_operations(path, csv=spec) as operations:
+                return register_batch(runtime, operations, scope=scope, source="import",
+                                      max_operations=settings.max_import_rows)
+
+        batch_id, total = await asyncio.to_thread(register)
+    finally:
+        path.unlink(missing_ok=True)
+    try:
+        await quota.charge(scope, total)
+    except QuotaExceeded:
+        # The file was too big for this minute's quota: the stored batch never runs.
+        await asyncio.to_thread(runtime.store.cancel, batch_id)
+        raise
+    await runner.start_deployment(runtime, batch_id)
+    return _accepted(request, batch_id, BatchState.QUEUED)
