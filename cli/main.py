@@ -415,3 +415,55 @@ def serve() -> None:
 
     serve_deployments()
 
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+) -> None:
+    """Serve the webhook API (FastAPI, uvicorn). Without API keys it binds to 127.0.0.1 only."""
+    use_local_prefect_server()
+    from api.main import run as run_api
+
+    run_api(host, port)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="Operations (.json/.jsonl) or rows (.csv).",
+                                         metavar="FILE", show_default=False)],
+    url: Annotated[str, typer.Option(help="The batchops API.")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="BATCHOPS_API_KEY",
+                                                help="API key (or BATCHOPS_API_KEY).")] = None,
+    resource: Annotated[str | None, typer.Option(help="CSV only: the resource.")] = None,
+    method: Annotated[str | None, typer.Option(help="CSV only: the method.")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, max=1000)] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the batch until it has finished.")] = False,
+) -> None:
+    """Submit a batch through the API; with --wait, show its progress until it finishes.
+
+    Exit codes as for `run`: 0 all succeeded, 1 some failed, 2 refused input, 3 failed run.
+    """
+    from cli.submit import SubmitFailed, submit_file, validation_errors
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+            status = submit_file(client, file, resource=resource, method=method,
+                                 concurrency=concurrency, wait=wait, err=_err)
+    except SubmitFailed as exc:
+        invalid = validation_errors(exc)
+        if invalid is not None:
+            raise invalid from None
+        _err.print(f"[bold red]error:[/] {escape(exc.message)}")
+        raise typer.Exit(EXIT_BAD_INPUT if exc.http_status < 500 else EXIT_RUN_FAILED) from None
+    except httpx.HTTPError as exc:
+        _err.print(f"[bold red]error:[/] cannot reach the API at {escape(url)}: {exc}")
+        raise typer.Exit(EXIT_RUN_FAILED) from None
+    if status is None:
+        raise typer.Exit(EXIT_OK)
+    _print_summary(status, status.ui_url)
+    if status.status is BatchState.FAILED:
+        raise typer.Exit(EXIT_RUN_FAILED)
+    raise typer.Exit(EXIT_ITEMS_FAILED if status.failed else EXIT_OK)

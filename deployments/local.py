@@ -1,7 +1,8 @@
-"""The embedded system on one machine: a standing Prefect server (SQLite) and the demo batch.
+"""The embedded system on one machine: a standing Prefect server (SQLite), the runner serving
+the deployments, the webhook API on :8000, then the demo batch.
 
 ``batchops up`` (and ``make up``) calls :func:`run_local_system`. Everything lives under
-``.data/``: the Prefect server's database and results, and the batchops store.
+``.data/``: the Prefect server's database and results, the batchops store, the logs.
 """
 
 from __future__ import annotations
@@ -42,14 +43,39 @@ def _prefect_env(data_dir: Path, port: int) -> dict[str, str]:
     return env
 
 
-def run_local_system(demo_file: Path | None, *, port: int = 4200, data_dir: Path = Path(".data"),
-                     stay: bool = True) -> int:
-    """Start the Prefect server, run the demo batch, keep serving until Ctrl-C."""
+def _wait_http(url: str, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # runners and uvicorn finish what they run
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int = 8000,
+                     data_dir: Path = Path(".data"), stay: bool = True) -> int:
+    """Start the Prefect server, the runner and the API, run the demo batch, keep serving
+    until Ctrl-C, then stop every process."""
     data_dir.mkdir(parents=True, exist_ok=True)
     env = _prefect_env(data_dir.resolve(), port)
+    env.setdefault("BATCHOPS_PREFECT_UI_URL", f"http://127.0.0.1:{port}")
     api_url = env["PREFECT_API_URL"]
     log = open(data_dir / "prefect-server.log", "ab")  # noqa: SIM115 - lives as long as the server
     server: subprocess.Popen[bytes] | None = None
+    children: list[subprocess.Popen[bytes]] = []
     try:
         if wait_for_prefect(api_url, timeout=1):
             console.print(f"[yellow]A Prefect server already answers at {api_url}; using it.")
@@ -65,6 +91,20 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, data_dir: Path
                 return 1
         ui = f"http://127.0.0.1:{port}"
         console.print(f"[green]Prefect server ready[/]: UI {ui}  API {api_url}")
+        subprocess.check_call([sys.executable, "-m", "cli", "db", "upgrade"], env=env)
+        for name, args in (
+            ("runner", ["-m", "cli", "serve"]),
+            ("api", ["-m", "cli", "api", "--port", str(api_port)]),
+        ):
+            out = open(data_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+            children.append(subprocess.Popen([sys.executable, *args], env=env, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True))
+        webhook = f"http://127.0.0.1:{api_port}"
+        if not _wait_http(f"{webhook}/healthz"):
+            console.print(f"[red]The API did not start; see {data_dir / 'api.log'}")
+            return 1
+        console.print(f"[green]API ready[/]: {webhook}  (docs {webhook}/docs); runner serving "
+                      "process-batch, bulk-sync, retry-failed")
         code = 0
         if demo_file is not None:
             console.print(f"Running the demo batch {demo_file} through the CLI …")
@@ -74,16 +114,19 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, data_dir: Path
                           f"{ui}/runs")
         if not stay:
             return code
-        console.print("[bold]batchops is up.[/] Prefect UI: " + ui +
-                      "  — Ctrl-C stops everything.")
-        while server is None or server.poll() is None:
+        console.print(f"[bold]batchops is up.[/] Prefect UI {ui}  API {webhook}  — "
+                      "Ctrl-C stops everything.")
+        while (server is None or server.poll() is None) and all(
+                c.poll() is None for c in children):
             time.sleep(1)
-        console.print("[red]The Prefect server stopped.")
+        console.print("[red]A process stopped; see the logs under .data/. Stopping the rest.")
         return 1
     except KeyboardInterrupt:
         console.print("\nStopping …")
         return 0
     finally:
+        for child in reversed(children):
+            _stop(child)
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             try:
