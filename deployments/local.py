@@ -69,6 +69,9 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
                      data_dir: Path = Path(".data"), stay: bool = True) -> int:
     """Start the Prefect server, the runner and the API, run the demo batch, keep serving
     until Ctrl-C, then stop every process."""
+    # Ctrl-C and SIGTERM both stop everything (SIGINT may arrive ignored in a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     data_dir.mkdir(parents=True, exist_ok=True)
     env = _prefect_env(data_dir.resolve(), port)
     env.setdefault("BATCHOPS_PREFECT_UI_URL", f"http://127.0.0.1:{port}")
