@@ -1,0 +1,35 @@
+"""The chunk task's retry condition and cache key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from prefect.states import Failed
+
+from batchops.errors import TransientError
+from batchops.schemas import ChunkRef
+from tasks.chunks import chunk_cache_key, retry_transient_failures
+
+
+def _failed_with(exc: BaseException) -> Any:
+    return Failed(data=exc, message=str(exc))
+
+
+def test_connection_errors_are_retried_and_other_failures_are_not() -> None:
+    lost = sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection"))
+    conflict = sa.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+    assert retry_transient_failures(None, None, _failed_with(lost))  # type: ignore[arg-type]
+    assert retry_transient_failures(None, None,  # type: ignore[arg-type]
+                                    _failed_with(TransientError("database unavailable")))
+    assert not retry_transient_failures(None, None, _failed_with(conflict))  # type: ignore[arg-type]
+    assert not retry_transient_failures(None, None,  # type: ignore[arg-type]
+                                        _failed_with(ValueError("a bug")))
+
+
+def test_cache_key_names_the_batch_the_chunk_its_keys_and_the_generation() -> None:
+    ref = ChunkRef(batch_id="b1", chunk_index=3, start=1500, end=2000, cache_token="abc")
+    key = chunk_cache_key(None, {"ref": ref, "generation": 2})  # type: ignore[arg-type]
+    assert key == "batchops-chunk-b1-3-abc-g2"
+    other = ref.model_copy(update={"cache_token": "abd"})
+    assert chunk_cache_key(None, {"ref": other, "generation": 2}) != key  # type: ignore[arg-type]
