@@ -36,7 +36,7 @@ from bench._data import Dataset, make_dataset
 
 
 def _cpu_seconds(pids: list[int]) -> float:
-    """user + system CPU seconds of ``pids`` (from /proc; threads included)."""
+    """user + system CPU seconds of ``pids`` and their reaped children (from /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
@@ -44,7 +44,9 @@ def _cpu_seconds(pids: list[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        # utime + stime, and cutime + cstime: the CPU of children that exited and were
+        # reaped (PostgreSQL backends of connections closed during the run)
+        total += sum(int(f) for f in fields[11:15])
     return total / tick
 
 
@@ -168,11 +170,15 @@ def instrument() -> None:
                        (OperationValidator, ("check",)),
                        (ChunkPlanner, ("_close",))):
         for name in names:
-            setattr(cls, name, TIMERS.wrap(f"{cls.__name__}.{name}", getattr(cls, name)))
-    for name in ("create_progress_artifact", "update_progress_artifact"):
-        setattr(flow_mod, name, TIMERS.wrap(f"flow.{name}", getattr(flow_mod, name)))
-    for name in ("create_table_artifact", "create_markdown_artifact", "table_rows"):
-        setattr(batches_mod, name, TIMERS.wrap(f"finish.{name}", getattr(batches_mod, name)))
+            if hasattr(cls, name):  # the core changes; wrap what is there
+                setattr(cls, name, TIMERS.wrap(f"{cls.__name__}.{name}", getattr(cls, name)))
+    for mod, prefix, names in (
+            (flow_mod, "flow", ("create_progress_artifact", "update_progress_artifact")),
+            (batches_mod, "finish", ("create_table_artifact", "create_markdown_artifact",
+                                     "table_rows"))):
+        for name in names:
+            if hasattr(mod, name):
+                setattr(mod, name, TIMERS.wrap(f"{prefix}.{name}", getattr(mod, name)))
 
 
 class ThreadProfiles:
@@ -244,18 +250,18 @@ def _busy_union(intervals: list[tuple[float, float]]) -> float:
 
 
 def _verify(runtime: Any, ds: Dataset, batch_id: str, summary: Any) -> list[str]:
-    """The users table and the recorded items against the expectation."""
-    import sqlalchemy as sa
-
-    from batchops.store import batch_items
+    """The users table and the recorded items (read back through the store) against the
+    expectation."""
+    from batchops.schemas import ItemState
 
     with runtime.store.engine.connect() as conn:
         users = conn.exec_driver_sql("SELECT count(*) FROM users").scalar_one()
-        failed_rows = conn.execute(sa.select(batch_items.c.idx, batch_items.c.error_code).where(
-            batch_items.c.batch_id == batch_id, batch_items.c.state == "failed",
-        ).order_by(batch_items.c.idx)).all()
-        recorded = conn.execute(sa.select(sa.func.count()).select_from(batch_items).where(
-            batch_items.c.batch_id == batch_id)).scalar_one()
+    recorded = 0
+    failed: list[tuple[int, str | None]] = []
+    for item in runtime.store.iter_results(batch_id):
+        recorded += 1
+        if item.state is ItemState.FAILED:
+            failed.append((item.index, item.error.code if item.error else None))
     problems = []
     if users != ds.successes:
         problems.append(f"users has {users} rows, expected {ds.successes}")
@@ -265,10 +271,10 @@ def _verify(runtime: Any, ds: Dataset, batch_id: str, summary: Any) -> list[str]
                         f"{ds.successes}, failed {ds.duplicates}")
     if recorded != ds.size:
         problems.append(f"{recorded} items recorded, expected {ds.size}")
-    if [r.idx for r in failed_rows] != ds.dup_indexes:
+    if [i for i, _ in failed] != ds.dup_indexes:
         problems.append("the failed items are not exactly the duplicate-email rows")
-    codes = {r.error_code for r in failed_rows}
-    if failed_rows and codes != {"unique_violation"}:
+    codes = {c for _, c in failed}
+    if failed and codes != {"unique_violation"}:
         problems.append(f"failure codes {sorted(map(str, codes))}, expected unique_violation")
     return problems
 
@@ -341,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                            "chunk_size": args.chunk_size or runtime.settings.chunk_size,
                            "chunk_workers": runtime.settings.chunk_workers,
                            "default_concurrency": runtime.settings.default_concurrency,
-                           "import_and_runtime_seconds": round(time.perf_counter() - t_import, 3)}
+                           "import_and_runtime_seconds": round(time.perf_counter() - t_import, 3),
+                           "code_path": str(Path(sys.modules["batchops"].__file__ or "").parent)}
 
     # Warm-up: the first flow run in a process pays for client setup, imports, caches.
     warm = make_dataset(1, args.dup_mode)

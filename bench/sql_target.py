@@ -16,7 +16,8 @@ earlier row's email (1 % unique violations spread through the batch), measured a
   on 4 connections, conflicts re-tried per row in savepoints;
 * **(c)** ``COPY`` of the non-duplicate rows: the machine's ceiling.
 
-batchops writes to the database ``batchops_bench`` (created if missing); ``users`` is emptied
+batchops writes to its own database ``batchops_bench`` (dropped and created anew, or reused
+with ``--keep-db``); ``users`` is emptied
 before every run. Results: ``bench/results/sql_target-<timestamp>.json``, ``-latest.json``
 and ``-latest.md``.
 """
@@ -69,11 +70,15 @@ def log(message: str) -> None:
 # -- database ---------------------------------------------------------------------------
 
 
-def ensure_database() -> None:
+def ensure_database(fresh: bool) -> None:
+    """Create the bench's own database if missing; ``fresh``: drop and create it anew (the core's
+    schema may have changed under the same migration number since the last run)."""
     conn = psycopg2.connect(dbname="postgres", **PG)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
+            if fresh:
+                cur.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
             if cur.fetchone() is None:
                 cur.execute(f'CREATE DATABASE "{DB_NAME}"')
@@ -149,7 +154,8 @@ def users_count() -> int:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path, env: dict[str, str],
-                 server_pid: int | None) -> None:
+                 server_pid: int | None, code_dir: Path) -> None:
+        self.code_dir = code_dir
         self.args = args
         self.workdir = workdir
         self.env = env
@@ -172,14 +178,14 @@ class Bench:
         if not profile and self.args.repeat > 1:
             cmd += ["--repeat", str(self.args.repeat)]
         if profile == "cprofile":
-            cmd += ["--cprofile", str(RESULTS / "sql_target-profile-latest.txt")]
+            cmd += ["--cprofile", str(RESULTS / f"{self.args.name}-profile-latest.txt")]
         elif profile == "py-spy":
             cmd += ["--py-spy", self.args.py_spy, "--py-spy-out",
                     str(self.workdir / "py-spy.txt")]
         wait_quiet(self.args.settle)
         load = os.getloadavg()[0]
         with log_path.open("wb") as logf:
-            proc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=logf,
+            proc = subprocess.run(cmd, cwd=self.code_dir, env=self.env, stdout=logf,
                                   stderr=subprocess.STDOUT, check=False)
         if not out.exists():
             tail = log_path.read_text(errors="replace")[-3000:]
@@ -188,7 +194,7 @@ class Bench:
         result: dict[str, Any] = json.loads(out.read_text())
         if profile == "py-spy":
             result["py_spy"] = summarize_py_spy(self.workdir / "py-spy.txt",
-                                                RESULTS / "sql_target-profile-latest.txt")
+                                                RESULTS / f"{self.args.name}-profile-latest.txt")
         result["log"] = str(log_path)
         result["loadavg_1m_before"] = round(load, 2)
         return result
@@ -273,6 +279,27 @@ def summarize_py_spy(raw: Path, report: Path, top: int = 40) -> dict[str, Any]:
 # -- report -----------------------------------------------------------------------------
 
 
+CODE_DIRS = ("batchops", "flows", "tasks", "migrations", "api", "cli", "deployments")
+
+
+def snapshot_code(dest: Path, source: str) -> Path:
+    """A frozen copy of the code the batchops runs import (the work tree may change under a
+    long run): ``worktree`` copies the files as they are now, ``head`` exports the last commit.
+    ``bench/`` always comes from the work tree."""
+    dest.mkdir(parents=True)
+    skip = shutil.ignore_patterns("__pycache__", "results", ".data", "*.pyc")
+    if source == "head":
+        archive = subprocess.run(["git", "archive", "HEAD", "--", *CODE_DIRS], cwd=ROOT,
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    else:
+        for name in CODE_DIRS:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, dest / name, ignore=skip)
+    shutil.copytree(ROOT / "bench", dest / "bench", ignore=skip)
+    return dest
+
+
 def git_state() -> dict[str, Any]:
     """Which code was measured: HEAD and a hash of uncommitted changes to the core."""
     def git(*args: str) -> str:
@@ -304,9 +331,12 @@ def build_rows(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
                    "note": ""}
             if key == "batchops":
                 row.update(vs_a=b / rates["a"], vs_b=b / rates["b"], vs_c=b / rates["c"])
-            if key == "a" and m.get("extrapolated"):
-                row["note"] = (f"extrapolated from a {m['measured_rows']:,}-row sample "
-                               f"({m['measured_seconds']:.2f} s)")
+            if key == "a":
+                row["note"] = (f"{1000 * m['measured_seconds'] / m['measured_rows']:.2f} ms "
+                               "per row (commit latency)")
+                if m.get("extrapolated"):
+                    row["note"] += (f"; extrapolated from a {m['measured_rows']:,}-row sample "
+                                    f"({m['measured_seconds']:.2f} s)")
             if key == "c":
                 row["note"] = f"{m['rows_copied']:,} non-duplicate rows, no conflict handling"
             table.append(row)
@@ -346,6 +376,11 @@ def markdown(report: dict[str, Any]) -> str:
            f"CPUs, Python {report['environment']['python']}, Prefect "
            f"{report['environment']['prefect']}; duplicates: every 100th row "
            f"(`{report['dup_mode']}` mode). Ratios are batchops items/s ÷ the method's items/s.",
+           "", f"Code measured: a copy of the {report['code']['measured']} at "
+           f"`{report['code']['head'][:12]}`"
+           + (f" with uncommitted changes to {', '.join(report['code']['dirty_core_files'])}"
+              if report["code"]["measured"] == "worktree" and report["code"]["dirty_core_files"]
+              else "") + ".",
            "", "| rows | method | seconds | items/s | batchops/(a) | batchops/(b) | batchops/(c) "
            "| ok | note |", "|---:|---|---:|---:|---:|---:|---:|:-:|---|"]
     for r in report["table"]:
@@ -456,6 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-chunk-rows", type=int, default=10_000,
                     help="rows of the per-chunk-cost comparison (chunks of 500 vs 100)")
     ap.add_argument("--no-per-chunk", action="store_true")
+    ap.add_argument("--name", default="sql_target",
+                    help="results file prefix (default sql_target: bench/results/sql_target-*)")
+    ap.add_argument("--code", choices=("worktree", "head"), default="worktree",
+                    help="which code batchops runs: a copy of the work tree taken at the start "
+                         "(default) or the last commit")
+    ap.add_argument("--keep-db", action="store_true",
+                    help=f"reuse the database {DB_NAME} as it is (default: drop and create it)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="measure every method this many times and keep the median run")
     ap.add_argument("--settle", type=float, default=30.0,
@@ -471,8 +513,11 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="batchops-bench-"))
     log(f"work dir {workdir}")
-    code = git_state()  # before the runs: the code that is imported by them
-    ensure_database()
+    code = git_state()
+    code["measured"] = args.code
+    code_dir = snapshot_code(workdir / "code", args.code)
+    log(f"measuring a frozen copy of the {args.code} code in {code_dir}")
+    ensure_database(fresh=not args.keep_db)
     server = PrefectServer(workdir / "prefect-server", workdir / "prefect-server.log")
     log("starting prefect server …")
     server.start()
@@ -483,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                PREFECT_LOCAL_STORAGE_PATH=str(workdir / "prefect-results"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
                BATCHOPS_DATABASE_URL=DB_URL, BATCHOPS_CONFIG_FILE="/nonexistent")
-    bench = Bench(args, workdir, env, server.proc.pid if server.proc else None)
+    bench = Bench(args, workdir, env, server.proc.pid if server.proc else None, code_dir)
     results: dict[int, dict[str, Any]] = {}
     costs: dict[str, Any] = {}
     try:
@@ -526,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             prof = bench.batchops(sizes[-1], profile=args.profile)
             costs["profiled_run"] = {k: prof.get(k) for k in (
                 "seconds", "register_seconds", "flow_seconds", "verified", "py_spy")}
-            costs["profiled_run"]["report"] = str(RESULTS / "sql_target-profile-latest.txt")
+            costs["profiled_run"]["report"] = str(RESULTS / f"{args.name}-profile-latest.txt")
         server_memory = server.memory_mb()
     finally:
         log("stopping prefect server")
@@ -558,10 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(report, indent=2, default=str)
-    (RESULTS / f"sql_target-{stamp}.json").write_text(text)
-    (RESULTS / "sql_target-latest.json").write_text(text)
-    (RESULTS / "sql_target-latest.md").write_text(markdown(report))
-    log(f"wrote {RESULTS / f'sql_target-{stamp}.json'}, sql_target-latest.json/.md")
+    name = args.name
+    (RESULTS / f"{name}-{stamp}.json").write_text(text)
+    (RESULTS / f"{name}-latest.json").write_text(text)
+    (RESULTS / f"{name}-latest.md").write_text(markdown(report))
+    log(f"wrote {RESULTS / f'{name}-{stamp}.json'}, {name}-latest.json/.md")
     if not report["verified"]:
         log("CORRECTNESS CHECK FAILED — see 'verified' and 'problems' in the JSON")
         return 2
