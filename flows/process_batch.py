@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,8 @@ from tasks.batches import finish_batch, load_batch, register_operations
 from tasks.chunks import run_chunk
 
 __all__ = ["process_batch"]
+
+PROGRESS_MIN_INTERVAL = 0.25  # seconds between two progress-artifact updates
 
 
 def _flow_run_name() -> str:
@@ -77,6 +80,11 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
         yield in_flight.pop(done.task_run_id), done
 
 
+def _show_progress(progress_id: UUID, batch_id: str, done: int, total: int) -> None:
+    update_progress_artifact(progress_id, 100.0 * done / total if total else 100.0,
+                             description=f"batch {batch_id}: {done}/{total} items")
+
+
 @flow(
     name="process-batch",
     flow_run_name=_flow_run_name,
@@ -119,6 +127,7 @@ def process_batch(
     progress_id: UUID = create_progress_artifact(  # type: ignore[assignment]
         0.0, key=f"batch-{batch_id}-progress", description=f"batch {batch_id}: 0/{total}")
     done_items = 0
+    last_update, shown = 0.0, -1
     failed_chunks: list[ChunkRef] = []
     errors: list[str] = []
     for ref, future in _run_chunks(chunks, parallel, per_chunk, batch["scope"],
@@ -133,9 +142,13 @@ def process_batch(
             failed_chunks.append(ref)
             errors.append(f"chunk {ref.chunk_index}: {type(exc).__name__}: {exc}")
             logger.error("chunk %d (%s) could not finish: %s", ref.chunk_index, ref.label, exc)
-        update_progress_artifact(
-            progress_id, 100.0 * done_items / total if total else 100.0,
-            description=f"batch {batch_id}: {done_items}/{total} items")
+        now = time.monotonic()
+        if now - last_update >= PROGRESS_MIN_INTERVAL or done_items >= total:
+            # After each chunk, at most a few times a second: every update is an API call.
+            _show_progress(progress_id, batch_id, done_items, total)
+            last_update, shown = now, done_items
+    if shown != done_items:
+        _show_progress(progress_id, batch_id, done_items, total)
 
     error = "; ".join(errors) or None
     summary = finish_batch(batch_id, failed_chunks, error)

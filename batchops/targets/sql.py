@@ -105,9 +105,15 @@ class _SplitRun(Exception):
         self.at = at
 
 
-def _row_json(row: RowMapping) -> dict[str, Any]:
+def _row_json(row: Mapping[Any, Any]) -> dict[str, Any]:
     # A row of a table selected by its columns is keyed by column name.
     return row_to_json(cast("Mapping[str, Any]", row))
+
+
+def _dict_rows(result: sa.CursorResult[Any]) -> list[dict[str, Any]]:
+    """A result's rows as plain dicts (much cheaper than ``RowMapping`` on hot paths)."""
+    keys = [str(k) for k in result.keys()]  # noqa: SIM118 - a Result, not a dict
+    return [dict(zip(keys, row, strict=True)) for row in result]
 
 
 def _first_shadowed_skip(rows: Sequence[dict[str, Any]], went_in: Sequence[Any],
@@ -218,12 +224,12 @@ class SqlTarget:
             # Nothing to conflict on but a generated key: a plain insert (a rare collision
             # with a generated key fails the statement and is bisected). The rows cannot be
             # matched on their contents, which the database may store less precisely.
-            returned = conn.execute(t.insert().returning(*t.c), rows).mappings().all()
+            returned = _dict_rows(conn.execute(t.insert().returning(*t.c), rows))
             return [ItemResult.ok(op, 201, _row_json(got))
                     for op, got in zip(run, returned, strict=True)]
         stmt = _insert(conn, t).on_conflict_do_nothing().returning(*t.c)
-        returned = conn.execute(stmt, rows).mappings().all()
-        went_in: list[RowMapping | None] = []
+        returned = _dict_rows(conn.execute(stmt, rows))
+        went_in: list[dict[str, Any] | None] = []
         position = 0  # walk both lists in order
         for row in rows:
             got = returned[position] if position < len(returned) else None
@@ -328,7 +334,7 @@ class SqlTarget:
         stmt = stmt.on_conflict_do_update(
             index_elements=[t.c[pk]], set_={c: stmt.excluded[c] for c in blank}
         ).returning(*t.c)
-        by_key = {r[pk]: r for r in conn.execute(stmt, rows).mappings().all()}
+        by_key = {r[pk]: r for r in _dict_rows(conn.execute(stmt, rows))}
         return [ItemResult.ok(op, 200 if key in existing else 201, _row_json(by_key[key]))
                 for op, key in zip(run, keys, strict=True)]
 
