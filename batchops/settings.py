@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["ColumnSpec", "ResourceSpec", "Settings", "get_settings"]
+__all__ = ["ColumnSpec", "ResourceSpec", "Settings", "SyncSpec", "get_settings"]
 
 ColumnType = Literal["integer", "text", "numeric", "float", "boolean", "timestamp", "date", "json"]
 
@@ -48,6 +48,34 @@ class ResourceSpec(BaseModel):
     def _primary_key_is_a_column(self) -> ResourceSpec:
         if self.primary_key not in self.columns:
             raise ValueError(f"primary_key {self.primary_key!r} is not among the columns")
+        return self
+
+
+class SyncSpec(BaseModel):
+    """A bulk sync: rows changed since its watermark, applied to ``resource`` as batches.
+
+    The source is either a table (``table`` in ``source_url``, default the store's database),
+    read in the order of ``cursor`` (an ``updated_at``-like column) then ``primary_key``, or a
+    directory of CSV files (``csv_dir``), read in the order of their modification times, whose
+    headers name the resource's columns. A table's columns go to the resource's columns of the
+    same name, or as ``columns`` maps them (source column → resource column).
+    """
+
+    resource: str
+    method: Literal["PUT", "PATCH", "POST"] = "PUT"
+    table: str | None = None
+    source_url: str | None = None  # None: the store's database
+    primary_key: str = "id"
+    cursor: str = "updated_at"
+    columns: dict[str, str] | None = None
+    csv_dir: Path | None = None
+    batch_rows: int = Field(100_000, ge=1, description="rows per batch; more rows, more batches")
+    concurrency: int | None = Field(None, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SyncSpec:
+        if (self.table is None) == (self.csv_dir is None):
+            raise ValueError("a sync reads either a table or a csv_dir (exactly one of them)")
         return self
 
 
@@ -128,6 +156,12 @@ class Settings(BaseSettings):
     quota_ops_per_minute: int = Field(
         60_000, ge=0, description="operations per API key per minute; 0: no quota")
     process_batch_deployment: str = "process-batch/process-batch"
+
+    # Bulk syncs: the bulk-sync deployment runs them (all of them on its schedule)
+    syncs: dict[str, SyncSpec] = {}
+    sync_cron: str = Field("*/15 * * * *", description="schedule of the bulk-sync deployment")
+    sync_schedule_active: bool = Field(
+        False, description="the bulk-sync schedule is paused unless this is set")
 
     @classmethod
     def settings_customise_sources(

@@ -409,7 +409,7 @@ def up(
 
 @app.command()
 def serve() -> None:
-    """Serve the deployments (process-batch) from this process, as a Prefect runner."""
+    """Serve the deployments (process-batch, bulk-sync, retry-failed) as a Prefect runner."""
     use_local_prefect_server()
     from deployments.serve import serve_deployments
 

@@ -1,20 +1,54 @@
-"""Serve the batchops deployments from this process (a runner): ``batchops serve``."""
+"""Serve the batchops deployments from this process (a runner): ``batchops serve``.
+
+The same three deployments as ``prefect.yaml`` declares for a work pool:
+
+* ``process-batch`` — one batch, by ``batch_id`` or an ``operations`` list (parameter schema
+  enforced, so a run started from the Prefect UI is checked before it starts);
+* ``bulk-sync`` — the configured syncs, on a cron schedule that starts paused
+  (``BATCHOPS_SYNC_SCHEDULE_ACTIVE=true`` starts it active), one run at a time;
+* ``retry-failed`` — a finished batch's failed items, again.
+"""
 
 from __future__ import annotations
 
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
 
+from batchops.settings import Settings, get_settings
+from flows.bulk_sync import bulk_sync
 from flows.process_batch import process_batch
+from flows.retry_failed import retry_failed
 
-__all__ = ["serve_deployments"]
+__all__ = ["build_deployments", "serve_deployments"]
+
+
+def build_deployments(settings: Settings) -> list[RunnerDeployment]:
+    """The deployments this runner serves."""
+    tags = ["batchops"]
+    deployments: list[RunnerDeployment] = [
+        process_batch.to_deployment(  # type: ignore[list-item]
+            name="process-batch",
+            description="Run a batch of operations (batch_id, or operations to register).",
+            tags=tags, enforce_parameter_schema=True,
+        ),
+        bulk_sync.to_deployment(  # type: ignore[list-item]
+            name="bulk-sync",
+            description="Apply the rows changed since each sync's watermark to its target.",
+            tags=tags, enforce_parameter_schema=True,
+            schedules=[Cron(settings.sync_cron, timezone="UTC",
+                            active=settings.sync_schedule_active)],
+            concurrency_limit=1,  # two runs of one sync would race for its watermark
+        ),
+        retry_failed.to_deployment(  # type: ignore[list-item]
+            name="retry-failed",
+            description="Run a finished batch's failed items again (only those).",
+            tags=tags, enforce_parameter_schema=True,
+        ),
+    ]
+    return deployments
 
 
 def serve_deployments() -> None:
-    """Serve ``process-batch`` so runs started from the UI or the API execute here."""
-    deployment: RunnerDeployment = process_batch.to_deployment(  # type: ignore[assignment]
-        name="process-batch",
-        description="Run a batch of operations (batch_id, or operations to register).",
-        tags=["batchops"],
-    )
-    serve(deployment)
+    """Serve ``process-batch``, ``bulk-sync`` and ``retry-failed`` until interrupted."""
+    serve(*build_deployments(get_settings()))
