@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-import batchops.batch_requests  # noqa: F401  (its table lives on the store's metadata)
+import batchops.batch_requests
 import batchops.sync  # noqa: F401  (likewise: sync_watermarks)
 from batchops.store import metadata
 
