@@ -5,8 +5,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
+# Modules whose tables live on the store's metadata: imported so autogenerate sees them.
 import batchops.batch_requests
-import batchops.sync  # noqa: F401  (likewise: sync_watermarks)
+import batchops.sync  # noqa: F401
 from batchops.store import metadata
 
 config = context.config
