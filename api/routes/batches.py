@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from api.body import read_json
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
+from api.runs import BatchRunner
 from batchops.batch_requests import (
     BatchRequest,
     BatchRequests,
@@ -63,6 +64,7 @@ _TERMINAL = {BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED}
 # A claim whose batch never appeared this long after was left by a crashed request.
 _STALE_CLAIM = timedelta(seconds=60)
 _CSV_PAGE = 1000
+_FINAL_POLL = 0.02  # seconds between two looks at a sync batch's status
 BatchId = Annotated[str, Path(max_length=64, description="the batch's id")]
 
 
@@ -248,6 +250,24 @@ async def _await_terminal(runtime: Runtime, batch_id: str, seconds: float) -> Ba
         delay = min(delay * 2, 0.5)
 
 
+async def _finished(runtime: Runtime, runner: BatchRunner, run: Future[None], batch_id: str,
+                    seconds: float) -> bool:
+    """Wait until the batch is final in the store or its run has ended, at most ``seconds``.
+
+    The store says so first: Prefect still sends states, artifacts and joins its heartbeat
+    thread after the batch's last result is recorded, and the answer need not wait for that.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        if await runner.wait(run, min(_FINAL_POLL, max(deadline - time.monotonic(), 0))):
+            return True
+        batch = await asyncio.to_thread(runtime.store.get_batch, batch_id)
+        if BatchState(batch.status) in _TERMINAL:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+
+
 async def _replay(request: Request, runtime: Runtime, earlier: BatchRequest,
                   wait: float) -> Response:
     """The answer for a repeated request: the same batch, no second run."""
@@ -371,7 +391,7 @@ async def create_batch(
     if mode == "async":
         return _accepted(request, batch_id, BatchState.QUEUED, headers)
     run = runner.start_in_process(batch_id)
-    if not await runner.wait(run, wait):
+    if not await _finished(runtime, runner, run, batch_id, wait):
         state = BatchState((await asyncio.to_thread(runtime.store.get_batch, batch_id)).status)
         return _accepted(request, batch_id, state, headers)
     code, body = await asyncio.to_thread(_outcome, runtime, batch_id)
