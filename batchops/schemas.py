@@ -42,6 +42,11 @@ class BatchState(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    @property
+    def is_final(self) -> bool:
+        """Completed, failed or cancelled: nothing more will run unless it is retried."""
+        return self in (BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED)
+
 
 class ItemState(StrEnum):
     PENDING = "pending"

@@ -90,7 +90,6 @@ sa.Index("ix_idempotency_expires", idempotency_records.c.expires_at)
 
 _OPS = TypeAdapter(list[PlannedOperation])
 _RESULTS = TypeAdapter(list[ItemResult])
-_TERMINAL = {BatchState.COMPLETED.value, BatchState.FAILED.value, BatchState.CANCELLED.value}
 
 
 def utcnow() -> datetime:
@@ -401,9 +400,6 @@ class Store:
             conn.execute(batches.update().where(batches.c.id == batch_id)
                          .values(flow_run_id=flow_run_id))
 
-    def is_terminal(self, batch_id: str) -> bool:
-        return self.get_batch(batch_id).status in _TERMINAL
-
     # -- idempotency --------------------------------------------------------------------
 
     def idempotency_lookup(self, conn: Connection, scope: str,
@@ -439,9 +435,5 @@ class Store:
             for op, r in entries
         ])
 
-    def purge_expired_idempotency(self) -> int:
-        with self.engine.begin() as conn:
-            t = idempotency_records
-            return conn.execute(t.delete().where(t.c.expires_at <= utcnow())).rowcount
 
 

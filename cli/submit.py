@@ -13,11 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from batchops.csvio import input_format, open_operations
 from batchops.errors import BadRequest, BatchopsError, ValidationFailed
-from batchops.schemas import BatchState, BatchStatus
+from batchops.schemas import BatchStatus
 
 __all__ = ["SubmitFailed", "submit_file"]
 
-_TERMINAL = {BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED}
 
 
 class SubmitFailed(BatchopsError):
@@ -74,7 +73,7 @@ def submit_file(client: httpx.Client, file: Path, *, resource: str | None, metho
             progress.update(task, total=status.total or None, completed=status.completed,
                             description=f"{status.status.value}: {status.succeeded} ok, "
                                         f"{status.failed} failed")
-            if status.status in _TERMINAL:
+            if status.status.is_final:
                 return status
             time.sleep(0.5)
 

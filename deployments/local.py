@@ -23,15 +23,7 @@ console = Console()
 
 
 def wait_for_prefect(api_url: str, timeout: float = 120) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
+    return _wait_http(f"{api_url}/health", timeout)
 
 
 def _prefect_env(data_dir: Path, port: int) -> dict[str, str]:

@@ -25,7 +25,6 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["batches"])
 
-_TERMINAL = {BatchState.COMPLETED.value, BatchState.FAILED.value, BatchState.CANCELLED.value}
 _EVENTS_POLL_SECONDS = 0.25
 _UPLOAD_PART = 1 << 16
 
@@ -82,11 +81,11 @@ async def batch_events(
             items = await asyncio.to_thread(_recorded_after, runtime, batch_id, last)
             # Chunks finish out of order: emit only the unbroken run of indexes after `last`.
             for item in items:
-                if item.index != last + 1 and batch.status not in _TERMINAL:
+                if item.index != last + 1 and not BatchState(batch.status).is_final:
                     break
                 last = item.index
                 yield json.dumps(item_json(item)) + "\n"
-            if batch.status in _TERMINAL:
+            if BatchState(batch.status).is_final:
                 yield json.dumps({"event": "end", "status": batch.status, "last": last}) + "\n"
                 return
             await asyncio.sleep(_EVENTS_POLL_SECONDS)

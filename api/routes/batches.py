@@ -60,7 +60,6 @@ __all__ = ["parse_prefer", "router"]
 
 router = APIRouter(tags=["batches"])
 
-_TERMINAL = {BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED}
 # A claim whose batch never appeared this long after was left by a crashed request.
 _STALE_CLAIM = timedelta(seconds=60)
 _CSV_PAGE = 1000
@@ -244,7 +243,7 @@ async def _await_terminal(runtime: Runtime, batch_id: str, seconds: float) -> Ba
     while True:
         status = (await asyncio.to_thread(runtime.store.get_batch, batch_id)).status
         state = BatchState(status)
-        if state in _TERMINAL or time.monotonic() >= deadline:
+        if state.is_final or time.monotonic() >= deadline:
             return state
         await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.01)))
         delay = min(delay * 2, 0.5)
@@ -262,7 +261,7 @@ async def _finished(runtime: Runtime, runner: BatchRunner, run: Future[None], ba
         if await runner.wait(run, min(_FINAL_POLL, max(deadline - time.monotonic(), 0))):
             return True
         batch = await asyncio.to_thread(runtime.store.get_batch, batch_id)
-        if BatchState(batch.status) in _TERMINAL:
+        if BatchState(batch.status).is_final:
             return True
         if time.monotonic() >= deadline:
             return False
@@ -274,7 +273,7 @@ async def _replay(request: Request, runtime: Runtime, earlier: BatchRequest,
     headers = {"Idempotent-Replayed": "true"}
     if earlier.mode == "sync":
         state = await _await_terminal(runtime, earlier.batch_id, wait)
-        if state in _TERMINAL:
+        if state.is_final:
             code, body = await asyncio.to_thread(_outcome, runtime, earlier.batch_id)
             return JSONResponse(body, status_code=code, headers=headers)
     else:
@@ -395,7 +394,7 @@ async def create_batch(
         state = BatchState((await asyncio.to_thread(runtime.store.get_batch, batch_id)).status)
         return _accepted(request, batch_id, state, headers)
     code, body = await asyncio.to_thread(_outcome, runtime, batch_id)
-    if BatchState(body["status"]) not in _TERMINAL:
+    if not BatchState(body["status"]).is_final:
         await asyncio.to_thread(_could_not_run, runtime, batch_id, run)
     return JSONResponse(body, status_code=code, headers=headers)
 
