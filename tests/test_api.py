@@ -12,10 +12,7 @@ import csv
 import io
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -35,6 +32,7 @@ from batchops.errors import ConfigurationError
 from batchops.quota import LocalCounter, OperationsQuota, QuotaExceeded, RedisCounter
 from batchops.runtime import Runtime, get_runtime
 from batchops.settings import Settings
+from tests.runner import serving_deployments
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -103,39 +101,13 @@ def api(start_api: Callable[..., httpx.Client], database_url: str) -> httpx.Clie
 def deployment_runner(prefect_server: None, pg_database: str,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A runner serving ``process-batch`` (a subprocess) on the session's PostgreSQL database."""
-    from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
     log_path = tmp_path_factory.mktemp("runner") / "runner.log"
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "BATCHOPS_DATABASE_URL": pg_database, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    with log_path.open("wb") as log:
-        runner = subprocess.Popen(
-            [sys.executable, "-c",
-             "from deployments.serve import serve_deployments; serve_deployments()"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        with get_client(sync_client=True) as client:
-            while True:
-                try:
-                    client.read_deployment_by_name(DEPLOYMENT)
-                    break
-                except Exception:
-                    if runner.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"the runner did not serve {DEPLOYMENT}:\n{log_path.read_text()}"
-                        ) from None
-                    time.sleep(0.5)
+    with serving_deployments(env, (DEPLOYMENT,), log_path):
         yield pg_database
-    finally:
-        if runner.poll() is None:
-            runner.send_signal(signal.SIGINT)
-            try:
-                runner.wait(30)
-            except subprocess.TimeoutExpired:
-                runner.kill()
-                runner.wait(10)
 
 
 # -- helpers -----------------------------------------------------------------------------------

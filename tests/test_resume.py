@@ -15,24 +15,9 @@ from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, ItemState
 from flows.process_batch import process_batch
+from tests.faults import arm_user_insert_fault, disarm_fault, remove_fault
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-# The database refuses users 1200-1209 with a connection-failure SQLSTATE while a fault is
-# armed: to the engine this is a lost connection, retried and then fatal for that chunk.
-FAULT_SQL = """
-CREATE TABLE IF NOT EXISTS faults (armed boolean);
-CREATE OR REPLACE FUNCTION inject_fault() RETURNS trigger AS $$
-BEGIN
-  IF EXISTS (SELECT 1 FROM faults WHERE armed) AND NEW.id BETWEEN 1200 AND 1209 THEN
-    RAISE EXCEPTION 'injected connection failure' USING ERRCODE = '08006';
-  END IF;
-  RETURN NEW;
-END $$ LANGUAGE plpgsql;
-DROP TRIGGER IF EXISTS users_fault ON users;
-CREATE TRIGGER users_fault BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION inject_fault();
-"""
-
 
 @pytest.fixture
 def pg_runtime(configure, pg_database: str) -> Iterator[Runtime]:  # type: ignore[no-untyped-def]
@@ -42,11 +27,10 @@ def pg_runtime(configure, pg_database: str) -> Iterator[Runtime]:  # type: ignor
     runtime: Runtime = configure(database_url=pg_database, chunk_retries=1,
                                  chunk_retry_backoff_seconds=0)
     with runtime.store.engine.begin() as conn:
-        conn.exec_driver_sql(FAULT_SQL)
-        conn.exec_driver_sql("INSERT INTO faults VALUES (true)")
+        arm_user_insert_fault(conn)
     yield runtime
     with runtime.store.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TRIGGER IF EXISTS users_fault ON users; DROP TABLE faults")
+        remove_fault(conn)
 
 
 def _task_runs(flow_run_id: str) -> dict[str, tuple[str, int]]:
@@ -77,7 +61,7 @@ def test_rerun_after_mid_batch_failure_writes_every_row_exactly_once(
         assert conn.execute(sa.text("SELECT count(*) FROM users")).scalar() == 1500
 
     with runtime.store.engine.begin() as conn:
-        conn.exec_driver_sql("DELETE FROM faults")
+        disarm_fault(conn)
     second = process_batch(batch_id=batch_id, return_state=True)
 
     assert second.is_completed()

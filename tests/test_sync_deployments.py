@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +26,8 @@ from batchops.sync import BulkSync, read_sync_state
 from flows.bulk_sync import bulk_sync
 from flows.process_batch import process_batch
 from flows.retry_failed import retry_failed
+from tests.faults import arm_user_insert_fault, disarm_fault, remove_fault
+from tests.runner import serving_deployments
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -152,23 +151,6 @@ def test_sync_applies_changed_rows_once_and_moves_the_watermark(
     assert read_sync_state(runtime.store, "users").rows_synced == 2010
 
 
-# The database refuses users 1200-1209 with a connection-failure SQLSTATE while armed: a chunk
-# that cannot finish, so the flow run fails halfway through its batch.
-FAULT_SQL = """
-CREATE TABLE IF NOT EXISTS faults (armed boolean);
-CREATE OR REPLACE FUNCTION inject_fault() RETURNS trigger AS $$
-BEGIN
-  IF EXISTS (SELECT 1 FROM faults WHERE armed) AND NEW.id BETWEEN 1200 AND 1209 THEN
-    RAISE EXCEPTION 'injected connection failure' USING ERRCODE = '08006';
-  END IF;
-  RETURN NEW;
-END $$ LANGUAGE plpgsql;
-DROP TRIGGER IF EXISTS users_fault ON users;
-CREATE TRIGGER users_fault BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION inject_fault();
-INSERT INTO faults VALUES (true);
-"""
-
-
 @pytest.fixture
 def faulty_pg(configure: Configure, pg_database: str) -> Iterator[Runtime]:
     from tests.conftest import _truncate_pg
@@ -178,10 +160,10 @@ def faulty_pg(configure: Configure, pg_database: str) -> Iterator[Runtime]:
     runtime = configure(database_url=pg_database, chunk_retries=0, syncs=syncs(users={
         "resource": "users", "table": "source_users"}))
     with runtime.store.engine.begin() as conn:
-        conn.exec_driver_sql(FAULT_SQL)
+        arm_user_insert_fault(conn)
     yield runtime
     with runtime.store.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TRIGGER IF EXISTS users_fault ON users; DROP TABLE faults")
+        remove_fault(conn)
 
 
 def test_a_run_that_fails_halfway_is_resumed_without_a_second_batch(faulty_pg: Runtime) -> None:
@@ -197,7 +179,7 @@ def test_a_run_that_fails_halfway_is_resumed_without_a_second_batch(faulty_pg: R
     assert query(runtime, "SELECT count(*) FROM users")[0][0] == batch.completed
 
     with runtime.store.engine.begin() as conn:
-        conn.exec_driver_sql("DELETE FROM faults")
+        disarm_fault(conn)
     [resumed] = bulk_sync("users")
 
     assert resumed.batches == [state.pending_batch_id]
@@ -356,7 +338,6 @@ def test_prefect_yaml_declares_the_three_deployments() -> None:
 @pytest.fixture
 def runner(configure: Configure, pg_database: str, tmp_path: Path) -> Iterator[Runtime]:
     """``serve_deployments()`` in a subprocess, on the session's PostgreSQL database."""
-    from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
     from tests.conftest import _truncate_pg
@@ -377,35 +358,9 @@ def runner(configure: Configure, pg_database: str, tmp_path: Path) -> Iterator[R
         "resource": "products", "table": "source_products"}))
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    log_path = tmp_path / "runner.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c",
-             "from deployments.serve import serve_deployments; serve_deployments()"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        with get_client(sync_client=True) as client:
-            for name in ("process-batch/process-batch", "bulk-sync/bulk-sync",
-                         "retry-failed/retry-failed"):
-                while True:
-                    try:
-                        client.read_deployment_by_name(name)
-                        break
-                    except Exception:
-                        if process.poll() is not None or time.monotonic() > deadline:
-                            raise RuntimeError(f"the runner did not serve {name}:\n"
-                                               f"{log_path.read_text()}") from None
-                        time.sleep(0.5)
+    with serving_deployments(env, ("process-batch/process-batch", "bulk-sync/bulk-sync",
+                                   "retry-failed/retry-failed"), tmp_path / "runner.log"):
         yield runtime
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
 
 
 def wait_for_runs(ids: list[UUID], timeout: float = 180) -> list[FlowRun]:

@@ -1,0 +1,51 @@
+"""A Prefect runner serving the deployments, in a subprocess, for tests that run deployments."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["serving_deployments"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def serving_deployments(env: dict[str, str], deployments: Sequence[str],
+                        log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``serve_deployments()`` in a subprocess until every named deployment is served; the
+    runner is stopped (SIGINT, then kill) when the block ends."""
+    from prefect import get_client
+
+    with log_path.open("wb") as log:
+        runner = subprocess.Popen(
+            [sys.executable, "-c",
+             "from deployments.serve import serve_deployments; serve_deployments()"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            for name in deployments:
+                while True:
+                    try:
+                        client.read_deployment_by_name(name)
+                        break
+                    except Exception:
+                        if runner.poll() is not None or time.monotonic() > deadline:
+                            raise RuntimeError(f"the runner did not serve {name}:\n"
+                                               f"{log_path.read_text()}") from None
+                        time.sleep(0.5)
+        yield runner
+    finally:
+        if runner.poll() is None:
+            runner.send_signal(signal.SIGINT)
+            try:
+                runner.wait(30)
+            except subprocess.TimeoutExpired:
+                runner.kill()
+                runner.wait(10)
