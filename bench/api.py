@@ -63,7 +63,7 @@ from bench._api_analysis import (
 from bench._api_procs import ManagedProcess, http_ok, runner, uvicorn_app
 from bench._batchops_run import _cpu_seconds, _postgres_pids
 from bench._prefect_server import PrefectServer, process_tree
-from bench.sql_target import git_state, log, snapshot_code, wait_quiet
+from bench.sql_target import ensure_database, git_state, log, snapshot_code, wait_quiet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
@@ -78,20 +78,6 @@ TERMINAL = {"completed", "failed", "cancelled"}
 
 
 # -- database ------------------------------------------------------------------------------
-
-
-def ensure_database(fresh: bool) -> None:
-    conn = psycopg2.connect(dbname="postgres", **PG)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            if fresh:
-                cur.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
-            if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{DB_NAME}"')
-    finally:
-        conn.close()
 
 
 def query(statement: str, params: Any = None) -> list[dict[str, Any]]:
@@ -522,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     code["measured"] = args.code
     code_dir = snapshot_code(workdir / "code", args.code)
     flow_source = (code_dir / "flows" / "process_batch.py").read_text().splitlines()
-    ensure_database(fresh=not args.keep_db)
+    ensure_database(fresh=not args.keep_db, name=DB_NAME)
     server = PrefectServer(workdir / "prefect-server", workdir / "prefect-server.log")
     log("starting prefect server …")
     server.start()

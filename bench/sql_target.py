@@ -70,18 +70,18 @@ def log(message: str) -> None:
 # -- database ---------------------------------------------------------------------------
 
 
-def ensure_database(fresh: bool) -> None:
-    """Create the bench's own database if missing; ``fresh``: drop and create it anew (the core's
+def ensure_database(fresh: bool, name: str = DB_NAME) -> None:
+    """Create a bench's own database if missing; ``fresh``: drop and create it anew (the core's
     schema may have changed under the same migration number since the last run)."""
     conn = psycopg2.connect(dbname="postgres", **PG)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
             if fresh:
-                cur.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{DB_NAME}"')
+                cur.execute(f'CREATE DATABASE "{name}"')
     finally:
         conn.close()
 
