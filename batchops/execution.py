@@ -42,7 +42,7 @@ def _replay_or_reject(ops: Sequence[PlannedOperation], records: dict[str, Idempo
                       ) -> tuple[dict[int, ItemResult], list[PlannedOperation]]:
     answered: dict[int, ItemResult] = {}
     to_run: list[PlannedOperation] = []
-    first_in_chunk: dict[str, PlannedOperation] = {}
+    keys_to_run: set[str] = set()
     for op in ops:
         key = op.idempotency_key
         rec = records.get(key) if key is not None else None
@@ -56,11 +56,11 @@ def _replay_or_reject(ops: Sequence[PlannedOperation], records: dict[str, Idempo
                 answered[op.index] = ItemResult.fail(
                     op, 409, "idempotency_key_reused",
                     f"idempotency key {key!r} was used for a different operation")
-        elif key is not None and key in first_in_chunk:
+        elif key is not None and key in keys_to_run:
             continue  # same key twice in this chunk: answered from the first one below
         else:
             if key is not None:
-                first_in_chunk[key] = op
+                keys_to_run.add(key)
             to_run.append(op)
     return answered, to_run
 
