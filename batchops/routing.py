@@ -9,11 +9,13 @@ from urllib.parse import unquote
 from batchops.errors import ConfigurationError
 from batchops.handlers import Handler
 from batchops.resources import Resource
+from batchops.settings import UpstreamSpec
 
 __all__ = ["RouteMatch", "Router", "check_path"]
 
 SQL_TARGET = "sql"
 PYTHON_TARGET = "python"
+HTTP_TARGET = "http"
 
 _COLLECTION_METHODS = {"POST"}
 _ITEM_METHODS = {"GET", "PUT", "PATCH", "DELETE"}
@@ -47,17 +49,34 @@ def check_path(path: str) -> str | None:
 
 
 class Router:
-    """Resolves a method and path to a target; handlers win over resources of the same path."""
+    """Resolves a method and path to a target: handlers first, then upstreams (the longest
+    prefix), then sql resources."""
 
-    def __init__(self, resources: dict[str, Resource], handlers: list[Handler]) -> None:
+    def __init__(self, resources: dict[str, Resource], handlers: list[Handler],
+                 upstreams: dict[str, UpstreamSpec] | None = None) -> None:
         self.resources = resources
         self.handlers = handlers
+        self.upstreams = dict(sorted((upstreams or {}).items(),
+                                     key=lambda kv: -len(kv[1].prefix)))
         for h in handlers:
             first = h.template.strip("/").split("/", 1)[0]
             if first in resources:
                 raise ConfigurationError(
                     f"handler {h.method} {h.template} overlaps the sql resource {first!r}"
                 )
+        for name, up in self.upstreams.items():
+            first = up.prefix.strip("/").split("/", 1)[0]
+            if first in resources:
+                raise ConfigurationError(
+                    f"upstream {name!r} (prefix {up.prefix}) overlaps the sql resource {first!r}")
+
+    def upstream_for(self, path: str) -> str | None:
+        """The name of the upstream whose prefix ``path`` falls under."""
+        for name, up in self.upstreams.items():
+            if path == up.prefix or path.startswith(up.prefix + "/") or \
+                    path.startswith(up.prefix + "?"):
+                return name
+        return None
 
     def resolve(self, method: str, path: str) -> RouteMatch | str:
         """The match, or a message saying why nothing matches."""
@@ -66,6 +85,9 @@ class Router:
             m = h.pattern.match(bare)
             if m and h.method == method:
                 return RouteMatch(PYTHON_TARGET, None, m.groupdict(), h)
+        upstream = self.upstream_for(path)
+        if upstream is not None:
+            return RouteMatch(HTTP_TARGET, upstream, {})
         segments = bare.strip("/").split("/")
         resource = self.resources.get(segments[0])
         if resource is not None and len(segments) <= 2:

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 from batchops.handlers import load_handler_modules, registry
 from batchops.resources import Resource, build_resources
-from batchops.routing import PYTHON_TARGET, SQL_TARGET, Router
+from batchops.routing import HTTP_TARGET, PYTHON_TARGET, SQL_TARGET, Router
 from batchops.settings import Settings, get_settings
 from batchops.store import Store, shared_engine
 from batchops.targets import Target
+from batchops.targets.http import HttpTarget
 from batchops.targets.python import PythonTarget
 from batchops.targets.sql import SqlTarget
 
@@ -41,11 +42,12 @@ _runtime: Runtime | None = None
 def build_runtime(settings: Settings) -> Runtime:
     load_handler_modules(settings.handler_modules)
     resources = build_resources(settings.resources)
-    router = Router(resources, registry.all())
+    router = Router(resources, registry.all(), settings.upstreams)
     runtime = Runtime(settings, Store(settings.database_url), resources, router)
     runtime.targets = {
         SQL_TARGET: SqlTarget(resources, settings.database_url),
         PYTHON_TARGET: PythonTarget(router),
+        HTTP_TARGET: HttpTarget(settings.upstreams),
     }
     runtime.prepare()
     return runtime
@@ -65,5 +67,9 @@ def reset_runtime() -> None:
     """Forget the runtime and the settings (tests that change settings call this)."""
     global _runtime
     with _lock:
+        if _runtime is not None:
+            http = _runtime.targets.get(HTTP_TARGET)
+            if isinstance(http, HttpTarget):
+                http.close()
         _runtime = None
     get_settings.cache_clear()

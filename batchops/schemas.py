@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 __all__ = [
+    "AttemptError",
     "BatchCreate",
     "BatchState",
     "BatchStatus",
@@ -125,6 +126,16 @@ class ChunkRef(BaseModel):
         return f"items {self.start}-{self.end - 1}"
 
 
+class AttemptError(BaseModel):
+    """One failed attempt of an item: when, and what the upstream (or the network) said."""
+
+    attempt: int
+    at: datetime
+    status: int
+    code: str
+    message: str
+
+
 class ItemErrorBody(BaseModel):
     code: str
     message: str
@@ -141,6 +152,9 @@ class ItemResult(BaseModel):
     error: ItemErrorBody | None = None
     attempts: int = 1
     replayed: bool = False
+    # Set when an item ran out of retries: every attempt's error. Not part of the item's
+    # stored or shown result (the dead letter keeps it), so it is excluded from dumps.
+    attempt_errors: list[AttemptError] | None = Field(default=None, exclude=True)
 
     @classmethod
     def ok(cls, op: PlannedOperation, status: int, result: Any = None) -> ItemResult:

@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["ColumnSpec", "ResourceSpec", "Settings", "SyncSpec", "get_settings"]
+__all__ = ["ColumnSpec", "ResourceSpec", "Settings", "SyncSpec", "UpstreamSpec", "get_settings"]
 
 ColumnType = Literal["integer", "text", "numeric", "float", "boolean", "timestamp", "date", "json"]
 
@@ -77,6 +77,39 @@ class SyncSpec(BaseModel):
         if (self.table is None) == (self.csv_dir is None):
             raise ValueError("a sync reads either a table or a csv_dir (exactly one of them)")
         return self
+
+
+class UpstreamSpec(BaseModel):
+    """An upstream REST API: operations under ``prefix`` are forwarded to ``base_url``.
+
+    ``/crm/contacts/7`` with prefix ``/crm`` and base_url ``http://127.0.0.1:9000`` goes to
+    ``http://127.0.0.1:9000/contacts/7`` (``strip_prefix``) or ``.../crm/contacts/7``.
+    Limits hold for every batch and every worker (Prefect global concurrency limits): at most
+    ``max_concurrency`` requests in flight and ``rate_limit_per_second`` requests a second.
+    """
+
+    prefix: str = Field(pattern=r"^/[A-Za-z0-9_~.-]+(?:/[A-Za-z0-9_~.-]+)*$")
+    base_url: str = Field(pattern=r"^https?://")
+    strip_prefix: bool = True
+    forward_headers: list[str] = Field(
+        default_factory=lambda: ["content-type", "accept", "x-request-id"],
+        description="operation headers forwarded upstream (case-insensitive allowlist)")
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="fixed headers sent with every request (e.g. auth)")
+    max_concurrency: int = Field(10, ge=1, le=1000)
+    rate_limit_per_second: float | None = Field(None, gt=0)
+    adaptive: bool = Field(True, description="halve concurrency on 429/Retry-After (AIMD)")
+    connect_timeout: float = Field(5.0, gt=0)
+    timeout: float = Field(30.0, gt=0, description="read/write/pool timeout per request")
+    max_connections: int = Field(100, ge=1)
+    retries: int = Field(5, ge=0, description="attempts after the first, per item")
+    backoff_seconds: float = Field(0.5, ge=0, description="first retry's mean delay")
+    max_backoff_seconds: float = Field(30.0, ge=0)
+    max_retry_after_seconds: float = Field(60.0, ge=0, description="cap on Retry-After")
+
+    @property
+    def header_allowlist(self) -> frozenset[str]:
+        return frozenset(h.lower() for h in self.forward_headers)
 
 
 def _demo_resources() -> dict[str, ResourceSpec]:
@@ -144,6 +177,8 @@ class Settings(BaseSettings):
         1000, ge=1, description="rows of the item table artifact (failures first beyond it)")
     handler_modules: list[str] = ["batchops.demo.handlers"]
     resources: dict[str, ResourceSpec] = Field(default_factory=_demo_resources)
+    upstreams: dict[str, UpstreamSpec] = Field(
+        default_factory=dict, description="http targets: name → upstream API")
     api_keys: list[SecretStr] = []
 
     # The HTTP API

@@ -1,0 +1,436 @@
+"""The http target: operations forwarded to upstream REST APIs, safely.
+
+Per upstream (``settings.upstreams``), for every batch and every worker:
+
+* **one shared ``httpx.AsyncClient``** with the upstream's connection limits and timeouts. It
+  lives on the target's own event loop (one thread per process), because chunks run on event
+  loops of their own and an httpx client belongs to one loop;
+* **limits shared across processes** through Prefect global concurrency limits: a chunk holds
+  ``batchops-upstream-<name>`` slots (``occupy`` = its in-flight items) while it runs, and
+  requests draw tokens from ``batchops-upstream-<name>-rate`` (slot decay) in groups, so the
+  Prefect server sees one call per chunk and one per group of requests, never one per item;
+* **adaptive concurrency** (AIMD): a 429, or a 503 with ``Retry-After``, halves the
+  upstream's in-process concurrency (once per round of requests); each success adds back
+  ``1/limit``, so it grows by about one per round while the upstream is healthy. Exported as
+  the gauge ``batchops_upstream_concurrency_limit{upstream}``;
+* **retries** with tenacity: connection errors, timeouts, 429 and 5xx are retried with
+  exponential backoff and full jitter, or after the upstream's ``Retry-After`` (seconds or an
+  HTTP date, capped); other 4xx fail the item at once. Every attempt's error is kept; an item
+  whose retries run out carries them all (``ItemResult.attempt_errors``) and becomes a dead
+  letter.
+
+Each request carries the item's idempotency key as ``Idempotency-Key`` (an item without one
+gets ``<batch id>:<index>``, stable across re-runs of the batch), so an upstream that honours
+the header never applies an operation twice, even when a crash makes batchops send it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import math
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+import httpx
+from prometheus_client import Counter, Gauge
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_base, wait_random_exponential
+
+from batchops.errors import TransientError
+from batchops.schemas import AttemptError, ItemErrorBody, ItemResult, ItemState, PlannedOperation
+from batchops.settings import UpstreamSpec
+from batchops.targets import ChunkContext
+
+__all__ = ["AdaptiveLimit", "HttpTarget", "parse_retry_after", "rate_limit_name",
+           "upstream_limit_name"]
+
+T = TypeVar("T")
+
+CONCURRENCY_LIMIT = Gauge("batchops_upstream_concurrency_limit",
+                          "adaptive (AIMD) in-flight limit per upstream", ["upstream"])
+REQUESTS = Counter("batchops_upstream_requests", "requests sent upstream, by outcome",
+                   ["upstream", "outcome"])
+RETRIES = Counter("batchops_upstream_retries", "item attempts after the first, by reason",
+                  ["upstream", "reason"])
+GCL_CALLS = Counter("batchops_upstream_limit_acquisitions",
+                    "Prefect global concurrency limit acquisitions", ["upstream", "kind"])
+
+
+def upstream_limit_name(upstream: str) -> str:
+    return f"batchops-upstream-{upstream}"
+
+
+def rate_limit_name(upstream: str) -> str:
+    return f"batchops-upstream-{upstream}-rate"
+
+
+def rate_limit_shape(rps: float) -> tuple[int, float]:
+    """Group size (slots per acquisition) and slot decay for ``rps`` requests a second.
+
+    In any one second a process can send what it acquires then (the burst of one group plus
+    the decay) and the tokens it still holds (one group): ``2 * group + decay <= rps``.
+    """
+    group = max(1, math.floor(rps / 20))
+    decay = max(rps - 2 * group, rps / 2)
+    return group, decay
+
+
+def parse_retry_after(value: str | None, cap: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta seconds or HTTP date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), cap)
+
+
+class AdaptiveLimit:
+    """AIMD limit on requests in flight to one upstream, shared by this process's chunks.
+
+    Lives on the target's event loop. A throttling answer halves the limit, but only once per
+    round: answers to requests sent before the last decrease do not halve it again.
+    """
+
+    def __init__(self, upstream: str, maximum: int, adaptive: bool) -> None:
+        self.upstream = upstream
+        self.maximum = maximum
+        self.adaptive = adaptive
+        self.limit = float(maximum)
+        self.in_flight = 0
+        self.decreases = 0
+        self._last_decrease = 0.0
+        self._changed = asyncio.Condition()
+        CONCURRENCY_LIMIT.labels(upstream).set(self.limit)
+
+    @property
+    def allowed(self) -> int:
+        return max(1, int(self.limit))
+
+    async def acquire(self) -> float:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.allowed)
+            self.in_flight += 1
+        return time.monotonic()
+
+    async def release(self, sent_at: float, *, throttled: bool, healthy: bool) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            if self.adaptive and throttled and sent_at >= self._last_decrease:
+                self.limit = max(1.0, self.limit / 2)
+                self._last_decrease = time.monotonic()
+                self.decreases += 1
+            elif self.adaptive and healthy and self.limit < self.maximum:
+                self.limit = min(float(self.maximum), self.limit + 1 / self.limit)
+            CONCURRENCY_LIMIT.labels(self.upstream).set(self.limit)
+            self._changed.notify_all()
+
+
+class _RateTokens:
+    """Request tokens drawn from the upstream's Prefect rate limit, a group at a time."""
+
+    def __init__(self, upstream: str, rps: float) -> None:
+        self.upstream = upstream
+        self.group, self.decay = rate_limit_shape(rps)
+        self._tokens = 0
+        self._lock = asyncio.Lock()
+
+    async def take(self) -> None:
+        from prefect.concurrency.asyncio import rate_limit
+
+        async with self._lock:
+            if self._tokens == 0:
+                await rate_limit(rate_limit_name(self.upstream), occupy=self.group, strict=True)
+                GCL_CALLS.labels(self.upstream, "rate").inc()
+                self._tokens = self.group
+            self._tokens -= 1
+
+
+class _Retryable(Exception):
+    """An attempt that may succeed later: connection error, timeout, 429 or 5xx."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None,
+                 result: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.retry_after = retry_after
+        self.result = result
+
+
+class _wait_retry_after_or_backoff(wait_base):
+    """The upstream's ``Retry-After`` when it sent one, else exponential backoff with jitter."""
+
+    def __init__(self, spec: UpstreamSpec) -> None:
+        self.backoff = wait_random_exponential(multiplier=spec.backoff_seconds,
+                                               max=spec.max_backoff_seconds)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return exc.retry_after
+        return float(self.backoff(retry_state))
+
+
+@dataclass
+class _Upstream:
+    name: str
+    spec: UpstreamSpec
+    client: httpx.AsyncClient
+    limit: AdaptiveLimit
+    rate: _RateTokens | None
+    limits_ready: bool = False
+    attempts_sent: int = 0
+    gcl_calls: dict[str, int] = field(default_factory=dict)
+
+
+def _error_of(response: httpx.Response) -> tuple[str, str, Any]:
+    """Code, message and JSON body of an upstream error answer."""
+    try:
+        payload: Any = response.json()
+    except ValueError:
+        payload = response.text[:1000] or None
+    code, message = f"http_{response.status_code}", response.reason_phrase or "error"
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        err = payload["error"]
+        code = str(err.get("code") or code)
+        message = str(err.get("message") or message)
+    elif isinstance(payload, dict) and isinstance(payload.get("message"), str):
+        message = payload["message"]
+    return code, message, payload
+
+
+class HttpTarget:
+    """Forwards operations to their upstream; see the module docstring."""
+
+    name = "http"
+
+    def __init__(self, upstreams: dict[str, UpstreamSpec]) -> None:
+        self.specs = upstreams
+        self._upstreams: dict[str, _Upstream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread_lock = threading.Lock()
+
+    # -- the target's own event loop -------------------------------------------------------
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._thread_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="http-target",
+                                 daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on the target's loop with the caller's context (Prefect settings)."""
+        loop = self._event_loop()
+        context = contextvars.copy_context()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def start() -> None:
+            task = loop.create_task(coro, context=context)
+
+            def finished(t: asyncio.Task[T]) -> None:
+                if t.cancelled():
+                    done.cancel()
+                elif (exc := t.exception()) is not None:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(t.result())
+
+            task.add_done_callback(finished)
+
+        loop.call_soon_threadsafe(start)
+        return done
+
+    def _upstream(self, name: str) -> _Upstream:
+        up = self._upstreams.get(name)
+        if up is None:
+            spec = self.specs[name]
+            client = httpx.AsyncClient(
+                timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout),
+                limits=httpx.Limits(max_connections=spec.max_connections,
+                                    max_keepalive_connections=spec.max_connections),
+                headers={k: v.get_secret_value() for k, v in spec.headers.items()},
+            )
+            rate = (_RateTokens(name, spec.rate_limit_per_second)
+                    if spec.rate_limit_per_second else None)
+            up = _Upstream(name, spec, client, AdaptiveLimit(name, spec.max_concurrency,
+                                                             spec.adaptive), rate)
+            self._upstreams[name] = up
+        return up
+
+    # -- the target interface --------------------------------------------------------------
+
+    async def execute(self, items: Sequence[PlannedOperation],
+                      ctx: ChunkContext) -> list[ItemResult]:
+        return await asyncio.wrap_future(self._submit(self._execute(items, ctx)))
+
+    async def _execute(self, items: Sequence[PlannedOperation],
+                       ctx: ChunkContext) -> list[ItemResult]:
+        results: list[ItemResult] = []
+        position = 0
+        # Consecutive items of one upstream share its limits; upstreams in batch order.
+        while position < len(items):
+            name = items[position].resource or ""
+            end = position
+            while end < len(items) and items[end].resource == items[position].resource:
+                end += 1
+            results += await self._run_upstream(self._upstream(name), items[position:end], ctx)
+            position = end
+        return results
+
+    async def _ensure_limits(self, up: _Upstream) -> None:
+        if up.limits_ready:
+            return
+        from prefect import get_client
+
+        async with get_client() as client:
+            await client.upsert_global_concurrency_limit_by_name(
+                upstream_limit_name(up.name), up.spec.max_concurrency)
+            if up.rate is not None:
+                await client.upsert_global_concurrency_limit_by_name(
+                    rate_limit_name(up.name), up.rate.group, slot_decay_per_second=up.rate.decay)
+        up.limits_ready = True
+
+    async def _run_upstream(self, up: _Upstream, items: Sequence[PlannedOperation],
+                            ctx: ChunkContext) -> list[ItemResult]:
+        from prefect.concurrency.asyncio import concurrency
+
+        try:
+            await self._ensure_limits(up)
+        except httpx.HTTPError as exc:
+            raise TransientError(f"Prefect API unreachable for the limits of {up.name}: {exc}"
+                                 ) from exc
+        width = max(1, min(len(items), ctx.concurrency, up.spec.max_concurrency))
+        slots = asyncio.Semaphore(width)
+
+        async def one(op: PlannedOperation) -> ItemResult:
+            async with slots:
+                return await self._send(up, op, ctx)
+
+        async with concurrency(upstream_limit_name(up.name), occupy=width, strict=True,
+                               raise_on_lease_renewal_failure=False):
+            GCL_CALLS.labels(up.name, "concurrency").inc()
+            return list(await asyncio.gather(*(one(op) for op in items)))
+
+    async def _send(self, up: _Upstream, op: PlannedOperation, ctx: ChunkContext) -> ItemResult:
+        errors: list[AttemptError] = []
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(up.spec.retries + 1),
+            wait=_wait_retry_after_or_backoff(up.spec),
+            retry=retry_if_exception_type(_Retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    number = attempt.retry_state.attempt_number
+                    try:
+                        return await self._attempt(up, op, ctx, number)
+                    except _Retryable as exc:
+                        errors.append(AttemptError(attempt=number, at=datetime.now(UTC),
+                                                   status=exc.status, code=exc.code,
+                                                   message=exc.message))
+                        if number <= up.spec.retries:
+                            RETRIES.labels(up.name, exc.code).inc()
+                        raise
+        except _Retryable as exc:
+            return ItemResult(
+                id=op.id, index=op.index, status=exc.status, state=ItemState.FAILED,
+                error=ItemErrorBody(code=exc.code, message=(
+                    f"{exc.message} (gave up after {len(errors)} attempts)")),
+                attempts=len(errors), attempt_errors=errors, result=exc.result)
+        raise AssertionError("tenacity ends with a result or the last error")  # pragma: no cover
+
+    def _request_parts(self, up: _Upstream, op: PlannedOperation,
+                       ctx: ChunkContext) -> tuple[str, dict[str, str]]:
+        rest = op.path[len(up.spec.prefix):] if up.spec.strip_prefix else op.path
+        if not rest.startswith("/"):
+            rest = "/" + rest
+        url = up.spec.base_url.rstrip("/") + rest
+        allowed = up.spec.header_allowlist
+        headers = {k: v for k, v in (op.headers or {}).items() if k.lower() in allowed}
+        headers["Idempotency-Key"] = op.idempotency_key or f"{ctx.batch_id}:{op.index}"
+        return url, headers
+
+    async def _attempt(self, up: _Upstream, op: PlannedOperation, ctx: ChunkContext,
+                       number: int) -> ItemResult:
+        url, headers = self._request_parts(up, op, ctx)
+        if up.rate is not None:
+            await up.rate.take()
+        sent_at = await up.limit.acquire()
+        throttled = healthy = False
+        try:
+            response = await up.client.request(
+                op.method, url, headers=headers,
+                json=op.body if op.body is not None or op.method in ("POST", "PUT", "PATCH")
+                else None)
+        except httpx.TimeoutException as exc:
+            REQUESTS.labels(up.name, "timeout").inc()
+            raise _Retryable(504, "upstream_timeout",
+                             f"{op.method} {url}: {type(exc).__name__}") from exc
+        except httpx.TransportError as exc:
+            REQUESTS.labels(up.name, "connection_error").inc()
+            raise _Retryable(502, "upstream_unreachable",
+                             f"{op.method} {url}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            up.attempts_sent += 1
+        status = response.status_code
+        retry_after = parse_retry_after(response.headers.get("retry-after"),
+                                        up.spec.max_retry_after_seconds)
+        try:
+            if status == 429 or (status == 503 and retry_after):
+                throttled = True
+            elif status < 500:
+                healthy = True
+        finally:
+            await up.limit.release(sent_at, throttled=throttled, healthy=healthy)
+        REQUESTS.labels(up.name, str(status)).inc()
+        if 200 <= status < 300:
+            result: Any = None
+            if response.content:
+                try:
+                    result = response.json()
+                except ValueError:
+                    result = {"text": response.text[:10_000]}
+            return ItemResult(id=op.id, index=op.index, status=status,
+                              state=ItemState.SUCCEEDED, result=result, attempts=number)
+        code, message, payload = _error_of(response)
+        if status == 429 or status >= 500:
+            if status == 429 and code == "http_429":
+                code = "rate_limited"
+            raise _Retryable(status, code, message, retry_after, payload)
+        return ItemResult(id=op.id, index=op.index, status=status,
+                          state=ItemState.FAILED, error=ItemErrorBody(code=code, message=message),
+                          attempts=number, result=payload)
+
+    async def aclose(self) -> None:
+        for up in self._upstreams.values():
+            await up.client.aclose()
+
+    def close(self) -> None:
+        """Close the clients and stop the target's loop (tests and shutdown)."""
+        if self._loop is None:
+            return
+        self._submit(self.aclose()).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop = None
+        self._upstreams.clear()
