@@ -1,0 +1,1 @@
+"""Tools for developing and testing batchops (not used by the service itself)."""
