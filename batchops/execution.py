@@ -7,6 +7,7 @@ database. A chunk that is already recorded is not executed again: its recorded r
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -15,6 +16,7 @@ from itertools import groupby
 from pydantic import BaseModel
 from sqlalchemy.engine import Connection
 
+from batchops.checkpoints import CheckpointWriter
 from batchops.routing import SQL_TARGET
 from batchops.runtime import Runtime
 from batchops.schemas import ChunkRef, ItemResult, ItemState, PlannedOperation
@@ -23,6 +25,8 @@ from batchops.targets import ChunkContext
 from batchops.targets.sql import SqlTarget
 
 __all__ = ["ChunkOutcome", "execute_chunk"]
+
+CLAIM_POLL_SECONDS = 0.1  # how often a batch waiting for another's idempotency key looks
 
 
 class ChunkOutcome(BaseModel):
@@ -82,14 +86,17 @@ def _is_atomic(runtime: Runtime, ops: Sequence[PlannedOperation]) -> bool:
 
 
 async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
-                        scope: str) -> ChunkOutcome:
+                        scope: str, generation: int = 0) -> ChunkOutcome:
     """Run the chunk's items and record their results, unless the chunk is recorded already.
 
     When all of the chunk's operations go to the store's database, execution and recording
     share one transaction (and the chunk row is locked for it): a crash leaves no trace, and a
     second run of the same chunk waits and then finds it recorded. Otherwise the targets run
     first (no store transaction held while a handler or an upstream works) and the results
-    are recorded after.
+    are recorded after; meanwhile each item's outcome is checkpointed as it comes, so a run
+    resuming after a crash executes only what was in flight, and each idempotency key is
+    claimed first, so a key another batch is executing is waited for and replayed, never
+    sent twice.
     """
     started = time.perf_counter()
     store = runtime.store
@@ -105,17 +112,61 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         kept = {r.index: r for r in recorded if r.state is ItemState.SUCCEEDED}
         todo = [op for op in ops if op.index not in kept]
         keys = [op.idempotency_key for op in todo if op.idempotency_key is not None]
-        answered, to_run = _replay_or_reject(todo, store.idempotency_lookup(conn, scope, keys))
+        if atomic:
+            # Two chunks with one key: the second waits here, then replays the first's record.
+            store.lock_keys(conn, scope, keys)
+            checkpointed: dict[int, ItemResult] = {}
+        else:
+            checkpointed = store.checkpoints(conn, ref.batch_id, generation,
+                                             [op.index for op in todo])
+        answered, to_run = _replay_or_reject(
+            [op for op in todo if op.index not in checkpointed],
+            store.idempotency_lookup(conn, scope, keys))
+        answered.update(checkpointed)
         if atomic:
             ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn)
             executed = await _run_targets(runtime, to_run, ctx) if to_run else []
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
     if not atomic:
-        ctx = ChunkContext(ref.batch_id, concurrency)
-        executed = await _run_targets(runtime, to_run, ctx) if to_run else []
+        with CheckpointWriter(runtime, ref.batch_id, generation, scope) as writer:
+            ctx = ChunkContext(ref.batch_id, concurrency, on_item_done=writer.put)
+            executed = await _run_claimed(runtime, ref.batch_id, scope, to_run, ctx)
         with store.engine.begin() as conn:
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
+            store.release_claims(conn, scope, ref.batch_id, [
+                op.idempotency_key for op in to_run if op.idempotency_key is not None])
     return _outcome(ref, results, executed=executed, already=len(kept), started=started)
+
+
+async def _run_claimed(runtime: Runtime, batch_id: str, scope: str,
+                       ops: Sequence[PlannedOperation], ctx: ChunkContext) -> list[ItemResult]:
+    """Execute ``ops`` whose keys this batch could claim; wait for the keys other batches are
+    executing and replay their results (or run them, if the other batch failed them)."""
+    store = runtime.store
+    stale_after = timedelta(seconds=runtime.settings.stale_after_seconds)
+    results: list[ItemResult] = []
+    pending = list(ops)
+    first = True
+    while pending:
+        if not first:
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+            keys = [op.idempotency_key for op in pending if op.idempotency_key is not None]
+            with store.read() as conn:
+                answered, pending = _replay_or_reject(
+                    pending, store.idempotency_lookup(conn, scope, keys))
+            results += [ctx.item_done(op, answered[op.index]) for op in ops
+                        if op.index in answered]
+            if not pending:
+                break
+        first = False
+        # Free keys, keys this batch held before a crash, and keys of dead holders are ours.
+        claims = store.claim_keys(scope, batch_id, pending, stale_after)
+        runnable = [op for op in pending
+                    if op.idempotency_key is None or op.idempotency_key in claims.mine]
+        if runnable:
+            results += await _run_targets(runtime, runnable, ctx)
+        pending = [op for op in pending if op.idempotency_key in claims.busy]
+    return sorted(results, key=lambda r: r.index)
 
 
 def _outcome(ref: ChunkRef, results: Sequence[ItemResult], *, executed: Sequence[ItemResult],
@@ -149,7 +200,8 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
     runtime.store.record_chunk(conn, ref, results, new)
     remember = [(op, by_index[op.index]) for op in to_run
                 if op.idempotency_key is not None
-                and by_index[op.index].state is ItemState.SUCCEEDED]
+                and by_index[op.index].state is ItemState.SUCCEEDED
+                and not by_index[op.index].replayed]
     retention = timedelta(hours=runtime.settings.idempotency_retention_hours)
     runtime.store.idempotency_save(conn, scope, ref.batch_id, remember, retention)
     return results

@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     chunk_retries: int = Field(2, ge=0)
     chunk_retry_backoff_seconds: float = Field(1.0, ge=0)
     idempotency_retention_hours: float = Field(24, gt=0)
+    heartbeat_seconds: float = Field(5, gt=0, description="a running chunk's heartbeat period")
+    stale_after_seconds: float = Field(
+        60, gt=0, description="a processing batch silent this long is re-run by the reaper; "
+        "an idempotency key claimed by it may be taken over")
+    reaper_cron: str = Field("* * * * *", description="schedule of the reaper deployment")
     result_cache_hours: float = Field(24, gt=0)
     artifact_max_rows: int = Field(
         1000, ge=1, description="rows of the item table artifact (failures first beyond it)")

@@ -30,7 +30,8 @@ from batchops.schemas import (
     PlannedOperation,
 )
 
-__all__ = ["BatchRecord", "IdempotencyRecord", "Store", "create_engine", "metadata", "utcnow"]
+__all__ = ["BatchRecord", "Claims", "IdempotencyRecord", "Store", "create_engine", "metadata",
+           "utcnow"]
 
 metadata = sa.MetaData()
 
@@ -53,7 +54,10 @@ batches = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True)),
     sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
+    sa.Column("recoveries", sa.Integer, nullable=False, server_default="0"),
 )
+sa.Index("ix_batches_status_heartbeat", batches.c.status, batches.c.heartbeat_at)
 
 batch_chunks = sa.Table(
     "batch_chunks",
@@ -87,6 +91,31 @@ idempotency_records = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
 )
 sa.Index("ix_idempotency_expires", idempotency_records.c.expires_at)
+
+# An idempotency key being executed right now, and by which batch: a second batch with the
+# same key waits for the first's result instead of sending it again.
+item_claims = sa.Table(
+    "item_claims",
+    metadata,
+    sa.Column("scope", sa.String(128), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("batch_id", sa.String(64), nullable=False),
+    sa.Column("item_index", sa.Integer, nullable=False),
+    sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Each item's outcome as soon as it is known (before its chunk is recorded): a run that
+# resumes a crashed chunk answers these items from here instead of executing them again.
+item_checkpoints = sa.Table(
+    "item_checkpoints",
+    metadata,
+    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("generation", sa.Integer, primary_key=True),
+    sa.Column("item_index", sa.Integer, primary_key=True),
+    sa.Column("result", sa.Text, nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
 
 _OPS = TypeAdapter(list[PlannedOperation])
 _RESULTS = TypeAdapter(list[ItemResult])
@@ -159,6 +188,16 @@ class BatchRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    heartbeat_at: datetime | None = None
+    recoveries: int = 0
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Outcome of claiming idempotency keys: ``mine`` to execute, ``busy`` held elsewhere."""
+
+    mine: set[str]
+    busy: set[str]
 
 
 @dataclass(frozen=True)
@@ -232,7 +271,7 @@ class Store:
             raise BatchNotFound(batch_id)
         data = dict(row)
         data.pop("source", None)
-        for name in ("created_at", "started_at", "finished_at"):
+        for name in ("created_at", "started_at", "finished_at", "heartbeat_at"):
             data[name] = _aware(data[name])
         return BatchRecord(**data)
 
@@ -333,6 +372,7 @@ class Store:
             completed=batches.c.completed + len(new),
             succeeded=batches.c.succeeded + new_succeeded,
             failed=batches.c.failed + (len(new) - new_succeeded),
+            heartbeat_at=utcnow(),
         ))
 
     def mark_started(self, batch_id: str, flow_run_id: str | None) -> bool:
@@ -343,7 +383,7 @@ class Store:
             ).values(
                 status=BatchState.PROCESSING.value, flow_run_id=flow_run_id,
                 started_at=sa.func.coalesce(batches.c.started_at, utcnow()),
-                finished_at=None, error=None,
+                finished_at=None, error=None, heartbeat_at=utcnow(),
             )).rowcount == 1
 
     def mark_finished(self, batch_id: str, state: BatchState, error: str | None = None) -> None:
@@ -428,7 +468,9 @@ class Store:
         keys = [op.idempotency_key for op, _ in entries]
         conn.execute(t.delete().where(t.c.scope == scope, t.c.key.in_(keys),
                                       t.c.expires_at <= now))
-        conn.execute(t.insert(), [
+        # A key saved already (by the chunk's checkpoint writer, or by a batch that ran it
+        # first) keeps its first record.
+        conn.execute(_dialect_insert(conn)(t).on_conflict_do_nothing(), [
             {"scope": scope, "key": op.idempotency_key, "payload_hash": op.payload_hash,
              "status": r.status, "result": r.result, "batch_id": batch_id,
              "item_index": r.index, "created_at": now, "expires_at": now + retention}
@@ -437,3 +479,129 @@ class Store:
 
 
 
+
+    # -- claims, checkpoints, heartbeats ------------------------------------------------
+
+    def lock_keys(self, conn: Connection, scope: str, keys: Sequence[str]) -> None:
+        """Serialize transactions over the same idempotency keys until they commit
+        (PostgreSQL advisory locks, in one order; SQLite's writer lock already does)."""
+        if conn.dialect.name != "postgresql" or not keys:
+            return
+        conn.execute(sa.text(
+            "SELECT pg_advisory_xact_lock(hashtextextended(:scope || chr(31) || k, 0)) "
+            "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY k"),
+            {"scope": scope, "keys": sorted(set(keys))})
+
+    def claim_keys(self, scope: str, batch_id: str, ops: Sequence[PlannedOperation],
+                   stale_after: timedelta) -> Claims:
+        """Claim the operations' idempotency keys for this batch.
+
+        A key is ``mine`` when nobody held it, when this batch held it already (a run resuming
+        after a crash), or when its holder's heartbeat is older than ``stale_after`` (the
+        holder died); otherwise it is ``busy``: another batch is executing it right now.
+        """
+        by_key = {op.idempotency_key: op for op in ops if op.idempotency_key is not None}
+        if not by_key:
+            return Claims(set(), set())
+        t = item_claims
+        now = utcnow()
+        rows = [{"scope": scope, "key": k, "batch_id": batch_id, "item_index": op.index,
+                 "claimed_at": now} for k, op in by_key.items()]
+        with self.engine.begin() as conn:
+            insert = _dialect_insert(conn)(t).on_conflict_do_nothing()
+            conn.execute(insert, rows)
+            holders = conn.execute(
+                sa.select(t.c.key, t.c.batch_id, batches.c.heartbeat_at, batches.c.status)
+                .select_from(t.outerjoin(batches, batches.c.id == t.c.batch_id))
+                .where(t.c.scope == scope, t.c.key.in_(list(by_key)))).all()
+            mine, busy = set(), set()
+            for key, holder, heartbeat, status in holders:
+                if holder == batch_id:
+                    mine.add(key)
+                    continue
+                beat = _aware(heartbeat)
+                dead = (status is None or BatchState(status).is_final or beat is None
+                        or beat < now - stale_after)
+                if dead and conn.execute(t.update().where(
+                        t.c.scope == scope, t.c.key == key, t.c.batch_id == holder,
+                ).values(batch_id=batch_id, item_index=by_key[key].index,
+                         claimed_at=now)).rowcount == 1:
+                    mine.add(key)
+                else:
+                    busy.add(key)
+        return Claims(mine, busy)
+
+    def release_claims(self, conn: Connection, scope: str, batch_id: str,
+                       keys: Sequence[str]) -> None:
+        if keys:
+            t = item_claims
+            conn.execute(t.delete().where(t.c.scope == scope, t.c.batch_id == batch_id,
+                                          t.c.key.in_(list(set(keys)))))
+
+    def claimed(self, scope: str, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` are claimed by anyone right now."""
+        if not keys:
+            return set()
+        t = item_claims
+        with self.read() as conn:
+            return set(conn.execute(sa.select(t.c.key).where(
+                t.c.scope == scope, t.c.key.in_(list(set(keys))))).scalars())
+
+    def save_checkpoints(self, conn: Connection, batch_id: str, generation: int,
+                         results: Sequence[ItemResult]) -> None:
+        if results:
+            now = utcnow()
+            conn.execute(item_checkpoints.insert(), [
+                {"batch_id": batch_id, "generation": generation, "item_index": r.index,
+                 "result": r.model_dump_json(), "recorded_at": now} for r in results])
+
+    def checkpoints(self, conn: Connection, batch_id: str, generation: int,
+                    indices: Sequence[int]) -> dict[int, ItemResult]:
+        """Outcomes checkpointed by an earlier run of this generation, by item index."""
+        if not indices:
+            return {}
+        t = item_checkpoints
+        rows = conn.execute(sa.select(t.c.item_index, t.c.result).where(
+            t.c.batch_id == batch_id, t.c.generation == generation,
+            t.c.item_index.between(min(indices), max(indices)))).all()
+        wanted = set(indices)
+        return {i: ItemResult.model_validate_json(r) for i, r in rows if i in wanted}
+
+    def heartbeat(self, batch_id: str) -> None:
+        with self.engine.begin() as conn:
+            self.heartbeat_in(conn, batch_id)
+
+    def heartbeat_in(self, conn: Connection, batch_id: str) -> None:
+        conn.execute(batches.update().where(batches.c.id == batch_id)
+                     .values(heartbeat_at=utcnow()))
+
+    def take_stale_batches(self, stale_after: timedelta,
+                           limit: int = 100) -> list[tuple[str, str | None]]:
+        """Processing batches whose heartbeat is older than ``stale_after``: ``(id, flow run
+        id)`` each. Taking one refreshes its heartbeat and counts a recovery, so two reapers
+        never both take it."""
+        cutoff = utcnow() - stale_after
+        b = batches.c
+        with self.engine.begin() as conn:
+            candidates = conn.execute(sa.select(b.id, b.flow_run_id).where(
+                b.status == BatchState.PROCESSING.value,
+                sa.or_(b.heartbeat_at.is_(None), b.heartbeat_at < cutoff),
+            ).limit(limit)).all()
+            taken = []
+            for batch_id, flow_run_id in candidates:
+                if conn.execute(batches.update().where(
+                        b.id == batch_id, b.status == BatchState.PROCESSING.value,
+                        sa.or_(b.heartbeat_at.is_(None), b.heartbeat_at < cutoff),
+                ).values(heartbeat_at=utcnow(), recoveries=b.recoveries + 1)).rowcount == 1:
+                    taken.append((batch_id, flow_run_id))
+        return taken
+
+
+def _dialect_insert(conn: Connection) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert

@@ -68,4 +68,5 @@ def run_chunk(ref: ChunkRef, concurrency: int, scope: str,
     runtime = get_runtime()
     if runtime.store.get_batch(ref.batch_id).status == BatchState.CANCELLED.value:
         return Cancelled(message=f"batch {ref.batch_id} was cancelled; chunk not started")
-    return asyncio.run(execute_chunk(runtime, ref, concurrency=concurrency, scope=scope))
+    return asyncio.run(execute_chunk(runtime, ref, concurrency=concurrency, scope=scope,
+                                     generation=generation))

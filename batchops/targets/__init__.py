@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,11 +19,19 @@ class ChunkContext:
 
     ``store_connection`` is the chunk's open transaction on the store database: a sql target on
     the same database writes through it, so the rows and the recorded results commit together.
+    ``on_item_done`` is called (from any thread) with each item's final result as soon as it
+    is known, so a crash loses at most the items in flight (checkpoints).
     """
 
     batch_id: str
     concurrency: int
     store_connection: Connection | None = None
+    on_item_done: Callable[[PlannedOperation, ItemResult], None] | None = None
+
+    def item_done(self, op: PlannedOperation, result: ItemResult) -> ItemResult:
+        if self.on_item_done is not None:
+            self.on_item_done(op, result)
+        return result
 
 
 class Target(Protocol):

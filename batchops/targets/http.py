@@ -324,7 +324,7 @@ class HttpTarget:
 
         async def one(op: PlannedOperation) -> ItemResult:
             async with slots:
-                return await self._send(up, op, ctx)
+                return ctx.item_done(op, await self._send(up, op, ctx))
 
         async with concurrency(upstream_limit_name(up.name), occupy=width, strict=True,
                                raise_on_lease_renewal_failure=False):

@@ -41,7 +41,7 @@ class PythonTarget:
 
         async def one(op: PlannedOperation) -> ItemResult:
             async with slots:
-                return await self._call(op)
+                return ctx.item_done(op, await self._call(op))
 
         return list(await asyncio.gather(*(one(op) for op in items)))
 

@@ -1,0 +1,97 @@
+"""Item checkpoints and the chunk heartbeat, written by one thread per running chunk.
+
+Targets report each item's result as soon as it is known (``ChunkContext.on_item_done``,
+from whatever thread or loop they run on). The writer commits what has queued up in one
+transaction at a time (group commit): the items' checkpoints, the idempotency records of keyed
+successes, and the release of their claims, so a batch waiting for one of these keys can
+replay it at once. While the chunk runs it also beats the batch's heartbeat, which the reaper
+watches.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from datetime import timedelta
+from types import TracebackType
+
+from batchops.runtime import Runtime
+from batchops.schemas import ItemResult, ItemState, PlannedOperation
+
+__all__ = ["CheckpointWriter"]
+
+_STOP = object()
+
+
+class CheckpointWriter:
+    """Use as a context manager around a chunk's execution; :meth:`put` is thread-safe."""
+
+    def __init__(self, runtime: Runtime, batch_id: str, generation: int, scope: str) -> None:
+        self.runtime = runtime
+        self.batch_id = batch_id
+        self.generation = generation
+        self.scope = scope
+        self.written = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"checkpoints-{batch_id}",
+                                        daemon=True)
+
+    def put(self, op: PlannedOperation, result: ItemResult) -> None:
+        self._queue.put((op, result))
+
+    def __enter__(self) -> CheckpointWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        period = self.runtime.settings.heartbeat_seconds
+        stopping = False
+        while not stopping:
+            try:
+                first = self._queue.get(timeout=period)
+            except queue.Empty:
+                self._beat()
+                continue
+            items = [first]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = any(item is _STOP for item in items)
+            entries = [item for item in items if item is not _STOP]
+            if entries:
+                self._write(entries)  # type: ignore[arg-type]
+
+    def _beat(self) -> None:
+        try:
+            self.runtime.store.heartbeat(self.batch_id)
+        except Exception as exc:  # a missed beat is not fatal; the next one may work
+            self.error = exc
+
+    def _write(self, entries: list[tuple[PlannedOperation, ItemResult]]) -> None:
+        store = self.runtime.store
+        retention = timedelta(hours=self.runtime.settings.idempotency_retention_hours)
+        keyed = [(op, r) for op, r in entries if op.idempotency_key is not None]
+        remember = [(op, r) for op, r in keyed
+                    if r.state is ItemState.SUCCEEDED and not r.replayed]
+        try:
+            with store.engine.begin() as conn:
+                store.save_checkpoints(conn, self.batch_id, self.generation,
+                                       [r for _, r in entries])
+                store.idempotency_save(conn, self.scope, self.batch_id, remember, retention)
+                store.release_claims(conn, self.scope, self.batch_id,
+                                     [op.idempotency_key for op, _ in keyed
+                                      if op.idempotency_key is not None])
+                store.heartbeat_in(conn, self.batch_id)
+            self.written += len(entries)
+        except Exception as exc:
+            # Checkpoints are an optimisation of recovery: the chunk's own record (written
+            # after it) is what counts, so a failed checkpoint write only loses that benefit.
+            self.error = exc
