@@ -6,7 +6,9 @@ The same three deployments as ``prefect.yaml`` declares for a work pool:
   enforced, so a run started from the Prefect UI is checked before it starts);
 * ``bulk-sync`` — the configured syncs, on a cron schedule that starts paused
   (``BATCHOPS_SYNC_SCHEDULE_ACTIVE=true`` starts it active), one run at a time;
-* ``retry-failed`` — a finished batch's failed items, again.
+* ``retry-failed`` — a finished batch's failed items, again;
+* ``reap-stale-batches`` — every minute: batches whose heartbeat stopped (a killed runner or
+  worker) run again from their checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prefect.schedules import Cron
 from batchops.settings import Settings, get_settings
 from flows.bulk_sync import bulk_sync
 from flows.process_batch import process_batch
+from flows.reaper import reap_stale_batches
 from flows.retry_failed import retry_failed
 
 __all__ = ["build_deployments", "serve_deployments"]
@@ -45,10 +48,17 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
             description="Run a finished batch's failed items again (only those).",
             tags=tags, enforce_parameter_schema=True,
         ),
+        reap_stale_batches.to_deployment(  # type: ignore[list-item]
+            name="reaper",
+            description="Run batches whose heartbeat stopped again, from their checkpoint.",
+            tags=tags, enforce_parameter_schema=True,
+            schedules=[Cron(settings.reaper_cron, timezone="UTC")],
+            concurrency_limit=1,
+        ),
     ]
     return deployments
 
 
 def serve_deployments() -> None:
-    """Serve ``process-batch``, ``bulk-sync`` and ``retry-failed`` until interrupted."""
+    """Serve the deployments until interrupted."""
     serve(*build_deployments(get_settings()))

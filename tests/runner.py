@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["serving_deployments"]
+__all__ = ["kill_process_tree", "serving_deployments"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,3 +50,31 @@ def serving_deployments(env: dict[str, str], deployments: Sequence[str],
             except subprocess.TimeoutExpired:
                 runner.kill()
                 runner.wait(10)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry))
+    return found
+
+
+def kill_process_tree(pid: int) -> list[int]:
+    """``kill -9`` a process and every process it started (whatever their session): what a
+    machine that dies does to them. The pids killed."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += _children(current)
+    for p in tree:
+        with suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    return tree
