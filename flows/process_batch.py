@@ -14,11 +14,13 @@ from prefect.exceptions import CancelledRun
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 
 from batchops.execution import ChunkOutcome
 from batchops.schemas import BatchSummary, ChunkRef, Operation
 from batchops.settings import get_settings
 from tasks.batches import finish_batch, load_batch, register_operations
+from tasks.callbacks import send_callback
 from tasks.chunks import run_chunk
 
 __all__ = ["process_batch"]
@@ -39,8 +41,6 @@ def _rename_flow_run(name: str) -> None:
 
 
 def _chunk_task(settings_retries: int, backoff: float) -> Any:
-    from prefect.tasks import exponential_backoff
-
     return run_chunk.with_options(
         retries=settings_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
@@ -78,6 +78,19 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
             in_flight[future.task_run_id] = ref
         done = next(as_completed([submitted[r.chunk_index] for r in in_flight.values()]))
         yield in_flight.pop(done.task_run_id), done
+
+
+def _send_callback(batch_id: str) -> None:
+    """Deliver the batch's completion callback; its failure is recorded, never raised."""
+    settings = get_settings()
+    backoff = settings.callback_backoff_seconds
+    state = send_callback.with_options(
+        retries=settings.callback_retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
+    )(batch_id, return_state=True)
+    if not state.is_completed():
+        get_run_logger().warning("batch %s: completion callback not delivered: %s", batch_id,
+                                 state.message)
 
 
 def _show_progress(progress_id: UUID, batch_id: str, done: int, total: int) -> None:
@@ -152,6 +165,8 @@ def process_batch(
 
     error = "; ".join(errors) or None
     summary = finish_batch(batch_id, failed_chunks, error)
+    if batch["callback"]:
+        _send_callback(batch_id)
     if failed_chunks:
         raise RuntimeError(
             f"batch {batch_id}: {len(failed_chunks)} chunk(s) could not finish ({error}); "
