@@ -14,7 +14,6 @@ from prefect.exceptions import CancelledRun
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.tasks import exponential_backoff
 
 from batchops.execution import ChunkOutcome
 from batchops.schemas import BatchSummary, ChunkRef, Operation
@@ -41,6 +40,8 @@ def _rename_flow_run(name: str) -> None:
 
 
 def _chunk_task(settings_retries: int, backoff: float) -> Any:
+    from prefect.tasks import exponential_backoff
+
     return run_chunk.with_options(
         retries=settings_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
@@ -82,6 +83,8 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
 
 def _send_callback(batch_id: str) -> None:
     """Deliver the batch's completion callback; its failure is recorded, never raised."""
+    from prefect.tasks import exponential_backoff
+
     settings = get_settings()
     backoff = settings.callback_backoff_seconds
     state = send_callback.with_options(
@@ -119,7 +122,8 @@ def process_batch(
 
     Item failures are results, not flow failures; the flow fails only when a chunk cannot be
     executed after its retries (for example the database is gone), and a later run of the same
-    batch resumes from the completed chunks.
+    batch resumes from the completed chunks. A batch with a ``callback_url`` gets its signed
+    completion callback once it has finished; an undelivered callback does not fail the flow.
     """
     logger = get_run_logger()
     if batch_id is None:
