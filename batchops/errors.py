@@ -13,6 +13,9 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     ├── InvalidApiKey             401  unauthorized
     ├── QuotaExceeded             429  quota_exceeded    (``retry_after`` seconds)
     ├── ValidationFailed          422  validation_failed (carries every FieldError)
+    │   └── CallbackUrlNotAllowed 422  callback_url_not_allowed (scheme, userinfo, allowlist,
+    │       │                                                    private address)
+    │       └── CallbackHostUnresolvable 422  callback_url_not_allowed (no DNS answer)
     ├── BatchTooLarge             413  batch_too_large
     │   └── BodyTooLarge          413  batch_too_large   (bytes; the connection is closed)
     ├── NotFound                  404  not_found
@@ -21,6 +24,8 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     ├── BatchInProgress           409  batch_in_progress
     ├── BatchFinished             409  batch_finished
     ├── ConfigurationError        500  configuration_error
+    ├── CallbackDeliveryFailed    502  callback_delivery_failed (``retryable``: 429/5xx/network)
+    ├── SignatureVerificationError 400 invalid_signature (receivers: a callback's signature)
     └── TransientError            503  transient_error  (retried: connection loss, timeouts)
 
 Item-level outcomes are not exceptions of this tree: a failed item is an
@@ -41,6 +46,9 @@ __all__ = [
     "BatchTooLarge",
     "BatchopsError",
     "BodyTooLarge",
+    "CallbackDeliveryFailed",
+    "CallbackHostUnresolvable",
+    "CallbackUrlNotAllowed",
     "ConfigurationError",
     "FieldError",
     "IdempotencyConflict",
@@ -50,6 +58,7 @@ __all__ = [
     "MalformedJson",
     "NotFound",
     "QuotaExceeded",
+    "SignatureVerificationError",
     "TransientError",
     "ValidationFailed",
 ]
@@ -228,3 +237,40 @@ class MalformedJson(MalformedInput):
     """The body is not JSON (400 ``malformed_json``)."""
 
     code = "malformed_json"
+
+
+class CallbackUrlNotAllowed(ValidationFailed):
+    """A batch's ``callback_url`` is refused (422 ``callback_url_not_allowed``): not http(s),
+    carries credentials, its host is not on the allowlist, or it resolves to a loopback,
+    private, link-local or reserved address the settings do not allow."""
+
+    code = "callback_url_not_allowed"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__([FieldError(None, None, "callback_url", reason)],
+                         f"callback_url not allowed: {reason}")
+
+
+class CallbackHostUnresolvable(CallbackUrlNotAllowed):
+    """The callback host has no address (at submit time a refusal; when sending, retried)."""
+
+
+class CallbackDeliveryFailed(BatchopsError):
+    """A completion callback was not delivered. ``retryable`` for connection errors, timeouts,
+    429 and 5xx answers; not for other answers or a refused URL. Never fails the batch."""
+
+    code = "callback_delivery_failed"
+    http_status = 502
+
+    def __init__(self, message: str, *, retryable: bool, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status_code = status_code
+
+
+class SignatureVerificationError(BatchopsError):
+    """A received callback's ``Batchops-Signature`` does not verify (for receivers)."""
+
+    code = "invalid_signature"
+    http_status = 400

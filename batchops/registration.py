@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from batchops.callbacks import CallbackRecords
 from batchops.planning import ChunkPlanner
 from batchops.runtime import Runtime
 from batchops.validation import OperationValidator
@@ -27,6 +28,8 @@ def register_batch(
     max_operations: int | None = None,
     scope: str = "default",
     source: str = "api",
+    callback_url: str | None = None,
+    status_url: str | None = None,
 ) -> tuple[str, int]:
     """Validate and store a batch; ``(batch_id, total)``.
 
@@ -34,6 +37,10 @@ def register_batch(
     as they fill, and the transaction rolls back if any operation is invalid, raising
     :class:`~batchops.errors.ValidationFailed` with every error, or
     :class:`~batchops.errors.BatchTooLarge` past ``max_operations``.
+
+    ``callback_url`` (checked by the caller with
+    :func:`~batchops.callback_urls.check_callback_url`, and again before it is called) gets
+    the batch's completion callback, which links to ``status_url``.
     """
     settings = runtime.settings
     batch_id = batch_id or new_batch_id()
@@ -57,4 +64,6 @@ def register_batch(
         if last is not None:
             store.insert_chunk(conn, last.ref, last.operations, last.depends_on)
         store.set_total(conn, batch_id, validator.count)
+        if callback_url is not None:
+            CallbackRecords(store).add(conn, batch_id, callback_url, status_url)
     return batch_id, validator.count

@@ -17,6 +17,8 @@ __all__ = [
     "BatchState",
     "BatchStatus",
     "BatchSummary",
+    "CallbackState",
+    "CallbackStatus",
     "ChunkRef",
     "ItemErrorBody",
     "ItemResult",
@@ -173,6 +175,26 @@ class BatchSummary(BaseModel):
     failed: int
 
 
+class CallbackState(StrEnum):
+    PENDING = "pending"  # not sent yet, or a retry is due
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # retries exhausted, or an answer that is not retried (4xx, 3xx)
+    REFUSED = "refused"  # at send time the URL was no longer allowed (e.g. private address)
+
+
+class CallbackStatus(BaseModel):
+    """Delivery of a batch's completion callback, as an operator sees it."""
+
+    url: str
+    status: CallbackState
+    attempts: int
+    delivery_id: str | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    last_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+
 class BatchStatus(BaseModel):
     batch_id: str
     status: BatchState
@@ -185,3 +207,4 @@ class BatchStatus(BaseModel):
     finished_at: datetime | None = None
     flow_run_id: str | None = None
     ui_url: str | None = None
+    callback: CallbackStatus | None = None

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -202,6 +202,31 @@ class Settings(BaseSettings):
     sync_cron: str = Field("*/15 * * * *", description="schedule of the bulk-sync deployment")
     sync_schedule_active: bool = Field(
         False, description="the bulk-sync schedule is paused unless this is set")
+
+    # Completion callbacks: POST a signed summary to a batch's callback_url when it finishes.
+    # Refused unless the host is on the allowlist (empty: no callbacks accepted at all).
+    callback_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of the Batchops-Signature header")
+    callback_allowed_hosts: list[str] = Field(
+        [], description="hosts callbacks may go to: exact, '*.example.com' or '*' (any host)")
+    callback_allow_private: bool = Field(
+        False, description="allow loopback, private and link-local callback addresses")
+    callback_timeout_seconds: float = Field(10, gt=0, description="per delivery attempt")
+    callback_retries: int = Field(5, ge=0, le=20, description="attempts after the first")
+    callback_backoff_seconds: float = Field(
+        2.0, ge=0, description="first retry delay; doubles each retry (with jitter)")
+
+    @field_validator("callback_allowed_hosts")
+    @classmethod
+    def _normalize_hosts(cls, hosts: list[str]) -> list[str]:
+        return [h.strip().lower().rstrip(".") for h in hosts if h.strip()]
+
+    @model_validator(mode="after")
+    def _callbacks_are_signed(self) -> Settings:
+        if self.callback_allowed_hosts and self.callback_secret is None:
+            raise ValueError("callback_allowed_hosts needs callback_secret: callbacks are "
+                             "always signed")
+        return self
 
     @classmethod
     def settings_customise_sources(

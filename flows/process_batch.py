@@ -19,6 +19,7 @@ from batchops.execution import ChunkOutcome
 from batchops.schemas import BatchSummary, ChunkRef, Operation
 from batchops.settings import get_settings
 from tasks.batches import finish_batch, load_batch, register_operations
+from tasks.callbacks import send_callback
 from tasks.chunks import run_chunk
 
 __all__ = ["process_batch"]
@@ -80,6 +81,21 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
         yield in_flight.pop(done.task_run_id), done
 
 
+def _send_callback(batch_id: str) -> None:
+    """Deliver the batch's completion callback; its failure is recorded, never raised."""
+    from prefect.tasks import exponential_backoff
+
+    settings = get_settings()
+    backoff = settings.callback_backoff_seconds
+    state = send_callback.with_options(
+        retries=settings.callback_retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
+    )(batch_id, return_state=True)
+    if not state.is_completed():
+        get_run_logger().warning("batch %s: completion callback not delivered: %s", batch_id,
+                                 state.message)
+
+
 def _show_progress(progress_id: UUID, batch_id: str, done: int, total: int) -> None:
     update_progress_artifact(progress_id, 100.0 * done / total if total else 100.0,
                              description=f"batch {batch_id}: {done}/{total} items")
@@ -106,7 +122,8 @@ def process_batch(
 
     Item failures are results, not flow failures; the flow fails only when a chunk cannot be
     executed after its retries (for example the database is gone), and a later run of the same
-    batch resumes from the completed chunks.
+    batch resumes from the completed chunks. A batch with a ``callback_url`` gets its signed
+    completion callback once it has finished; an undelivered callback does not fail the flow.
     """
     logger = get_run_logger()
     if batch_id is None:
@@ -152,6 +169,8 @@ def process_batch(
 
     error = "; ".join(errors) or None
     summary = finish_batch(batch_id, failed_chunks, error)
+    if batch["callback"]:
+        _send_callback(batch_id)
     if failed_chunks:
         raise RuntimeError(
             f"batch {batch_id}: {len(failed_chunks)} chunk(s) could not finish ({error}); "

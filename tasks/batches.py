@@ -7,6 +7,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from batchops.callbacks import CallbackRecords
 from batchops.registration import register_batch
 from batchops.reporting import summary_markdown, table_rows
 from batchops.runtime import get_runtime
@@ -27,14 +28,16 @@ def register_operations(operations: list[Operation], concurrency: int | None,
 
 @task(name="load-batch")
 def load_batch(batch_id: str, flow_run_id: str | None) -> dict[str, Any]:
-    """The batch's chunk plan; marks the batch processing (under this flow run)."""
+    """The batch's chunk plan, whether it has a callback; marks the batch processing (under
+    this flow run)."""
     store = get_runtime().store
     batch = store.get_batch(batch_id)
     plan = store.chunk_plan(batch_id)
     started = store.mark_started(batch_id, flow_run_id)
     return {"total": batch.total, "concurrency": batch.concurrency, "scope": batch.scope,
             "generation": batch.generation, "chunks": plan if started else [],
-            "cancelled": not started}
+            "cancelled": not started,
+            "callback": CallbackRecords(store).get(batch_id) is not None}
 
 
 @task(name="finish-batch")

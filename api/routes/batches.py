@@ -4,7 +4,9 @@
 
 1. a batch-level ``Idempotency-Key`` already used with this body → that batch's answer;
 2. the caller's operations-per-minute quota is charged;
-3. every operation is validated and the batch stored (:func:`register_batch`);
+3. a ``callback_url`` is checked (allowlist, public address; ``422
+   callback_url_not_allowed``), every operation is validated and the batch stored
+   (:func:`register_batch`);
 4. sync: the flow runs in this process and the answer waits for it (``200``/``207``), or
    becomes ``202`` when the wait is over; async: a flow run of the deployment, ``202``.
 """
@@ -34,6 +36,8 @@ from batchops.batch_requests import (
     IdempotencyKeyInFlight,
     request_hash,
 )
+from batchops.callback_urls import check_callback_url
+from batchops.callbacks import CallbackRecords
 from batchops.csvio import write_results_csv
 from batchops.errors import (
     BatchNotFound,
@@ -160,7 +164,9 @@ def _owned_batch(runtime: Runtime, batch_id: str, scope: str) -> BatchRecord:
 
 
 def _status(runtime: Runtime, batch_id: str) -> BatchStatus:
-    return runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
+    status = runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
+    callback = CallbackRecords(runtime.store).get(batch_id)
+    return status.model_copy(update={"callback": callback}) if callback else status
 
 
 def _parse_request(raw: Any, max_operations: int) -> tuple[BatchCreate, list[Any]]:
@@ -343,6 +349,8 @@ async def create_batch(
         wait = prefs.wait
         applied.append(f"wait={prefs.wait:g}")
     wait = min(wait, settings.max_sync_wait_seconds)
+    if envelope.callback_url is not None:  # resolves the host: off the event loop
+        await asyncio.to_thread(check_callback_url, envelope.callback_url, settings)
 
     if dry_run:
         plan = await asyncio.to_thread(_dry_run, runtime, operations, mode)
@@ -373,8 +381,11 @@ async def create_batch(
     charge: str | None = None
     try:
         charge = await quota.charge(scope, len(operations))
+        status_url = (str(request.url_for("get_batch_status", batch_id=batch_id))
+                      if envelope.callback_url is not None else None)
         await asyncio.to_thread(register_batch, runtime, operations, batch_id=batch_id,
-                                concurrency=envelope.concurrency, scope=scope, source="api")
+                                concurrency=envelope.concurrency, scope=scope, source="api",
+                                callback_url=envelope.callback_url, status_url=status_url)
         if mode == "async":
             await runner.start_deployment(runtime, batch_id)
     except BaseException:
