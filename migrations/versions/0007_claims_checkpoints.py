@@ -1,14 +1,14 @@
 """claims and checkpoints: in-flight idempotency keys, per-item checkpoints, heartbeats
 
 Revision ID: 0007
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-23
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
