@@ -27,13 +27,15 @@ def register_batch(
     max_operations: int | None = None,
     scope: str = "default",
     source: str = "api",
+    deadline_seconds: float | None = None,
 ) -> tuple[str, int]:
     """Validate and store a batch; ``(batch_id, total)``.
 
     ``operations`` may be any iterable (a CSV reader streams through here): chunks are written
     as they fill, and the transaction rolls back if any operation is invalid, raising
     :class:`~batchops.errors.ValidationFailed` with every error, or
-    :class:`~batchops.errors.BatchTooLarge` past ``max_operations``.
+    :class:`~batchops.errors.BatchTooLarge` past ``max_operations``. With
+    ``deadline_seconds``, no item starts later than that many seconds from now.
     """
     settings = runtime.settings
     batch_id = batch_id or new_batch_id()
@@ -44,7 +46,8 @@ def register_batch(
     store = runtime.store
     with store.engine.begin() as conn:
         store.insert_batch(conn, batch_id, concurrency=concurrency or settings.default_concurrency,
-                           chunk_size=size, scope=scope, source=source)
+                           chunk_size=size, scope=scope, source=source,
+                           deadline_seconds=deadline_seconds)
         for index, raw in enumerate(operations):
             planned = validator.check(raw, index)
             if planned is None or validator.error_count:

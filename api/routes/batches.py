@@ -146,9 +146,9 @@ def parse_prefer(values: list[str] | None) -> Preferences:
 
 
 def item_json(result: ItemResult) -> dict[str, Any]:
-    """An item as the API shows it: ``result`` when it succeeded, ``error`` when it failed."""
+    """An item as the API shows it: ``result`` when it succeeded, else ``error``."""
     data = result.model_dump(mode="json")
-    data.pop("result" if result.state is ItemState.FAILED else "error", None)
+    data.pop("error" if result.state is ItemState.SUCCEEDED else "result", None)
     return data
 
 
@@ -222,7 +222,7 @@ def _outcome(runtime: Runtime, batch_id: str) -> tuple[int, dict[str, Any]]:
     body = {
         "batch_id": batch_id, "status": status.status.value,
         "summary": {"total": status.total, "succeeded": status.succeeded,
-                    "failed": status.failed},
+                    "failed": status.failed, "skipped": status.skipped},
         "results": results,
     }
     return (200 if all_ok else 207), body
@@ -374,7 +374,8 @@ async def create_batch(
     try:
         charge = await quota.charge(scope, len(operations))
         await asyncio.to_thread(register_batch, runtime, operations, batch_id=batch_id,
-                                concurrency=envelope.concurrency, scope=scope, source="api")
+                                concurrency=envelope.concurrency, scope=scope, source="api",
+                                deadline_seconds=envelope.deadline_seconds)
         if mode == "async":
             await runner.start_deployment(runtime, batch_id)
     except BaseException:

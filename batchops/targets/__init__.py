@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from sqlalchemy.engine import Connection
 
 from batchops.schemas import ItemResult, PlannedOperation
 
-__all__ = ["ChunkContext", "Target"]
+__all__ = ["DEADLINE_STATUS", "ChunkContext", "Target", "deadline_exceeded"]
+
+# An item the batch's deadline left unstarted: 504, as gRPC's DEADLINE_EXCEEDED maps to HTTP.
+DEADLINE_STATUS = 504
 
 
 @dataclass(frozen=True)
@@ -19,11 +23,24 @@ class ChunkContext:
 
     ``store_connection`` is the chunk's open transaction on the store database: a sql target on
     the same database writes through it, so the rows and the recorded results commit together.
+    ``deadline`` is the batch's: a target starts no item once it has passed (items already
+    started finish), answering :func:`deadline_exceeded` for the rest.
     """
 
     batch_id: str
     concurrency: int
     store_connection: Connection | None = None
+    deadline: datetime | None = None
+
+    def deadline_passed(self) -> bool:
+        return self.deadline is not None and datetime.now(UTC) >= self.deadline
+
+
+def deadline_exceeded(op: PlannedOperation, deadline: datetime | None) -> ItemResult:
+    """The result of an item not started because the batch's deadline had passed."""
+    when = f" ({deadline.isoformat()})" if deadline is not None else ""
+    return ItemResult.skip(op, DEADLINE_STATUS, "deadline_exceeded",
+                           f"the batch's deadline{when} passed before this item started")
 
 
 class Target(Protocol):
