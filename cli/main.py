@@ -306,8 +306,8 @@ def run(
 ) -> None:
     """Validate a batch file, run it with a live progress bar, and summarise the outcome.
 
-    Exit code 0 when every item succeeded, 1 when some failed or were skipped, 2 when the input is invalid
-    (nothing ran), 3 when the run itself failed.
+    Exit code 0 when every item succeeded, 1 when some failed or were skipped, 2 when the
+    input is invalid (nothing ran), 3 when the run itself failed.
     """
     prefect_api = use_local_prefect_server()
     is_csv = resource is not None or method is not None
