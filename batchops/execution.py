@@ -3,26 +3,38 @@
 Everything a chunk records (item rows, counters, checkpoint, idempotency records) commits in
 one transaction, together with the sql target's writes when the target is the store's
 database. A chunk that is already recorded is not executed again: its recorded results are returned.
+
+Deadline: once the batch's deadline has passed no item starts; the rest of the chunk is
+recorded ``skipped`` (``deadline_exceeded``). Dependencies: a chunk whose items have
+``depends_on`` runs in waves — an item runs once its dependencies have results (in this chunk
+or, recorded, in earlier ones) and the earlier items it must follow for record order have
+run; the items of one wave run together through their targets. An item whose dependency did
+not succeed fails with ``dependency_failed`` (424) without running; its ``$ref`` values are
+resolved from the dependencies' results right before it runs. Chunks without dependencies
+take the plain path: all their items through the targets at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from itertools import groupby
 
 from pydantic import BaseModel
 from sqlalchemy.engine import Connection
 
 from batchops.checkpoints import CheckpointWriter
+from batchops.planning import record_order
+from batchops.references import UnresolvedReference, find_references, resolve_body
 from batchops.routing import SQL_TARGET
 from batchops.runtime import Runtime
-from batchops.schemas import ChunkRef, ItemResult, ItemState, PlannedOperation
+from batchops.schemas import ChunkRef, ItemResult, ItemState, Operation, PlannedOperation
 from batchops.store import IdempotencyRecord
-from batchops.targets import ChunkContext
+from batchops.targets import ChunkContext, deadline_exceeded
 from batchops.targets.sql import SqlTarget
+from batchops.validation import OperationValidator
 
 __all__ = ["ChunkOutcome", "execute_chunk"]
 
@@ -74,8 +86,104 @@ async def _run_targets(runtime: Runtime, ops: Sequence[PlannedOperation],
     """Consecutive operations of one target go together; targets run in batch order."""
     results: list[ItemResult] = []
     for target_name, group in groupby(ops, key=lambda op: op.target):
-        results += await runtime.targets[target_name].execute(list(group), ctx)
+        items = list(group)
+        if ctx.deadline_passed():
+            results += [deadline_exceeded(op, ctx.deadline) for op in items]
+        else:
+            results += await runtime.targets[target_name].execute(items, ctx)
     return results
+
+
+def _not_run(op: PlannedOperation, status: int, code: str, message: str) -> ItemResult:
+    return ItemResult.fail(op, status, code, message).model_copy(update={"attempts": 0})
+
+
+def _resolved(runtime: Runtime, op: PlannedOperation,
+              deps: Sequence[ItemResult]) -> PlannedOperation | ItemResult:
+    """``op`` with its ``$ref`` values replaced (and checked again), or why it cannot run."""
+    if not op.body or next(find_references(op.body), None) is None:
+        return op
+    try:
+        body = resolve_body(op.body, {r.id: r.result for r in deps if r.id is not None})
+    except UnresolvedReference as exc:
+        return _not_run(op, 422, "ref_unresolved", str(exc))
+    check = OperationValidator(runtime.router, 1)
+    if check.check(Operation(method=op.method, path=op.path, body=body,
+                             headers=op.headers), op.index) is None:
+        problems = "; ".join(f"{e.field}: {e.message}" for e in check.errors)
+        return _not_run(op, 422, "invalid_value", f"after resolving $ref: {problems}")
+    return op.model_copy(update={"body": body})
+
+
+async def _run_waves(runtime: Runtime, ops: Sequence[PlannedOperation], ctx: ChunkContext,
+                     known: Mapping[int, ItemResult], alias: Mapping[int, int],
+                     ) -> list[ItemResult]:
+    """Run items after their dependencies: wave by wave, each wave's items together.
+
+    ``known``: results the chunk has before running (other chunks', kept, replayed);
+    ``alias``: an item answered from another one of this chunk (a repeated key) → that one.
+    """
+    after = record_order(ops, runtime.resources)
+    running = {op.index for op in ops}
+    done: dict[int, ItemResult] = {}
+
+    def result_of(index: int) -> ItemResult | None:
+        index = alias.get(index, index)
+        return done.get(index) or known.get(index)
+
+    pending = list(ops)
+    while pending:
+        if ctx.deadline_passed():
+            done.update((op.index, deadline_exceeded(op, ctx.deadline)) for op in pending)
+            break
+        wave: list[PlannedOperation] = []
+        waiting: list[PlannedOperation] = []
+        for op in pending:  # in batch order: a dependency is decided before its dependents
+            before = {alias.get(i, i) for i in op.depends_on} | after[op.index]
+            if any(i in running and i not in done for i in before):
+                waiting.append(op)
+                continue
+            deps = [(i, result_of(i)) for i in op.depends_on]
+            unmet = [(i, r) for i, r in deps if r is None or r.state is not ItemState.SUCCEEDED]
+            if any(r is not None and r.state is ItemState.SKIPPED for _, r in unmet):
+                done[op.index] = deadline_exceeded(op, ctx.deadline)
+            elif unmet:
+                names = ", ".join(repr(r.id) if r is not None and r.id else f"#{i}"
+                                  for i, r in unmet)
+                done[op.index] = _not_run(op, 424, "dependency_failed",
+                                          f"not run: its dependency {names} did not succeed")
+            else:
+                ready = _resolved(runtime, op, [r for _, r in deps if r is not None])
+                if isinstance(ready, ItemResult):
+                    done[op.index] = ready
+                else:
+                    wave.append(ready)
+        if wave:
+            done.update((r.index, r) for r in await _run_targets(runtime, wave, ctx))
+        pending = waiting
+    return [done[op.index] for op in ops]
+
+
+def _known_results(runtime: Runtime, conn: Connection, ref: ChunkRef,
+                   ops: Sequence[PlannedOperation], settled: Mapping[int, ItemResult],
+                   alias: Mapping[int, int]) -> dict[int, ItemResult]:
+    """The results ``ops``' dependencies already have: ``settled`` and other chunks' ones."""
+    wanted = {i for op in ops for i in op.depends_on}
+    if not wanted:
+        return dict(settled)
+    outside = wanted - settled.keys() - {op.index for op in ops} - alias.keys()
+    return {**runtime.store.item_results(conn, ref.batch_id, outside), **settled}
+
+
+async def _run_items(runtime: Runtime, ops: Sequence[PlannedOperation], ctx: ChunkContext,
+                     known: Mapping[int, ItemResult], alias: Mapping[int, int],
+                     ) -> list[ItemResult]:
+    """Results of ``ops``: the plain path when none has dependencies, else in waves."""
+    if not ops:
+        return []
+    if not any(op.depends_on for op in ops):
+        return await _run_targets(runtime, ops, ctx)
+    return await _run_waves(runtime, ops, ctx, known, alias)
 
 
 def _is_atomic(runtime: Runtime, ops: Sequence[PlannedOperation]) -> bool:
@@ -86,8 +194,11 @@ def _is_atomic(runtime: Runtime, ops: Sequence[PlannedOperation]) -> bool:
 
 
 async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
-                        scope: str, generation: int = 0) -> ChunkOutcome:
+                        scope: str, generation: int = 0,
+                        deadline: datetime | None = None) -> ChunkOutcome:
     """Run the chunk's items and record their results, unless the chunk is recorded already.
+
+    No item starts once ``deadline`` has passed: those left are recorded ``skipped``.
 
     When all of the chunk's operations go to the store's database, execution and recording
     share one transaction (and the chunk row is locked for it): a crash leaves no trace, and a
@@ -123,25 +234,38 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
             [op for op in todo if op.index not in checkpointed],
             store.idempotency_lookup(conn, scope, keys))
         answered.update(checkpointed)
+        settled = {**kept, **answered}
+        alias = _repeated_keys(todo, to_run, answered)
         if atomic:
-            ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn)
-            executed = await _run_targets(runtime, to_run, ctx) if to_run else []
+            ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn,
+                               deadline=deadline)
+            known = _known_results(runtime, conn, ref, to_run, settled, alias)
+            executed = await _run_items(runtime, to_run, ctx, known, alias)
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
     if not atomic:
+        with store.read() as read:
+            known = _known_results(runtime, read, ref, to_run, settled, alias)
         with CheckpointWriter(runtime, ref.batch_id, generation, scope) as writer:
-            ctx = ChunkContext(ref.batch_id, concurrency, on_item_done=writer.put)
-            executed = await _run_claimed(runtime, ref.batch_id, scope, to_run, ctx)
+            ctx = ChunkContext(ref.batch_id, concurrency, deadline=deadline,
+                               on_item_done=writer.put)
+            executed = await _run_claimed(
+                runtime, ref.batch_id, scope, to_run, ctx,
+                lambda ops: _run_items(runtime, ops, ctx, known, alias))
         with store.engine.begin() as conn:
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
             store.release_claims(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
-    return _outcome(ref, results, executed=executed, already=len(kept), started=started)
+    return _outcome(ref, results, executed=[r for r in executed if r.attempts],
+                    already=len(kept), started=started)
 
 
 async def _run_claimed(runtime: Runtime, batch_id: str, scope: str,
-                       ops: Sequence[PlannedOperation], ctx: ChunkContext) -> list[ItemResult]:
-    """Execute ``ops`` whose keys this batch could claim; wait for the keys other batches are
-    executing and replay their results (or run them, if the other batch failed them)."""
+                       ops: Sequence[PlannedOperation], ctx: ChunkContext,
+                       run: Callable[[Sequence[PlannedOperation]], Awaitable[list[ItemResult]]],
+                       ) -> list[ItemResult]:
+    """Execute (``run``) the ``ops`` whose keys this batch could claim; wait for the keys other
+    batches are executing and replay their results (or run them, if the other batch failed
+    them)."""
     store = runtime.store
     stale_after = timedelta(seconds=runtime.settings.stale_after_seconds)
     results: list[ItemResult] = []
@@ -163,10 +287,30 @@ async def _run_claimed(runtime: Runtime, batch_id: str, scope: str,
         claims = store.claim_keys(scope, batch_id, pending, stale_after)
         runnable = [op for op in pending
                     if op.idempotency_key is None or op.idempotency_key in claims.mine]
+        if claims.mine:
+            # A key its holder finished (and released) since this chunk looked is replayed.
+            with store.engine.begin() as conn:
+                answered, runnable = _replay_or_reject(runnable, store.idempotency_lookup(
+                    conn, scope, list(claims.mine)))
+                store.release_claims(conn, scope, batch_id, [
+                    op.idempotency_key for op in pending
+                    if op.index in answered and op.idempotency_key is not None])
+            results += [ctx.item_done(op, answered[op.index]) for op in pending
+                        if op.index in answered]
         if runnable:
-            results += await _run_targets(runtime, runnable, ctx)
+            results += await run(runnable)
         pending = [op for op in pending if op.idempotency_key in claims.busy]
     return sorted(results, key=lambda r: r.index)
+
+
+def _repeated_keys(todo: Sequence[PlannedOperation], to_run: Sequence[PlannedOperation],
+                   answered: Mapping[int, ItemResult]) -> dict[int, int]:
+    """Items answered from the first item of the chunk with the same idempotency key → it."""
+    first = {op.idempotency_key: op.index for op in to_run if op.idempotency_key is not None}
+    running = {op.index for op in to_run}
+    return {op.index: first[op.idempotency_key] for op in todo
+            if op.index not in running and op.index not in answered
+            and op.idempotency_key is not None}
 
 
 def _outcome(ref: ChunkRef, results: Sequence[ItemResult], *, executed: Sequence[ItemResult],

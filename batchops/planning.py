@@ -2,13 +2,17 @@
 
 Chunks run in parallel, so two chunks that touch the same record (or compete for the same
 unique value, or share an idempotency key) must run in batch order: the later one depends on
-the earlier one. Inside a chunk, targets keep batch order themselves.
+the earlier one. A chunk also depends on the chunks holding its items' dependencies
+(``depends_on``, ``$ref``). Inside a chunk, targets keep batch order themselves; a chunk whose
+items depend on each other runs in waves, each item after its dependencies and after the
+earlier items it must follow for record order (:func:`record_order`).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +20,7 @@ from batchops.resources import Resource
 from batchops.routing import SQL_TARGET
 from batchops.schemas import ChunkRef, PlannedOperation
 
-__all__ = ["ChunkPlan", "ChunkPlanner", "chunk_operations"]
+__all__ = ["ChunkPlan", "ChunkPlanner", "chunk_operations", "record_order"]
 
 
 @dataclass
@@ -71,6 +75,7 @@ class ChunkPlanner:
         self._last: dict[tuple[Any, ...], int] = {}
         self._last_free: dict[tuple[str, str], int] = {}
         self._setters_since_free: dict[tuple[str, str], set[int]] = {}
+        self._chunk_starts: list[int] = []  # first item index of every chunk closed so far
 
     def add(self, op: PlannedOperation) -> ChunkPlan | None:
         self._current.append(op)
@@ -104,6 +109,11 @@ class ChunkPlanner:
             for rc in t.frees_unique:
                 self._last_free[rc] = index
                 self._setters_since_free[rc] = set()
+        for op in ops:
+            for dep in op.depends_on:
+                if dep < ops[0].index:  # in an earlier chunk: the one whose range holds it
+                    deps.add(bisect.bisect_right(self._chunk_starts, dep) - 1)
+        self._chunk_starts.append(ops[0].index)
         deps.discard(index)
         # The batch id is part of the cache key too; unkeyed items are named by position.
         keys = "\n".join(op.idempotency_key or f"#{op.index}" for op in ops)
@@ -111,6 +121,38 @@ class ChunkPlanner:
         ref = ChunkRef(batch_id=self.batch_id, chunk_index=index, start=ops[0].index,
                        end=ops[-1].index + 1, cache_token=token)
         return ChunkPlan(ref, ops, sorted(deps))
+
+
+def record_order(ops: Sequence[PlannedOperation],
+                 resources: dict[str, Resource]) -> dict[int, set[int]]:
+    """For each item of a chunk, the earlier items of it that it must run after.
+
+    The same rules that order chunks, item by item: the same record, unique value or
+    idempotency key, and unique values freed by a delete or a rewrite.
+    """
+    last: dict[tuple[Any, ...], int] = {}
+    last_free: dict[tuple[str, str], int] = {}
+    setters_since_free: dict[tuple[str, str], set[int]] = {}
+    after: dict[int, set[int]] = {}
+    for op in ops:
+        t = _touches(op, resources)
+        before = {last[k] for k in t.exclusive if k in last}
+        for rc in t.sets_unique:
+            if rc in last_free:
+                before.add(last_free[rc])
+        for rc in t.frees_unique:
+            before.update(setters_since_free.get(rc, ()))
+            if rc in last_free:
+                before.add(last_free[rc])
+        for k in t.exclusive:
+            last[k] = op.index
+        for rc in t.sets_unique:
+            setters_since_free.setdefault(rc, set()).add(op.index)
+        for rc in t.frees_unique:
+            last_free[rc] = op.index
+            setters_since_free[rc] = set()
+        after[op.index] = before
+    return after
 
 
 def chunk_operations(batch_id: str, operations: Iterable[PlannedOperation], chunk_size: int,

@@ -30,6 +30,7 @@ def register_batch(
     source: str = "api",
     callback_url: str | None = None,
     status_url: str | None = None,
+    deadline_seconds: float | None = None,
 ) -> tuple[str, int]:
     """Validate and store a batch; ``(batch_id, total)``.
 
@@ -41,6 +42,7 @@ def register_batch(
     ``callback_url`` (checked by the caller with
     :func:`~batchops.callback_urls.check_callback_url`, and again before it is called) gets
     the batch's completion callback, which links to ``status_url``.
+    With ``deadline_seconds``, no item starts later than that many seconds from now.
     """
     settings = runtime.settings
     batch_id = batch_id or new_batch_id()
@@ -51,7 +53,8 @@ def register_batch(
     store = runtime.store
     with store.engine.begin() as conn:
         store.insert_batch(conn, batch_id, concurrency=concurrency or settings.default_concurrency,
-                           chunk_size=size, scope=scope, source=source)
+                           chunk_size=size, scope=scope, source=source,
+                           deadline_seconds=deadline_seconds)
         for index, raw in enumerate(operations):
             planned = validator.check(raw, index)
             if planned is None or validator.error_count:

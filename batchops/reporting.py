@@ -24,9 +24,9 @@ def summary_markdown(status: BatchStatus, failed_chunks: Sequence[ChunkRef],
     lines = [
         f"# Batch `{status.batch_id}`: {status.status.value}",
         "",
-        "| total | succeeded | failed | progress |",
-        "|---:|---:|---:|---:|",
-        f"| {status.total} | {status.succeeded} | {status.failed} | "
+        "| total | succeeded | failed | skipped | progress |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {status.total} | {status.succeeded} | {status.failed} | {status.skipped} | "
         f"{status.progress:.0%} |",
     ]
     if status.started_at and status.finished_at:

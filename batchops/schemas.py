@@ -67,6 +67,8 @@ class Operation(_Model):
     body: dict[str, Any] | None = None
     headers: dict[str, str] | None = None
     idempotency_key: Annotated[str | None, Field(min_length=1, max_length=255)] = None
+    # Ids of operations (earlier in the batch) that must have succeeded before this one runs.
+    depends_on: list[Annotated[str, Field(max_length=200)]] | None = None
 
     @field_validator("id", mode="before")
     @classmethod
@@ -74,6 +76,13 @@ class Operation(_Model):
         # Spreadsheets and JSON clients send numeric ids; they are names, keep them as text.
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
+        return value
+
+    @field_validator("depends_on", mode="before")
+    @classmethod
+    def _ids_as_text(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [cls._id_as_text(v) for v in value]
         return value
 
     @field_validator("method", mode="before")
@@ -89,6 +98,9 @@ class BatchCreate(_Model):
     mode: Literal["auto", "sync", "async"] = "auto"
     concurrency: Annotated[int | None, Field(ge=1, le=1000)] = None
     callback_url: str | None = None
+    # Once this many seconds have passed since submission, no new item starts: the rest are
+    # ``skipped`` (``deadline_exceeded``) and the batch completes.
+    deadline_seconds: Annotated[float | None, Field(gt=0, le=7 * 24 * 3600)] = None
 
 
 def payload_hash(method: str, path: str, body: Any) -> str:
@@ -112,6 +124,9 @@ class PlannedOperation(BaseModel):
     target: str
     resource: str | None = None
     params: dict[str, str] = {}
+    # Indexes of the operations this one waits for (``depends_on`` and ``$ref`` targets);
+    # ``body`` keeps its ``{"$ref": ...}`` values, resolved right before the item runs.
+    depends_on: list[int] = []
 
 
 class ChunkRef(BaseModel):
@@ -168,11 +183,18 @@ class ItemResult(BaseModel):
         return cls(id=op.id, index=op.index, status=status, state=ItemState.FAILED,
                    error=ItemErrorBody(code=code, message=message))
 
+    @classmethod
+    def skip(cls, op: PlannedOperation, status: int, code: str, message: str) -> ItemResult:
+        """Not attempted (``attempts`` 0); a retry of the batch runs it."""
+        return cls(id=op.id, index=op.index, status=status, state=ItemState.SKIPPED,
+                   error=ItemErrorBody(code=code, message=message), attempts=0)
+
 
 class BatchSummary(BaseModel):
     total: int
     succeeded: int
     failed: int
+    skipped: int = 0  # not attempted: the batch's deadline passed first
 
 
 class CallbackState(StrEnum):
@@ -202,9 +224,11 @@ class BatchStatus(BaseModel):
     completed: int
     succeeded: int
     failed: int
+    skipped: int = 0
     progress: float
     started_at: datetime | None = None
     finished_at: datetime | None = None
     flow_run_id: str | None = None
     ui_url: str | None = None
     callback: CallbackStatus | None = None
+    deadline_at: datetime | None = None

@@ -10,7 +10,7 @@ transaction. Reading results walks the chunks in order.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +46,7 @@ batches = sa.Table(
     sa.Column("completed", sa.Integer, nullable=False, server_default="0"),
     sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
     sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
     sa.Column("concurrency", sa.Integer, nullable=False),
     sa.Column("chunk_size", sa.Integer, nullable=False),
     sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
@@ -56,6 +57,9 @@ batches = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True)),
     sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
     sa.Column("recoveries", sa.Integer, nullable=False, server_default="0"),
+    # No item starts after deadline_at; a retry moves it deadline_seconds past the retry.
+    sa.Column("deadline_seconds", sa.Float),
+    sa.Column("deadline_at", sa.DateTime(timezone=True)),
 )
 sa.Index("ix_batches_status_heartbeat", batches.c.status, batches.c.heartbeat_at)
 
@@ -73,6 +77,7 @@ batch_chunks = sa.Table(
     sa.Column("done", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
     sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
     sa.Column("results", sa.Text),  # JSON array of ItemResult, in index order, once done
     sa.Column("completed_at", sa.DateTime(timezone=True)),
 )
@@ -130,6 +135,14 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def _deadline_from(now: datetime, seconds: float | None) -> datetime | None:
+    return None if seconds is None else now + timedelta(seconds=seconds)
+
+
+def _count(results: Sequence[ItemResult], *states: ItemState) -> tuple[int, ...]:
+    return tuple(sum(1 for r in results if r.state is state) for state in states)
 
 
 def create_engine(url: str, **kwargs: Any) -> Engine:
@@ -190,6 +203,9 @@ class BatchRecord:
     finished_at: datetime | None
     heartbeat_at: datetime | None = None
     recoveries: int = 0
+    skipped: int = 0
+    deadline_seconds: float | None = None
+    deadline_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -245,10 +261,14 @@ class Store:
     # -- registration -------------------------------------------------------------------
 
     def insert_batch(self, conn: Connection, batch_id: str, *, concurrency: int,
-                     chunk_size: int, scope: str, source: str) -> None:
+                     chunk_size: int, scope: str, source: str,
+                     deadline_seconds: float | None = None) -> None:
+        now = utcnow()
         conn.execute(batches.insert().values(
             id=batch_id, status=BatchState.QUEUED.value, scope=scope, source=source, total=0,
-            concurrency=concurrency, chunk_size=chunk_size, created_at=utcnow(),
+            concurrency=concurrency, chunk_size=chunk_size, created_at=now,
+            deadline_seconds=deadline_seconds,
+            deadline_at=_deadline_from(now, deadline_seconds),
         ))
 
     def insert_chunk(self, conn: Connection, ref: ChunkRef, ops: Sequence[PlannedOperation],
@@ -271,7 +291,7 @@ class Store:
             raise BatchNotFound(batch_id)
         data = dict(row)
         data.pop("source", None)
-        for name in ("created_at", "started_at", "finished_at", "heartbeat_at"):
+        for name in ("created_at", "started_at", "finished_at", "heartbeat_at", "deadline_at"):
             data[name] = _aware(data[name])
         return BatchRecord(**data)
 
@@ -279,8 +299,8 @@ class Store:
         b = self.get_batch(batch_id)
         return BatchStatus(
             batch_id=b.id, status=BatchState(b.status), total=b.total, completed=b.completed,
-            succeeded=b.succeeded, failed=b.failed,
-            progress=round(b.completed / b.total, 4) if b.total else 1.0,
+            succeeded=b.succeeded, failed=b.failed, skipped=b.skipped,
+            deadline_at=b.deadline_at, progress=round(b.completed / b.total, 4) if b.total else 1.0,
             started_at=b.started_at, finished_at=b.finished_at, flow_run_id=b.flow_run_id,
             ui_url=(f"{ui_url.rstrip('/')}/runs/flow-run/{b.flow_run_id}"
                     if ui_url and b.flow_run_id else None),
@@ -338,6 +358,8 @@ class Store:
                 query = query.where(c.failed > 0)
             elif state is ItemState.SUCCEEDED:
                 query = query.where(c.succeeded > 0)
+            elif state is ItemState.SKIPPED:
+                query = query.where(c.skipped > 0)
             with self.read() as conn:
                 rows = conn.execute(query.order_by(c.chunk_index).limit(chunks_per_read)).all()
             if not rows:
@@ -361,19 +383,43 @@ class Store:
         ``results`` is every item of the chunk; ``new`` the ones not counted before (all of
         them, except on a retry, where the kept successes were counted already).
         """
-        succeeded = sum(1 for r in results if r.state is ItemState.SUCCEEDED)
-        new_succeeded = sum(1 for r in new if r.state is ItemState.SUCCEEDED)
+        succeeded, skipped = _count(results, ItemState.SUCCEEDED, ItemState.SKIPPED)
+        new_succeeded, new_skipped = _count(new, ItemState.SUCCEEDED, ItemState.SKIPPED)
         conn.execute(batch_chunks.update().where(
             batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
-        ).values(done=True, completed_at=utcnow(), succeeded=succeeded,
-                 failed=len(results) - succeeded,
+        ).values(done=True, completed_at=utcnow(), succeeded=succeeded, skipped=skipped,
+                 failed=len(results) - succeeded - skipped,
                  results=_RESULTS.dump_json(list(results)).decode()))
         conn.execute(batches.update().where(batches.c.id == ref.batch_id).values(
             completed=batches.c.completed + len(new),
             succeeded=batches.c.succeeded + new_succeeded,
-            failed=batches.c.failed + (len(new) - new_succeeded),
+            skipped=batches.c.skipped + new_skipped,
+            failed=batches.c.failed + (len(new) - new_succeeded - new_skipped),
             heartbeat_at=utcnow(),
         ))
+
+    def item_results(self, conn: Connection, batch_id: str,
+                     indexes: Collection[int]) -> dict[int, ItemResult]:
+        """The recorded results of ``indexes`` (items of chunks not recorded are absent)."""
+        if not indexes:
+            return {}
+        c = batch_chunks.c
+        rows = conn.execute(sa.select(c.start, c.end, c.results).where(
+            c.batch_id == batch_id, c.start <= max(indexes), c.end > min(indexes),
+            c.results.is_not(None)).order_by(c.chunk_index)).all()
+        found: dict[int, ItemResult] = {}
+        for row in rows:
+            if any(row.start <= i < row.end for i in indexes):
+                found.update((r.index, r) for r in _RESULTS.validate_json(row.results)
+                             if r.index in indexes)
+        return found
+
+    def set_deadline(self, batch_id: str, seconds: float) -> None:
+        """No item of the batch starts later than ``seconds`` from now (and from a retry)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(batches.update().where(batches.c.id == batch_id).values(
+                deadline_seconds=seconds, deadline_at=_deadline_from(now, seconds)))
 
     def mark_started(self, batch_id: str, flow_run_id: str | None) -> bool:
         """Processing under this flow run; ``False`` when the batch was cancelled."""
@@ -404,11 +450,12 @@ class Store:
         return self.get_batch(batch_id)
 
     def prepare_retry(self, batch_id: str) -> int:
-        """Open the batch's failed (and never-run) items for another run; how many there are.
+        """Open the batch's failed, skipped (and never-run) items for another run; how many.
 
-        Chunks with failures are reopened (their succeeded results are kept and not run
-        again), the counters lose the failed items, the batch is queued under a new generation
-        so chunk cache keys change.
+        Chunks with failures or skipped items are reopened (their succeeded results are kept
+        and not run again), the counters lose the failed and skipped items, the batch is
+        queued under a new generation so chunk cache keys change, and a batch with a deadline
+        gets a new one, ``deadline_seconds`` from now.
         """
         c = batch_chunks.c
         with self.engine.begin() as conn:
@@ -419,17 +466,21 @@ class Store:
             if batch["status"] in (BatchState.QUEUED.value, BatchState.PROCESSING.value):
                 raise BatchInProgress(f"batch {batch_id} is {batch['status']}; retry it once it "
                                       "has finished")
-            failed = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(c.failed), 0)).where(
-                c.batch_id == batch_id, c.done.is_(True))).scalar_one()
-            to_run = int(batch["total"]) - int(batch["completed"]) + int(failed)
+            failed, skipped = (int(n) for n in conn.execute(sa.select(
+                sa.func.coalesce(sa.func.sum(c.failed), 0),
+                sa.func.coalesce(sa.func.sum(c.skipped), 0),
+            ).where(c.batch_id == batch_id, c.done.is_(True))).one())
+            to_run = int(batch["total"]) - int(batch["completed"]) + failed + skipped
             if to_run == 0:
                 return 0  # every item succeeded: nothing to run, nothing changes
             conn.execute(batch_chunks.update().where(
-                c.batch_id == batch_id, c.done.is_(True), c.failed > 0,
+                c.batch_id == batch_id, c.done.is_(True), (c.failed > 0) | (c.skipped > 0),
             ).values(done=False))
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
                 status=BatchState.QUEUED.value, generation=batches.c.generation + 1,
-                completed=batches.c.completed - failed, failed=batches.c.failed - failed,
+                completed=batches.c.completed - failed - skipped,
+                failed=batches.c.failed - failed, skipped=batches.c.skipped - skipped,
+                deadline_at=_deadline_from(utcnow(), batch["deadline_seconds"]),
                 finished_at=None, error=None,
             ))
             return to_run

@@ -182,7 +182,8 @@ def _print_validation_errors(exc: ValidationFailed) -> None:
 
 def _describe_progress(status: BatchStatus) -> str:
     failed = f", [red]{status.failed} failed[/]" if status.failed else ""
-    return f"{status.status.value}: {status.succeeded} succeeded{failed}"
+    skipped = f", [yellow]{status.skipped} skipped[/]" if status.skipped else ""
+    return f"{status.status.value}: {status.succeeded} succeeded{failed}{skipped}"
 
 
 def _print_summary(status: BatchStatus, prefect_api: str | None) -> None:
@@ -195,6 +196,8 @@ def _print_summary(status: BatchStatus, prefect_api: str | None) -> None:
     table.add_row("total", str(status.total))
     table.add_row("succeeded", f"[green]{status.succeeded}[/]")
     table.add_row("failed", f"[red]{status.failed}[/]" if status.failed else "0")
+    if status.skipped:
+        table.add_row("skipped", f"[yellow]{status.skipped}[/] (deadline passed)")
     if status.started_at and status.finished_at:
         seconds = (status.finished_at - status.started_at).total_seconds()
         table.add_row("time", f"{seconds:.1f} s")
@@ -216,6 +219,8 @@ def _print_status(status: BatchStatus) -> None:
         "progress": f"{status.completed}/{status.total} ({status.progress:.0%})",
         "succeeded": str(status.succeeded),
         "failed": str(status.failed),
+        "skipped": str(status.skipped) if status.skipped else "",
+        "deadline": status.deadline_at.isoformat() if status.deadline_at else "",
         "started": status.started_at.isoformat() if status.started_at else "",
         "finished": status.finished_at.isoformat() if status.finished_at else "",
         "flow run": status.flow_run_id or "",
@@ -231,7 +236,7 @@ def _print_status(status: BatchStatus) -> None:
 
 
 def _register(runtime: Runtime, file: Path, csv: CsvImport | None, concurrency: int | None,
-              chunk_size: int | None) -> tuple[str, int]:
+              chunk_size: int | None, deadline: float | None = None) -> tuple[str, int]:
     with _err.status(f"Reading and validating {escape(file.name)}…"), \
             open_operations(file, csv=csv) as operations:
         first = next(operations, None)
@@ -240,7 +245,7 @@ def _register(runtime: Runtime, file: Path, csv: CsvImport | None, concurrency: 
         return register_batch(
             runtime, chain([first], operations), concurrency=concurrency,
             chunk_size=chunk_size, max_operations=runtime.settings.max_import_rows,
-            source="cli",
+            source="cli", deadline_seconds=deadline,
         )
 
 
@@ -295,11 +300,14 @@ def run(
         min=1, max=1000, help="Items in flight at once (default: the configured default).")] = None,
     chunk_size: Annotated[int | None, typer.Option(
         min=1, max=MAX_CHUNK_SIZE, help="Items per chunk task run (default: 500).")] = None,
+    deadline: Annotated[float | None, typer.Option(
+        min=0.001, metavar="SECONDS",
+        help="No item starts after this many seconds; the rest are skipped.")] = None,
 ) -> None:
     """Validate a batch file, run it with a live progress bar, and summarise the outcome.
 
-    Exit code 0 when every item succeeded, 1 when some failed, 2 when the input is invalid
-    (nothing ran), 3 when the run itself failed.
+    Exit code 0 when every item succeeded, 1 when some failed or were skipped, 2 when the
+    input is invalid (nothing ran), 3 when the run itself failed.
     """
     prefect_api = use_local_prefect_server()
     is_csv = resource is not None or method is not None
@@ -308,7 +316,7 @@ def run(
         raise BadRequest("a CSV import needs both --resource and --method")
     runtime = get_runtime()
     csv = CsvImport.for_route(runtime.router, resource, method) if resource and method else None
-    batch_id, total = _register(runtime, file, csv, concurrency, chunk_size)
+    batch_id, total = _register(runtime, file, csv, concurrency, chunk_size, deadline)
     _err.print(f"Batch [bold]{batch_id}[/]: {total} operations, valid. Running…"
                + ("" if prefect_api else " (temporary Prefect server; start `prefect server "
                   "start` to follow runs in its UI)"))
@@ -324,7 +332,7 @@ def run(
     if failure is not None:
         _err.print(f"[bold red]the run failed:[/] {escape(failure)}")
         raise typer.Exit(EXIT_RUN_FAILED)
-    raise typer.Exit(EXIT_ITEMS_FAILED if status.failed else EXIT_OK)
+    raise typer.Exit(EXIT_ITEMS_FAILED if status.failed or status.skipped else EXIT_OK)
 
 
 # -- status, results, db -----------------------------------------------------------------------

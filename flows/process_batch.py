@@ -111,6 +111,7 @@ def process_batch(
     batch_id: str | None = None,
     operations: list[Operation] | None = None,
     concurrency: int | None = None,
+    deadline_seconds: float | None = None,
 ) -> BatchSummary:
     """Run a batch: every chunk once, every item's result recorded, progress as it goes.
 
@@ -119,6 +120,8 @@ def process_batch(
         operations: or the operations themselves (a run started from the Prefect UI or a
             schedule); they are validated and registered as a new batch first.
         concurrency: items in flight at once for a batch given as ``operations``.
+        deadline_seconds: no item starts later than this many seconds from now (for a
+            ``batch_id``: from the start of this run); the items left are ``skipped``.
 
     Item failures are results, not flow failures; the flow fails only when a chunk cannot be
     executed after its retries (for example the database is gone), and a later run of the same
@@ -129,10 +132,12 @@ def process_batch(
     if batch_id is None:
         if not operations:
             raise ValueError("process_batch needs a batch_id or a list of operations")
-        batch_id = register_operations(operations, concurrency, source="flow")
+        batch_id = register_operations(operations, concurrency, source="flow",
+                                       deadline_seconds=deadline_seconds)
         _rename_flow_run(f"batch-{batch_id}")
+        deadline_seconds = None  # counted from the registration, just now
     flow_run_id = runtime.flow_run.id
-    batch = load_batch(batch_id, str(flow_run_id) if flow_run_id else None)
+    batch = load_batch(batch_id, str(flow_run_id) if flow_run_id else None, deadline_seconds)
     chunks: list[tuple[ChunkRef, list[int]]] = batch["chunks"]
     total = batch["total"]
     settings = get_settings()

@@ -14,7 +14,7 @@ __all__ = ["retry_failed"]
 
 @flow(name="retry-failed", flow_run_name="retry-{batch_id}", log_prints=True)
 def retry_failed(batch_id: str) -> BatchSummary:
-    """Reopen the batch's failed (and never-run) items and run the batch again.
+    """Reopen the batch's failed, skipped (and never-run) items and run the batch again.
 
     Succeeded items keep their results and are not executed again; the new ``process-batch``
     run is a subflow of this one. A batch without failures is left as it is.

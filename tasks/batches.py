@@ -18,19 +18,26 @@ __all__ = ["finish_batch", "load_batch", "register_operations"]
 
 @task(name="register-batch")
 def register_operations(operations: list[Operation], concurrency: int | None,
-                        source: str) -> str:
+                        source: str, deadline_seconds: float | None = None) -> str:
     """Validate and store operations given to the flow directly (UI, schedule)."""
     runtime = get_runtime()
     batch_id, _ = register_batch(runtime, operations, concurrency=concurrency,
-                                 max_operations=runtime.settings.max_import_rows, source=source)
+                                 max_operations=runtime.settings.max_import_rows, source=source,
+                                 deadline_seconds=deadline_seconds)
     return batch_id
 
 
 @task(name="load-batch")
-def load_batch(batch_id: str, flow_run_id: str | None) -> dict[str, Any]:
+def load_batch(batch_id: str, flow_run_id: str | None,
+               deadline_seconds: float | None = None) -> dict[str, Any]:
     """The batch's chunk plan, whether it has a callback; marks the batch processing (under
-    this flow run)."""
+    this flow run).
+
+    ``deadline_seconds`` sets the batch's deadline that many seconds from now.
+    """
     store = get_runtime().store
+    if deadline_seconds is not None:
+        store.set_deadline(batch_id, deadline_seconds)
     batch = store.get_batch(batch_id)
     plan = store.chunk_plan(batch_id)
     started = store.mark_started(batch_id, flow_run_id)
@@ -49,7 +56,8 @@ def finish_batch(batch_id: str, failed_chunks: list[ChunkRef],
     state = BatchState.FAILED if failed_chunks else BatchState.COMPLETED
     store.mark_finished(batch_id, state, error)  # a cancelled batch stays cancelled
     status = store.status(batch_id)
-    summary = BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed)
+    summary = BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed,
+                           skipped=status.skipped)
     limit = runtime.settings.artifact_max_rows
     if status.total <= limit:
         items = list(store.iter_results(batch_id))

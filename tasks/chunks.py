@@ -62,11 +62,13 @@ def run_chunk(ref: ChunkRef, concurrency: int, scope: str,
     """Execute the chunk's items and record their results (see ``batchops.execution``).
 
     A cancelled batch starts no new chunk: the task run ends ``Cancelled`` (never cached).
+    Past the batch's deadline the chunk starts no item: they are recorded ``skipped``.
     A sync task on purpose: in a worker thread it shares the flow's Prefect client, where an
     async task would build a client per run; the items' event loop is the chunk's own.
     """
     runtime = get_runtime()
-    if runtime.store.get_batch(ref.batch_id).status == BatchState.CANCELLED.value:
+    batch = runtime.store.get_batch(ref.batch_id)
+    if batch.status == BatchState.CANCELLED.value:
         return Cancelled(message=f"batch {ref.batch_id} was cancelled; chunk not started")
     return asyncio.run(execute_chunk(runtime, ref, concurrency=concurrency, scope=scope,
-                                     generation=generation))
+                                     generation=generation, deadline=batch.deadline_at))

@@ -43,13 +43,15 @@ def cancel_batch(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) -> Bat
 
 
 @router.post("/batches/{batch_id}/retry", name="retry_batch", response_model=BatchAccepted,
-             status_code=202, summary="Run the failed items of a finished batch again",
+             status_code=202,
+             summary="Run the failed and skipped items of a finished batch again",
              responses={200: {"model": BatchStatus}, **_errors(401, 404, 409)})
 async def retry_batch(batch_id: BatchId, request: Request, runtime: RuntimeDep,
                       scope: ScopeDep, runner: RunnerDep) -> JSONResponse:
-    """A new flow run of the same batch runs only its failed (and never-run) items; items
-    that succeeded keep their results. ``202`` with the status URL, or ``200`` with the
-    status when no item needs another run. A batch still running answers 409."""
+    """A new flow run of the same batch runs only its failed, skipped (and never-run) items;
+    items that succeeded keep their results. A batch with ``deadline_seconds`` gets that long
+    again, from now. ``202`` with the status URL, or ``200`` with the status when no item
+    needs another run. A batch still running answers 409."""
     _owned_batch(runtime, batch_id, scope)
     to_run = await asyncio.to_thread(runtime.store.prepare_retry, batch_id)
     if to_run == 0:

@@ -150,9 +150,9 @@ def parse_prefer(values: list[str] | None) -> Preferences:
 
 
 def item_json(result: ItemResult) -> dict[str, Any]:
-    """An item as the API shows it: ``result`` when it succeeded, ``error`` when it failed."""
+    """An item as the API shows it: ``result`` when it succeeded, else ``error``."""
     data = result.model_dump(mode="json")
-    data.pop("result" if result.state is ItemState.FAILED else "error", None)
+    data.pop("error" if result.state is ItemState.SUCCEEDED else "result", None)
     return data
 
 
@@ -228,7 +228,7 @@ def _outcome(runtime: Runtime, batch_id: str) -> tuple[int, dict[str, Any]]:
     body = {
         "batch_id": batch_id, "status": status.status.value,
         "summary": {"total": status.total, "succeeded": status.succeeded,
-                    "failed": status.failed},
+                    "failed": status.failed, "skipped": status.skipped},
         "results": results,
     }
     return (200 if all_ok else 207), body
@@ -385,7 +385,8 @@ async def create_batch(
                       if envelope.callback_url is not None else None)
         await asyncio.to_thread(register_batch, runtime, operations, batch_id=batch_id,
                                 concurrency=envelope.concurrency, scope=scope, source="api",
-                                callback_url=envelope.callback_url, status_url=status_url)
+                                callback_url=envelope.callback_url, status_url=status_url,
+                                deadline_seconds=envelope.deadline_seconds)
         if mode == "async":
             await runner.start_deployment(runtime, batch_id)
     except BaseException:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from sqlalchemy.engine import Connection
 
 from batchops.schemas import ItemResult, PlannedOperation
 
-__all__ = ["ChunkContext", "Target"]
+__all__ = ["DEADLINE_STATUS", "ChunkContext", "Target", "deadline_exceeded"]
+
+# An item the batch's deadline left unstarted: 504, as gRPC's DEADLINE_EXCEEDED maps to HTTP.
+DEADLINE_STATUS = 504
 
 
 @dataclass(frozen=True)
@@ -21,17 +25,30 @@ class ChunkContext:
     the same database writes through it, so the rows and the recorded results commit together.
     ``on_item_done`` is called (from any thread) with each item's final result as soon as it
     is known, so a crash loses at most the items in flight (checkpoints).
+    ``deadline`` is the batch's: a target starts no item once it has passed (items already
+    started finish), answering :func:`deadline_exceeded` for the rest.
     """
 
     batch_id: str
     concurrency: int
     store_connection: Connection | None = None
     on_item_done: Callable[[PlannedOperation, ItemResult], None] | None = None
+    deadline: datetime | None = None
 
     def item_done(self, op: PlannedOperation, result: ItemResult) -> ItemResult:
         if self.on_item_done is not None:
             self.on_item_done(op, result)
         return result
+
+    def deadline_passed(self) -> bool:
+        return self.deadline is not None and datetime.now(UTC) >= self.deadline
+
+
+def deadline_exceeded(op: PlannedOperation, deadline: datetime | None) -> ItemResult:
+    """The result of an item not started because the batch's deadline had passed."""
+    when = f" ({deadline.isoformat()})" if deadline is not None else ""
+    return ItemResult.skip(op, DEADLINE_STATUS, "deadline_exceeded",
+                           f"the batch's deadline{when} passed before this item started")
 
 
 class Target(Protocol):

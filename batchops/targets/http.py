@@ -46,7 +46,7 @@ from tenacity.wait import wait_base, wait_random_exponential
 from batchops.errors import TransientError
 from batchops.schemas import AttemptError, ItemErrorBody, ItemResult, ItemState, PlannedOperation
 from batchops.settings import UpstreamSpec
-from batchops.targets import ChunkContext
+from batchops.targets import ChunkContext, deadline_exceeded
 
 __all__ = ["AdaptiveLimit", "HttpTarget", "parse_retry_after", "rate_limit_name",
            "upstream_limit_name"]
@@ -324,6 +324,8 @@ class HttpTarget:
 
         async def one(op: PlannedOperation) -> ItemResult:
             async with slots:
+                if ctx.deadline_passed():
+                    return deadline_exceeded(op, ctx.deadline)
                 return ctx.item_done(op, await self._send(up, op, ctx))
 
         async with concurrency(upstream_limit_name(up.name), occupy=width, strict=True,
