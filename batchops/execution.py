@@ -1,8 +1,9 @@
 """Executing one chunk: resume, idempotency, targets, record — plain code, no Prefect.
 
-Everything a chunk records (item rows, counters, checkpoint, idempotency records) commits in
-one transaction, together with the sql target's writes when the target is the store's
-database. A chunk that is already recorded is not executed again: its recorded results are returned.
+Everything a chunk records (item rows, counters, checkpoint, idempotency records, dead
+letters) commits in one transaction, together with the sql target's writes when the target is
+the store's database. A chunk that is already recorded is not executed again: its recorded
+results are returned.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from itertools import groupby
 from pydantic import BaseModel
 from sqlalchemy.engine import Connection
 
+from batchops.dead_letters import record_dead_letters
 from batchops.routing import SQL_TARGET
 from batchops.runtime import Runtime
 from batchops.schemas import ChunkRef, ItemResult, ItemState, PlannedOperation
@@ -109,12 +111,14 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         if atomic:
             ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn)
             executed = await _run_targets(runtime, to_run, ctx) if to_run else []
-            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
+            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
+                              rerun=bool(recorded))
     if not atomic:
         ctx = ChunkContext(ref.batch_id, concurrency)
         executed = await _run_targets(runtime, to_run, ctx) if to_run else []
         with store.engine.begin() as conn:
-            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
+            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
+                              rerun=bool(recorded))
     return _outcome(ref, results, executed=executed, already=len(kept), started=started)
 
 
@@ -132,7 +136,7 @@ def _outcome(ref: ChunkRef, results: Sequence[ItemResult], *, executed: Sequence
 def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
             todo: Sequence[PlannedOperation], to_run: Sequence[PlannedOperation],
             answered: dict[int, ItemResult], executed: list[ItemResult],
-            kept: dict[int, ItemResult]) -> list[ItemResult]:
+            kept: dict[int, ItemResult], *, rerun: bool) -> list[ItemResult]:
     by_index = {r.index: r for r in executed}
     by_key = {op.idempotency_key: by_index[op.index] for op in to_run
               if op.idempotency_key is not None}
@@ -152,4 +156,7 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
                 and by_index[op.index].state is ItemState.SUCCEEDED]
     retention = timedelta(hours=runtime.settings.idempotency_retention_hours)
     runtime.store.idempotency_save(conn, scope, ref.batch_id, remember, retention)
+    # Items that ran out of retries; a re-run chunk's items replace their earlier ones.
+    record_dead_letters(conn, scope, ref.batch_id, [(op, by_index[op.index]) for op in to_run],
+                        rerun=[op.index for op in todo] if rerun else ())
     return results

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
+
+from sqlalchemy.engine import Connection
 
 from batchops.planning import ChunkPlanner
 from batchops.runtime import Runtime
@@ -27,13 +30,15 @@ def register_batch(
     max_operations: int | None = None,
     scope: str = "default",
     source: str = "api",
+    conn: Connection | None = None,
 ) -> tuple[str, int]:
     """Validate and store a batch; ``(batch_id, total)``.
 
     ``operations`` may be any iterable (a CSV reader streams through here): chunks are written
     as they fill, and the transaction rolls back if any operation is invalid, raising
     :class:`~batchops.errors.ValidationFailed` with every error, or
-    :class:`~batchops.errors.BatchTooLarge` past ``max_operations``.
+    :class:`~batchops.errors.BatchTooLarge` past ``max_operations``. Given ``conn``, the
+    batch is written in that (caller's) transaction instead of one of its own.
     """
     settings = runtime.settings
     batch_id = batch_id or new_batch_id()
@@ -42,8 +47,9 @@ def register_batch(
                                    max_operations or settings.max_operations)
     planner = ChunkPlanner(batch_id, size, runtime.resources)
     store = runtime.store
-    with store.engine.begin() as conn:
-        store.insert_batch(conn, batch_id, concurrency=concurrency or settings.default_concurrency,
+    transaction = store.engine.begin() if conn is None else nullcontext(conn)
+    with transaction as tx:
+        store.insert_batch(tx, batch_id, concurrency=concurrency or settings.default_concurrency,
                            chunk_size=size, scope=scope, source=source)
         for index, raw in enumerate(operations):
             planned = validator.check(raw, index)
@@ -51,10 +57,10 @@ def register_batch(
                 continue  # keep validating to report every error; nothing will be stored
             plan = planner.add(planned)
             if plan is not None:
-                store.insert_chunk(conn, plan.ref, plan.operations, plan.depends_on)
+                store.insert_chunk(tx, plan.ref, plan.operations, plan.depends_on)
         validator.finish()
         last = planner.finish()
         if last is not None:
-            store.insert_chunk(conn, last.ref, last.operations, last.depends_on)
-        store.set_total(conn, batch_id, validator.count)
+            store.insert_chunk(tx, last.ref, last.operations, last.depends_on)
+        store.set_total(tx, batch_id, validator.count)
     return batch_id, validator.count
