@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 MAX_REPLAY_IDS = 1000
+MAX_ID = 2**31 - 1  # ids are 32-bit integers: a bigger one is refused, not sent to the database
+TEXT_PATTERN = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL
 
 dead_letters = sa.Table(
     "dead_letters",
@@ -128,10 +130,14 @@ class DeadLetter(BaseModel):
 class DeadLetterFilter(_Model):
     """Which dead letters: every given field must match."""
 
-    batch_id: str | None = Field(None, max_length=64, description="the batch they failed in")
-    target: str | None = Field(None, max_length=32, description="http, sql or python")
-    resource: str | None = Field(None, max_length=128, description="upstream or resource name")
-    code: str | None = Field(None, max_length=128, description="the last attempt's error code")
+    batch_id: str | None = Field(None, max_length=64, pattern=TEXT_PATTERN,
+                                 description="the batch they failed in")
+    target: str | None = Field(None, max_length=32, pattern=TEXT_PATTERN,
+                               description="http, sql or python")
+    resource: str | None = Field(None, max_length=128, pattern=TEXT_PATTERN,
+                                 description="upstream or resource name")
+    code: str | None = Field(None, max_length=128, pattern=TEXT_PATTERN,
+                             description="the last attempt's error code")
     status: int | None = Field(None, ge=0, le=999, description="the last attempt's status")
 
     @property
@@ -142,8 +148,8 @@ class DeadLetterFilter(_Model):
 class DeadLetterReplay(_Model):
     """Body of ``POST /dead-letters/replay``: ``ids``, a ``filter``, or ``all`` — one of them."""
 
-    ids: list[int] | None = Field(None, max_length=MAX_REPLAY_IDS,
-                                  description="these dead letters (404 if one is unknown)")
+    ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None = Field(
+        None, max_length=MAX_REPLAY_IDS, description="these dead letters (404 if one is unknown)")
     filter: DeadLetterFilter | None = Field(None, description="the dead letters matching it")
     all: bool = Field(False, description="every dead letter (not replayed yet) of this key")
     include_replayed: bool = Field(

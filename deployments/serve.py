@@ -1,12 +1,13 @@
 """Serve the batchops deployments from this process (a runner): ``batchops serve``.
 
-The same three deployments as ``prefect.yaml`` declares for a work pool:
+The same deployments as ``prefect.yaml`` declares for a work pool:
 
 * ``process-batch`` — one batch, by ``batch_id`` or an ``operations`` list (parameter schema
   enforced, so a run started from the Prefect UI is checked before it starts);
 * ``bulk-sync`` — the configured syncs, on a cron schedule that starts paused
   (``BATCHOPS_SYNC_SCHEDULE_ACTIVE=true`` starts it active), one run at a time;
-* ``retry-failed`` — a finished batch's failed items, again.
+* ``retry-failed`` — a finished batch's failed items, again;
+* ``replay-dead-letters`` — dead letters (by ids or a filter) as a new batch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prefect.schedules import Cron
 from batchops.settings import Settings, get_settings
 from flows.bulk_sync import bulk_sync
 from flows.process_batch import process_batch
+from flows.replay_dead_letters import replay_dead_letters
 from flows.retry_failed import retry_failed
 
 __all__ = ["build_deployments", "serve_deployments"]
@@ -45,10 +47,15 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
             description="Run a finished batch's failed items again (only those).",
             tags=tags, enforce_parameter_schema=True,
         ),
+        replay_dead_letters.to_deployment(  # type: ignore[list-item]
+            name="replay-dead-letters",
+            description="Run dead letters again as a new batch (ids, a filter, or all).",
+            tags=tags, enforce_parameter_schema=True,
+        ),
     ]
     return deployments
 
 
 def serve_deployments() -> None:
-    """Serve ``process-batch``, ``bulk-sync`` and ``retry-failed`` until interrupted."""
+    """Serve the deployments until interrupted."""
     serve(*build_deployments(get_settings()))

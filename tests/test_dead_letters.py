@@ -7,9 +7,11 @@ end to end (real uvicorn, the Prefect test server, a runner subprocess).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from batchops.dead_letters import (
@@ -25,6 +27,13 @@ from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import ItemState
 from flows.process_batch import process_batch
+from tests.conftest import _truncate_pg
+from tests.runner import serving_deployments
+from tests.test_api import (  # noqa: F401  (fixtures)
+    assert_error,
+    poll_until_finished,
+    start_api,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -198,3 +207,140 @@ def test_a_retried_batch_that_now_succeeds_leaves_no_dead_letters(
     process_batch(batch_id=batch_id)
     assert rt.store.status(batch_id).succeeded == 2
     assert find(rt, batch_id=batch_id) == []
+
+
+# -- the API and the deployment, end to end ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_upstream() -> Iterator[tuple[str, UpstreamState]]:
+    """One upstream for the module: the runner subprocess is configured with its URL."""
+    with running_upstream(DOWN) as (url, state):
+        yield url, state
+
+
+@pytest.fixture(scope="module")
+def replay_runner(prefect_server: None, pg_database: str,
+                  shared_upstream: tuple[str, UpstreamState],
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A runner serving process-batch and replay-dead-letters on the session's PostgreSQL."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           "BATCHOPS_DATABASE_URL": pg_database, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "BATCHOPS_UPSTREAMS": upstreams(shared_upstream[0])}
+    log_path = tmp_path_factory.mktemp("replay-runner") / "runner.log"
+    with serving_deployments(env, ("process-batch/process-batch",
+                                   "replay-dead-letters/replay-dead-letters"), log_path):
+        yield pg_database
+
+
+@pytest.fixture
+def down(replay_runner: str, shared_upstream: tuple[str, UpstreamState]) -> UpstreamState:
+    """The shared upstream failing again, the PostgreSQL database emptied."""
+    _truncate_pg(replay_runner)
+    shared_upstream[1].reset(DOWN)
+    return shared_upstream[1]
+
+
+def test_api_lists_filters_and_replays_dead_letters(
+        replay_runner: str, shared_upstream: tuple[str, UpstreamState], down: UpstreamState,
+        start_api: Callable[..., httpx.Client]) -> None:  # noqa: F811
+    api = start_api(database_url=replay_runner, upstreams=upstreams(shared_upstream[0]))
+    first = api.post("/batches", json={"operations": [
+        contact(1), contact(2), {"id": "bad", "method": "POST", "path": "/crm/bad", "body": {}}]})
+    assert first.status_code == 207, first.text
+    second = api.post("/batches", json={"operations": [contact(3, "/erp")]})
+    assert second.status_code == 207, second.text
+    one, two = first.json()["batch_id"], second.json()["batch_id"]
+
+    def listed(**params: Any) -> list[tuple[str, str]]:
+        answer = api.get("/dead-letters", params=params)
+        assert answer.status_code == 200, answer.text
+        return [(d["batch_id"], d["item_id"]) for d in answer.json()["items"]]
+
+    page = api.get("/dead-letters").json()
+    assert [(d["batch_id"], d["item_id"]) for d in page["items"]] == [
+        (one, "c1"), (one, "c2"), (two, "c3")]
+    c1, c2, c3 = (d["id"] for d in page["items"])
+    dead = page["items"][0]
+    assert (dead["method"], dead["path"], dead["body"]) == (
+        "POST", "/crm/contacts", {"name": "Contact 1"})
+    assert (dead["status"], dead["code"], dead["attempts"]) == (503, "unavailable", 3)
+    assert [e["attempt"] for e in dead["attempt_errors"]] == [1, 2, 3]
+    assert listed(batch_id=two) == [(two, "c3")]
+    assert listed(target="http") == listed() and listed(target="sql") == []
+    assert listed(code="unavailable") == listed() and listed(code="http_422") == []
+    assert listed(resource="erp") == [(two, "c3")]
+    paged = api.get("/dead-letters", params={"limit": 2}).json()
+    assert paged["next_after"] == c2
+    assert listed(after=c2) == [(two, "c3")]
+    assert api.get(f"/dead-letters/{c3}").json()["resource"] == "erp"
+    assert_error(api.get("/dead-letters/999999"), 404, "dead_letter_not_found")
+
+    # Refused: an empty selection, unknown ids, two selections at once, malformed ids.
+    assert_error(api.post("/dead-letters/replay", json={}), 422, "empty_replay_filter")
+    assert_error(api.post("/dead-letters/replay", json={"filter": {}}), 422,
+                 "empty_replay_filter")
+    unknown = assert_error(api.post("/dead-letters/replay", json={"ids": [c1, 999999]}), 404,
+                           "dead_letter_not_found")
+    assert unknown["ids"] == [999999]
+    assert_error(api.post("/dead-letters/replay", json={"ids": [c1], "all": True}), 422,
+                 "validation_failed")
+    assert_error(api.post("/dead-letters/replay", json={"ids": ["one"]}), 422,
+                 "validation_failed")
+    assert listed(replayed=True) == []
+
+    down.config = UpstreamConfig()  # healthy again
+    by_ids = api.post("/dead-letters/replay", json={"ids": [c1]})
+    assert by_ids.status_code == 202, by_ids.text
+    assert by_ids.json()["replayed"] == 1
+    final = poll_until_finished(api, by_ids.json()["status_url"])[-1]
+    assert (final["status"], final["succeeded"], final["failed"]) == ("completed", 1, 0)
+    by_filter = api.post("/dead-letters/replay", json={"filter": {"batchId": one}})
+    assert by_filter.status_code == 202, by_filter.text
+    assert by_filter.json()["replayed"] == 1  # c2: c1 was replayed already
+    final = poll_until_finished(api, by_filter.json()["status_url"])[-1]
+    assert (final["status"], final["succeeded"]) == ("completed", 1)
+    items = api.get(f"/batches/{by_filter.json()['batch_id']}/results").json()["items"]
+    assert [(i["id"], i["status"]) for i in items] == [("c2", 201)]
+
+    replayed = api.get("/dead-letters", params={"replayed": True}).json()["items"]
+    assert [(d["id"], d["replayed_batch_id"]) for d in replayed] == [
+        (c1, by_ids.json()["batch_id"]), (c2, by_filter.json()["batch_id"])]
+    again = assert_error(api.post("/dead-letters/replay", json={"ids": [c1]}), 409,
+                         "dead_letter_replayed")
+    assert again["ids"] == [c1]
+    nothing = api.post("/dead-letters/replay", json={"filter": {"batch_id": one}})
+    assert (nothing.status_code, nothing.json()["replayed"]) == (200, 0)
+    assert down.executions[f"{one}:0"] == 1 and down.executions[f"{one}:1"] == 1
+
+
+def test_the_replay_deployment_runs_dead_letters_as_a_new_batch(
+        replay_runner: str, shared_upstream: tuple[str, UpstreamState], down: UpstreamState,
+        configure: Any) -> None:
+    from prefect.deployments import run_deployment
+
+    runtime: Runtime = configure(database_url=replay_runner,
+                                 upstreams=upstreams(shared_upstream[0]))
+    failed = run(runtime, [contact(1), contact(2, "/erp"), contact(3, "/erp")])
+    assert len(find(runtime, batch_id=failed)) == 3
+    down.config = UpstreamConfig()
+
+    def replay(**parameters: Any) -> None:
+        flow_run = run_deployment("replay-dead-letters/replay-dead-letters",
+                                  parameters=parameters, timeout=180)
+        assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
+
+    replay(filter={"resource": "erp"})
+    erp = find(runtime, resource="erp")
+    [new_batch] = {d.replayed_batch_id for d in erp}
+    assert new_batch is not None
+    assert runtime.store.status(new_batch).status == "completed"
+    assert [(r.id, r.state) for r in runtime.store.iter_results(new_batch)] == [
+        ("c2", ItemState.SUCCEEDED), ("c3", ItemState.SUCCEEDED)]
+    # A second run finds nothing left to replay (no new batch); the crm one is still waiting.
+    replay(filter={"resource": "erp"})
+    assert {d.replayed_batch_id for d in find(runtime, resource="erp")} == {new_batch}
+    assert [d.item_id for d in find(runtime, replayed=False)] == ["c1"]
+    assert down.executions[f"{failed}:1"] == 1 and f"{failed}:0" not in down.executions
