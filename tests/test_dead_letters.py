@@ -34,6 +34,7 @@ from tests.test_api import (  # noqa: F401  (fixtures)
     poll_until_finished,
     start_api,
 )
+from tests.test_cli import cli, flow_env, prefect_env  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -344,3 +345,27 @@ def test_the_replay_deployment_runs_dead_letters_as_a_new_batch(
     assert {d.replayed_batch_id for d in find(runtime, resource="erp")} == {new_batch}
     assert [d.item_id for d in find(runtime, replayed=False)] == ["c1"]
     assert down.executions[f"{failed}:1"] == 1 and f"{failed}:0" not in down.executions
+
+
+def test_cli_lists_and_replays_dead_letters(
+        configure: Any, tmp_path: Any, upstream: tuple[str, UpstreamState],
+        flow_env: None) -> None:  # noqa: F811
+    url, state = upstream
+    runtime: Runtime = configure(database_url=f"sqlite:///{tmp_path / 'cli.db'}",
+                                 upstreams=upstreams(url))
+    batch_id = run(runtime, [contact(1), contact(2)])
+
+    listed = cli("dead-letters", "list", "--batch-id", batch_id, "--json")
+    dead = [json.loads(line) for line in listed.output.splitlines()]
+    assert [(d["item_id"], d["attempts"], d["code"]) for d in dead] == [
+        ("c1", 3, "unavailable"), ("c2", 3, "unavailable")]
+    refused = cli("dead-letters", "replay")
+    assert refused.exit_code == 2 and "empty selection" in refused.output
+
+    state.config = UpstreamConfig()
+    replayed = cli("dead-letters", "replay", str(dead[0]["id"]))
+    assert replayed.exit_code == 0, replayed.output
+    rest = cli("dead-letters", "replay", "--batch-id", batch_id)
+    assert rest.exit_code == 0, rest.output
+    assert cli("dead-letters", "list", "--not-replayed", "--json").output == ""
+    assert "No dead letters" in cli("dead-letters", "replay", "--all").output
