@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics
-from api.routes import batch_actions, batches, health
+from api.routes import batch_actions, batches, dead_letters, health
 from api.runs import BatchRunner
 from batchops.auth import ApiKeyring, check_bind
 from batchops.quota import build_quota
@@ -74,6 +74,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(batch_actions.router)  # before batches: /batches/import is literal
     app.include_router(batches.router)
+    app.include_router(dead_letters.router)
     app.include_router(health.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

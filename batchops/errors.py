@@ -16,13 +16,16 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     │   └── CallbackUrlNotAllowed 422  callback_url_not_allowed (scheme, userinfo, allowlist,
     │       │                                                    private address)
     │       └── CallbackHostUnresolvable 422  callback_url_not_allowed (no DNS answer)
+    ├── EmptyReplayFilter         422  empty_replay_filter (a replay that names no dead letters)
     ├── BatchTooLarge             413  batch_too_large
     │   └── BodyTooLarge          413  batch_too_large   (bytes; the connection is closed)
     ├── NotFound                  404  not_found
-    │   └── BatchNotFound         404  batch_not_found
+    │   ├── BatchNotFound         404  batch_not_found
+    │   └── DeadLetterNotFound    404  dead_letter_not_found (carries the unknown ids)
     ├── IdempotencyConflict       409  idempotency_key_reused
     ├── BatchInProgress           409  batch_in_progress
     ├── BatchFinished             409  batch_finished
+    ├── DeadLetterReplayed        409  dead_letter_replayed (replayed already; ids, batches)
     ├── ConfigurationError        500  configuration_error
     ├── CallbackDeliveryFailed    502  callback_delivery_failed (``retryable``: 429/5xx/network)
     ├── SignatureVerificationError 400 invalid_signature (receivers: a callback's signature)
@@ -50,6 +53,9 @@ __all__ = [
     "CallbackHostUnresolvable",
     "CallbackUrlNotAllowed",
     "ConfigurationError",
+    "DeadLetterNotFound",
+    "DeadLetterReplayed",
+    "EmptyReplayFilter",
     "FieldError",
     "IdempotencyConflict",
     "InvalidApiKey",
@@ -274,3 +280,42 @@ class SignatureVerificationError(BatchopsError):
 
     code = "invalid_signature"
     http_status = 400
+class DeadLetterNotFound(NotFound):
+    """Dead letters that do not exist for this caller (another key's are not shown either)."""
+
+    code = "dead_letter_not_found"
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = sorted(ids)
+        shown = ", ".join(str(i) for i in self.ids[:20]) + (" …" if len(self.ids) > 20 else "")
+        super().__init__(f"no dead letter with id {shown}")
+
+    def details(self) -> dict[str, Any]:
+        return {"ids": self.ids}
+
+
+class DeadLetterReplayed(BatchopsError):
+    """Dead letters asked for by id were replayed already (409); ``include_replayed`` replays
+    them again on purpose."""
+
+    code = "dead_letter_replayed"
+    http_status = 409
+
+    def __init__(self, replayed: dict[int, str]) -> None:
+        self.replayed = dict(sorted(replayed.items()))
+        shown = ", ".join(f"{i} (batch {b})" for i, b in list(self.replayed.items())[:20])
+        super().__init__(f"dead letters replayed already: {shown}; set include_replayed to "
+                         "replay them again")
+
+    def details(self) -> dict[str, Any]:
+        return {"ids": list(self.replayed),
+                "replayed_batch_ids": {str(i): b for i, b in self.replayed.items()}}
+
+
+class EmptyReplayFilter(BatchopsError):
+    """A replay that names no dead letters: no ids, an empty filter, and not ``all`` (422).
+
+    Refused rather than read as "replay everything"."""
+
+    code = "empty_replay_filter"
+    http_status = 422

@@ -1,8 +1,9 @@
 """Executing one chunk: resume, idempotency, targets, record — plain code, no Prefect.
 
-Everything a chunk records (item rows, counters, checkpoint, idempotency records) commits in
-one transaction, together with the sql target's writes when the target is the store's
-database. A chunk that is already recorded is not executed again: its recorded results are returned.
+Everything a chunk records (item rows, counters, checkpoint, idempotency records, dead
+letters) commits in one transaction, together with the sql target's writes when the target is
+the store's database. A chunk that is already recorded is not executed again: its recorded
+results are returned.
 
 Deadline: once the batch's deadline has passed no item starts; the rest of the chunk is
 recorded ``skipped`` (``deadline_exceeded``). Dependencies: a chunk whose items have
@@ -26,6 +27,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Connection
 
 from batchops.checkpoints import CheckpointWriter
+from batchops.dead_letters import record_dead_letters
 from batchops.planning import record_order
 from batchops.references import UnresolvedReference, find_references, resolve_body
 from batchops.routing import SQL_TARGET
@@ -241,7 +243,8 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
                                deadline=deadline)
             known = _known_results(runtime, conn, ref, to_run, settled, alias)
             executed = await _run_items(runtime, to_run, ctx, known, alias)
-            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
+            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
+                              rerun=bool(recorded))
     if not atomic:
         with store.read() as read:
             known = _known_results(runtime, read, ref, to_run, settled, alias)
@@ -252,7 +255,8 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
                 runtime, ref.batch_id, scope, to_run, ctx,
                 lambda ops: _run_items(runtime, ops, ctx, known, alias))
         with store.engine.begin() as conn:
-            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
+            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
+                              rerun=bool(recorded))
             store.release_claims(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
     return _outcome(ref, results, executed=[r for r in executed if r.attempts],
@@ -327,7 +331,7 @@ def _outcome(ref: ChunkRef, results: Sequence[ItemResult], *, executed: Sequence
 def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
             todo: Sequence[PlannedOperation], to_run: Sequence[PlannedOperation],
             answered: dict[int, ItemResult], executed: list[ItemResult],
-            kept: dict[int, ItemResult]) -> list[ItemResult]:
+            kept: dict[int, ItemResult], *, rerun: bool) -> list[ItemResult]:
     by_index = {r.index: r for r in executed}
     by_key = {op.idempotency_key: by_index[op.index] for op in to_run
               if op.idempotency_key is not None}
@@ -348,4 +352,7 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
                 and not by_index[op.index].replayed]
     retention = timedelta(hours=runtime.settings.idempotency_retention_hours)
     runtime.store.idempotency_save(conn, scope, ref.batch_id, remember, retention)
+    # Items that ran out of retries; a re-run chunk's items replace their earlier ones.
+    record_dead_letters(conn, scope, ref.batch_id, [(op, by_index[op.index]) for op in to_run],
+                        rerun=[op.index for op in todo] if rerun else ())
     return results

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
+
+from sqlalchemy.engine import Connection
 
 from batchops.callbacks import CallbackRecords
 from batchops.planning import ChunkPlanner
@@ -31,6 +34,7 @@ def register_batch(
     callback_url: str | None = None,
     status_url: str | None = None,
     deadline_seconds: float | None = None,
+    conn: Connection | None = None,
 ) -> tuple[str, int]:
     """Validate and store a batch; ``(batch_id, total)``.
 
@@ -43,6 +47,8 @@ def register_batch(
     :func:`~batchops.callback_urls.check_callback_url`, and again before it is called) gets
     the batch's completion callback, which links to ``status_url``.
     With ``deadline_seconds``, no item starts later than that many seconds from now.
+    Given ``conn``, the batch is written in that (caller's) transaction instead of one
+    of its own.
     """
     settings = runtime.settings
     batch_id = batch_id or new_batch_id()
@@ -51,8 +57,9 @@ def register_batch(
                                    max_operations or settings.max_operations)
     planner = ChunkPlanner(batch_id, size, runtime.resources)
     store = runtime.store
-    with store.engine.begin() as conn:
-        store.insert_batch(conn, batch_id, concurrency=concurrency or settings.default_concurrency,
+    transaction = store.engine.begin() if conn is None else nullcontext(conn)
+    with transaction as tx:
+        store.insert_batch(tx, batch_id, concurrency=concurrency or settings.default_concurrency,
                            chunk_size=size, scope=scope, source=source,
                            deadline_seconds=deadline_seconds)
         for index, raw in enumerate(operations):
@@ -61,12 +68,12 @@ def register_batch(
                 continue  # keep validating to report every error; nothing will be stored
             plan = planner.add(planned)
             if plan is not None:
-                store.insert_chunk(conn, plan.ref, plan.operations, plan.depends_on)
+                store.insert_chunk(tx, plan.ref, plan.operations, plan.depends_on)
         validator.finish()
         last = planner.finish()
         if last is not None:
-            store.insert_chunk(conn, last.ref, last.operations, last.depends_on)
-        store.set_total(conn, batch_id, validator.count)
+            store.insert_chunk(tx, last.ref, last.operations, last.depends_on)
+        store.set_total(tx, batch_id, validator.count)
         if callback_url is not None:
-            CallbackRecords(store).add(conn, batch_id, callback_url, status_url)
+            CallbackRecords(store).add(tx, batch_id, callback_url, status_url)
     return batch_id, validator.count

@@ -7,6 +7,8 @@
     batchops status ID [--json]
     batchops results ID [--state failed] [--format csv|json] [-o FILE]
     batchops db upgrade
+    batchops dead-letters list [--batch-id ID] [--target http] [--code C] [--json]
+    batchops dead-letters replay [DEAD_LETTER_ID ...] [--batch-id ID ...] [--all]
 
 Exit codes: 0 every item succeeded, 1 some items failed, 2 bad input (nothing ran), 3 the run
 itself failed. Errors of the :mod:`batchops.errors` tree become a message and an exit code in
@@ -53,6 +55,8 @@ from batchops.csvio import (
     write_results_csv,
     write_results_json,
 )
+from batchops.dead_letters import DeadLetterFilter, DeadLetterReplay, DeadLetters
+from batchops.dead_letters import replay_dead_letters as register_replay
 from batchops.errors import BadRequest, BatchopsError, ValidationFailed
 from batchops.registration import register_batch
 from batchops.runtime import Runtime, get_runtime
@@ -111,6 +115,9 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The batch store's database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+dead_letters_app = typer.Typer(help="Items that ran out of retries: list them, replay them.",
+                               no_args_is_help=True)
+app.add_typer(dead_letters_app, name="dead-letters")
 
 
 class ResultFormat(StrEnum):
@@ -398,6 +405,90 @@ def db_upgrade() -> None:
         revision = MigrationContext.configure(conn).get_current_revision()
     url = store.engine.url.render_as_string(hide_password=True)
     _out.print(f"Store {escape(url)} is at revision {revision} (head).")
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+_SCOPE_HELP = "The API key's scope the dead letters belong to."
+
+
+def _filter(batch_id: str | None, target: str | None, resource: str | None,
+            code: str | None, status: int | None) -> DeadLetterFilter | None:
+    flt = DeadLetterFilter(batch_id=batch_id, target=target, resource=resource, code=code,
+                           status=status)
+    return None if flt.is_empty else flt
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    batch_id: Annotated[str | None, typer.Option(help="The batch they failed in.")] = None,
+    target: Annotated[str | None, typer.Option(help="http, sql or python.")] = None,
+    resource: Annotated[str | None, typer.Option(help="The upstream (or resource).")] = None,
+    code: Annotated[str | None, typer.Option(help="The last attempt's error code.")] = None,
+    status: Annotated[int | None, typer.Option(help="The last attempt's status.")] = None,
+    replayed: Annotated[bool | None, typer.Option(
+        "--replayed/--not-replayed", help="Only replayed ones, or only the others.",
+        show_default=False)] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, oldest first.")] = 100,
+    scope: Annotated[str, typer.Option(help=_SCOPE_HELP)] = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """List dead letters: the request, how often it was tried, the last error."""
+    found = DeadLetters(get_runtime().store).find(
+        scope, _filter(batch_id, target, resource, code, status), replayed=replayed,
+        limit=limit)
+    if as_json:
+        for dead in found:
+            typer.echo(dead.model_dump_json())
+        return
+    table = Table(title=f"{len(found)} dead letter(s)", title_justify="left")
+    for column in ("id", "batch", "item", "request", "attempts", "last error", "replayed into"):
+        table.add_column(column, overflow="fold")
+    for dead in found:
+        table.add_row(str(dead.id), dead.batch_id, escape(dead.item_id or str(dead.item_index)),
+                      escape(f"{dead.method} {dead.path}"), str(dead.attempts),
+                      escape(f"{dead.status} {dead.code}: {dead.message}"),
+                      dead.replayed_batch_id or "")
+    _out.print(table)
+
+
+@dead_letters_app.command("replay")
+def dead_letters_replay(
+    ids: Annotated[list[int] | None, typer.Argument(
+        metavar="[DEAD_LETTER_ID]...", help="These dead letters.", show_default=False)] = None,
+    batch_id: Annotated[str | None, typer.Option(help="Those of this batch.")] = None,
+    target: Annotated[str | None, typer.Option(help="Those of this target.")] = None,
+    resource: Annotated[str | None, typer.Option(help="Those of this upstream.")] = None,
+    code: Annotated[str | None, typer.Option(help="Those with this error code.")] = None,
+    status: Annotated[int | None, typer.Option(help="Those with this status.")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Every one not replayed yet.")
+                          ] = False,
+    include_replayed: Annotated[bool, typer.Option(
+        help="Also those replayed before.")] = False,
+    scope: Annotated[str, typer.Option(help=_SCOPE_HELP)] = "default",
+) -> None:
+    """Run dead letters again as a new batch, here, with a progress bar.
+
+    Choose them by id, by filter options, or --all (no choice is refused, never read as
+    "everything"). Exit codes as for `run`.
+    """
+    prefect_api = use_local_prefect_server()
+    runtime = get_runtime()
+    request = DeadLetterReplay(ids=ids or None, filter=_filter(batch_id, target, resource, code,
+                                                                status),
+                               all=replay_all, include_replayed=include_replayed)
+    replay = register_replay(runtime, scope, request)
+    if replay.batch_id is None:
+        _err.print("No dead letters to replay.")
+        raise typer.Exit(EXIT_OK)
+    _err.print(f"Replaying {replay.replayed} dead letter(s) as batch [bold]{replay.batch_id}[/]…")
+    failure = _execute(runtime, replay.batch_id, replay.replayed)
+    current = runtime.store.status(replay.batch_id, ui_url=runtime.settings.prefect_ui_url)
+    _print_summary(current, prefect_api)
+    if failure is not None:
+        _err.print(f"[bold red]the run failed:[/] {escape(failure)}")
+        raise typer.Exit(EXIT_RUN_FAILED)
+    raise typer.Exit(EXIT_ITEMS_FAILED if current.failed else EXIT_OK)
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """Serve the batchops deployments from this process (a runner): ``batchops serve``.
 
-The same three deployments as ``prefect.yaml`` declares for a work pool:
+The same deployments as ``prefect.yaml`` declares for a work pool:
 
 * ``process-batch`` — one batch, by ``batch_id`` or an ``operations`` list (parameter schema
   enforced, so a run started from the Prefect UI is checked before it starts);
@@ -9,6 +9,7 @@ The same three deployments as ``prefect.yaml`` declares for a work pool:
 * ``retry-failed`` — a finished batch's failed items, again;
 * ``reap-stale-batches`` — every minute: batches whose heartbeat stopped (a killed runner or
   worker) run again from their checkpoint.
+* ``replay-dead-letters`` — dead letters (by ids or a filter) as a new batch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from batchops.settings import Settings, get_settings
 from flows.bulk_sync import bulk_sync
 from flows.process_batch import process_batch
 from flows.reaper import reap_stale_batches
+from flows.replay_dead_letters import replay_dead_letters
 from flows.retry_failed import retry_failed
 
 __all__ = ["build_deployments", "serve_deployments"]
@@ -49,11 +51,16 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
             tags=tags, enforce_parameter_schema=True,
         ),
         reap_stale_batches.to_deployment(  # type: ignore[list-item]
-            name="reaper",
+            name="reap-stale-batches",
             description="Run batches whose heartbeat stopped again, from their checkpoint.",
             tags=tags, enforce_parameter_schema=True,
             schedules=[Cron(settings.reaper_cron, timezone="UTC")],
             concurrency_limit=1,
+        ),
+        replay_dead_letters.to_deployment(  # type: ignore[list-item]
+            name="replay-dead-letters",
+            description="Run dead letters again as a new batch (ids, a filter, or all).",
+            tags=tags, enforce_parameter_schema=True,
         ),
     ]
     return deployments

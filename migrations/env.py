@@ -8,6 +8,7 @@ from alembic import context
 # Modules whose tables live on the store's metadata: imported so autogenerate sees them.
 import batchops.batch_requests
 import batchops.callbacks
+import batchops.dead_letters
 import batchops.sync  # noqa: F401
 from batchops.store import metadata
 

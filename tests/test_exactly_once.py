@@ -97,7 +97,7 @@ def test_a_batch_survives_kill_9_of_its_runner_and_applies_every_key_once(
     from tests.conftest import _truncate_pg
 
     _truncate_pg(pg_database)
-    deployments = ("process-batch/process-batch", "reap-stale-batches/reaper")
+    deployments = ("process-batch/process-batch", "reap-stale-batches/reap-stale-batches")
     with running_upstream(UpstreamConfig(latency_ms=20)) as (url, state):
         runtime: Runtime = configure(
             database_url=pg_database, upstreams=crm(url), heartbeat_seconds="0.5",
@@ -123,7 +123,7 @@ def test_a_batch_survives_kill_9_of_its_runner_and_applies_every_key_once(
 
         time.sleep(3.5)  # longer than stale_after_seconds: the batch's heartbeat is old
         with serving_deployments(env, deployments, tmp_path / "runner-2.log"):
-            reaper = run_deployment("reap-stale-batches/reaper", timeout=120)
+            reaper = run_deployment("reap-stale-batches/reap-stale-batches", timeout=120)
             assert reaper.state is not None and reaper.state.is_completed()
             _wait_for(lambda: runtime.store.get_batch(batch_id).status
                       == BatchState.COMPLETED.value, 180, "the batch to complete")

@@ -317,7 +317,7 @@ def test_retry_failed_runs_only_the_failed_items(configure: Configure, tmp_path:
 # -- deployments -------------------------------------------------------------------------------
 
 
-def test_prefect_yaml_declares_the_three_deployments() -> None:
+def test_prefect_yaml_declares_the_deployments() -> None:
     from prefect.cli.deploy._models import PrefectYamlModel
     from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
     from prefect.flows import load_flow_from_entrypoint
@@ -325,7 +325,8 @@ def test_prefect_yaml_declares_the_three_deployments() -> None:
     raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
     model = PrefectYamlModel.model_validate(raw)  # the shape `prefect deploy` accepts
     configs = {d["name"]: d for d in raw["deployments"]}
-    assert [d.name for d in model.deployments] == ["process-batch", "bulk-sync", "retry-failed"]
+    assert [d.name for d in model.deployments] == [
+        "process-batch", "bulk-sync", "retry-failed", "reap-stale-batches", "replay-dead-letters"]
     for name, config in configs.items():
         assert config["enforce_parameter_schema"] is True
         assert load_flow_from_entrypoint(str(REPO / config["entrypoint"])).name == name
@@ -333,6 +334,9 @@ def test_prefect_yaml_declares_the_three_deployments() -> None:
                   for s in configs["bulk-sync"]["schedules"]]
     assert schedule["active"] is False and schedule["schedule"].cron == "*/15 * * * *"
     assert configs["bulk-sync"]["concurrency_limit"] == 1
+    [reaper] = [_schedule_config_to_deployment_schedule(s)
+                for s in configs["reap-stale-batches"]["schedules"]]
+    assert reaper["active"] is True and reaper["schedule"].cron == "* * * * *"
 
 
 @pytest.fixture
