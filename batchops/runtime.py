@@ -27,11 +27,11 @@ class Runtime:
 
     def prepare(self) -> None:
         """Migrate the store and create the declared tables marked ``create``."""
-        self.store.migrate()
-        for res in self.resources.values():
-            if res.spec.create:
-                res.table.create(shared_engine(res.database_url or self.store.url),
-                                 checkfirst=True)
+        declared = [r for r in self.resources.values() if r.spec.create]
+        self.store.migrate([r.table for r in declared if r.database_url in (None, self.store.url)])
+        for res in declared:
+            if res.database_url not in (None, self.store.url):
+                res.table.create(shared_engine(res.database_url), checkfirst=True)
 
 
 _lock = threading.Lock()

@@ -197,11 +197,16 @@ class Store:
 
     # -- schema -------------------------------------------------------------------------
 
-    def migrate(self) -> None:
-        """Bring the store's schema to the newest migration (Alembic)."""
+    def migrate(self, tables: Sequence[sa.Table] = ()) -> None:
+        """Bring the store's schema to the newest migration (Alembic), then create ``tables``
+        of its database if missing — under one lock when processes start at once."""
         from batchops.migrate import upgrade
 
-        upgrade(self.engine)
+        def create(conn: Connection) -> None:
+            for table in tables:
+                table.create(conn, checkfirst=True)
+
+        upgrade(self.engine, then=create)
 
     # -- registration -------------------------------------------------------------------
 
