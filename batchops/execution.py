@@ -115,6 +115,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         executed = await _run_targets(runtime, to_run, ctx) if to_run else []
         with store.engine.begin() as conn:
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
+    store.publish_status(ref.batch_id)  # committed: the Redis snapshot may move
     return _outcome(ref, results, executed=executed, already=len(kept), started=started)
 
 

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from batchops.handlers import load_handler_modules, registry
+from batchops.progress import RedisProgress
 from batchops.resources import Resource, build_resources
 from batchops.routing import PYTHON_TARGET, SQL_TARGET, Router
 from batchops.settings import Settings, get_settings
@@ -42,7 +43,9 @@ def build_runtime(settings: Settings) -> Runtime:
     load_handler_modules(settings.handler_modules)
     resources = build_resources(settings.resources)
     router = Router(resources, registry.all())
-    runtime = Runtime(settings, Store(settings.database_url), resources, router)
+    progress = RedisProgress(settings.redis_url) if settings.redis_url else None
+    runtime = Runtime(settings, Store(settings.database_url, progress=progress), resources,
+                      router)
     runtime.targets = {
         SQL_TARGET: SqlTarget(resources, settings.database_url),
         PYTHON_TARGET: PythonTarget(router),
