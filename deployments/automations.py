@@ -44,11 +44,13 @@ def rerun_automations(deployments: list[str], zombie_seconds: int) -> list[Autom
                       "prefect.resource.name": deployments}
     zombie = AutomationCore(
         name=ZOMBIE_AUTOMATION,
-        description="No heartbeat (or final state) from a running flow run for "
+        description="No heartbeat (or final state) from a pending or running flow run for "
                     f"{zombie_seconds} s: its process is gone.",
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", *_FINAL},
+            # Pending and Running too: a process killed before its first heartbeat.
+            after={"prefect.flow-run.Pending", "prefect.flow-run.Running",
+                   "prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.Running", "prefect.flow-run.heartbeat", *_FINAL},
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related=of_deployments,
             for_each={"prefect.resource.id"},

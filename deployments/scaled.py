@@ -68,6 +68,7 @@ class ScaledTopology:
     def env(self, name: str, prefect_index: int = 0) -> dict[str, str]:
         """The environment of one process: every setting of the topology."""
         data = self.data_dir.resolve()
+        (data / "home" / name).mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_", "BATCHOPS_"))}
         env.update({
