@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test install lint format bench clean
+.PHONY: up up-scaled test install lint format bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/batchops up
 
+## The same code on production backends, on this machine (local PostgreSQL and Redis): 2 Prefect
+## API servers + services on PostgreSQL with prefect-redis, 2 workers on the 'batchops' work
+## pool, 2 batchops APIs on :8000 and :8001. See docs/scaling.md. Ctrl-C stops everything.
+up-scaled: $(STAMP)
+	$(BIN)/batchops up --scaled
+
 ## Run the whole test suite (starts PostgreSQL and Redis if they are stopped).
 test: $(STAMP)
 	$(BIN)/pytest -q
@@ -30,6 +36,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.sql_target
+
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale
 
 clean:
 	rm -rf .data .pytest_cache .mypy_cache .ruff_cache

@@ -259,6 +259,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
                               rerun=bool(recorded))
             store.release_claims(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
+    store.publish_status(ref.batch_id)  # committed: the Redis snapshot may move
     return _outcome(ref, results, executed=[r for r in executed if r.attempts],
                     already=len(kept), started=started)
 

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from batchops.handlers import load_handler_modules, registry
+from batchops.progress import RedisProgress
 from batchops.resources import Resource, build_resources
 from batchops.routing import HTTP_TARGET, PYTHON_TARGET, SQL_TARGET, Router
 from batchops.settings import Settings, get_settings
@@ -28,11 +29,11 @@ class Runtime:
 
     def prepare(self) -> None:
         """Migrate the store and create the declared tables marked ``create``."""
-        self.store.migrate()
-        for res in self.resources.values():
-            if res.spec.create:
-                res.table.create(shared_engine(res.database_url or self.store.url),
-                                 checkfirst=True)
+        declared = [r for r in self.resources.values() if r.spec.create]
+        self.store.migrate([r.table for r in declared if r.database_url in (None, self.store.url)])
+        for res in declared:
+            if res.database_url not in (None, self.store.url):
+                res.table.create(shared_engine(res.database_url), checkfirst=True)
 
 
 _lock = threading.Lock()
@@ -43,7 +44,9 @@ def build_runtime(settings: Settings) -> Runtime:
     load_handler_modules(settings.handler_modules)
     resources = build_resources(settings.resources)
     router = Router(resources, registry.all(), settings.upstreams)
-    runtime = Runtime(settings, Store(settings.database_url), resources, router)
+    progress = RedisProgress(settings.redis_url) if settings.redis_url else None
+    runtime = Runtime(settings, Store(settings.database_url, progress=progress), resources,
+                      router)
     runtime.targets = {
         SQL_TARGET: SqlTarget(resources, settings.database_url),
         PYTHON_TARGET: PythonTarget(router),

@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
 from batchops.errors import BatchInProgress, BatchNotFound
+from batchops.progress import RedisProgress
 from batchops.schemas import (
     BatchState,
     BatchStatus,
@@ -242,9 +243,11 @@ def shared_engine(url: str) -> Engine:
 class Store:
     """Reads and writes batches; every method is one short transaction unless it takes ``conn``."""
 
-    def __init__(self, url: str, engine: Engine | None = None) -> None:
+    def __init__(self, url: str, engine: Engine | None = None,
+                 progress: RedisProgress | None = None) -> None:
         self.url = url
         self.engine = engine or shared_engine(url)
+        self.progress = progress  # status snapshots in Redis (batchops.progress), if set
 
     def read(self) -> Connection:
         """A connection for reads (on SQLite it does not take the write lock)."""
@@ -252,11 +255,16 @@ class Store:
 
     # -- schema -------------------------------------------------------------------------
 
-    def migrate(self) -> None:
-        """Bring the store's schema to the newest migration (Alembic)."""
+    def migrate(self, tables: Sequence[sa.Table] = ()) -> None:
+        """Bring the store's schema to the newest migration (Alembic), then create ``tables``
+        of its database if missing — under one lock when processes start at once."""
         from batchops.migrate import upgrade
 
-        upgrade(self.engine)
+        def create(conn: Connection) -> None:
+            for table in tables:
+                table.create(conn, checkfirst=True)
+
+        upgrade(self.engine, then=create)
 
     # -- registration -------------------------------------------------------------------
 
@@ -296,15 +304,28 @@ class Store:
         return BatchRecord(**data)
 
     def status(self, batch_id: str, ui_url: str | None = None) -> BatchStatus:
+        """The batch's status: from the Redis snapshot when there is one, else the database."""
+        current = self.progress.read(batch_id) if self.progress is not None else None
+        if current is None:
+            current = self.stored_status(batch_id)
+        if ui_url and current.flow_run_id:
+            current.ui_url = f"{ui_url.rstrip('/')}/runs/flow-run/{current.flow_run_id}"
+        return current
+
+    def stored_status(self, batch_id: str) -> BatchStatus:
+        """The batch's status as the database has it."""
         b = self.get_batch(batch_id)
         return BatchStatus(
             batch_id=b.id, status=BatchState(b.status), total=b.total, completed=b.completed,
             succeeded=b.succeeded, failed=b.failed, skipped=b.skipped,
             deadline_at=b.deadline_at, progress=round(b.completed / b.total, 4) if b.total else 1.0,
             started_at=b.started_at, finished_at=b.finished_at, flow_run_id=b.flow_run_id,
-            ui_url=(f"{ui_url.rstrip('/')}/runs/flow-run/{b.flow_run_id}"
-                    if ui_url and b.flow_run_id else None),
         )
+
+    def publish_status(self, batch_id: str) -> None:
+        """Copy the committed status to Redis (when configured); after every change."""
+        if self.progress is not None:
+            self.progress.publish(self.stored_status(batch_id))
 
     def chunk_plan(self, batch_id: str) -> list[tuple[ChunkRef, list[int]]]:
         """Every chunk of the batch, in order, with the chunks it must wait for."""
@@ -424,13 +445,15 @@ class Store:
     def mark_started(self, batch_id: str, flow_run_id: str | None) -> bool:
         """Processing under this flow run; ``False`` when the batch was cancelled."""
         with self.engine.begin() as conn:
-            return conn.execute(batches.update().where(
+            started = conn.execute(batches.update().where(
                 batches.c.id == batch_id, batches.c.status != BatchState.CANCELLED.value,
             ).values(
                 status=BatchState.PROCESSING.value, flow_run_id=flow_run_id,
                 started_at=sa.func.coalesce(batches.c.started_at, utcnow()),
                 finished_at=None, error=None, heartbeat_at=utcnow(),
             )).rowcount == 1
+        self.publish_status(batch_id)
+        return started
 
     def mark_finished(self, batch_id: str, state: BatchState, error: str | None = None) -> None:
         """Final status; a cancelled batch stays cancelled."""
@@ -438,6 +461,7 @@ class Store:
             conn.execute(batches.update().where(
                 batches.c.id == batch_id, batches.c.status != BatchState.CANCELLED.value,
             ).values(status=state.value, finished_at=utcnow(), error=error))
+        self.publish_status(batch_id)
 
     def cancel(self, batch_id: str) -> BatchRecord:
         """Stop scheduling new chunks: queued or processing → cancelled. Chunks already
@@ -447,6 +471,7 @@ class Store:
                 batches.c.id == batch_id,
                 batches.c.status.in_([BatchState.QUEUED.value, BatchState.PROCESSING.value]),
             ).values(status=BatchState.CANCELLED.value, finished_at=utcnow()))
+        self.publish_status(batch_id)
         return self.get_batch(batch_id)
 
     def prepare_retry(self, batch_id: str) -> int:
@@ -483,13 +508,15 @@ class Store:
                 deadline_at=_deadline_from(utcnow(), batch["deadline_seconds"]),
                 finished_at=None, error=None,
             ))
-            return to_run
+        self.publish_status(batch_id)
+        return to_run
 
     def set_flow_run_id(self, batch_id: str, flow_run_id: str) -> None:
         """The flow run that will process a queued batch (so its UI link shows at once)."""
         with self.engine.begin() as conn:
             conn.execute(batches.update().where(batches.c.id == batch_id)
                          .values(flow_run_id=flow_run_id))
+        self.publish_status(batch_id)
 
     # -- idempotency --------------------------------------------------------------------
 

@@ -497,13 +497,42 @@ def up(
         "examples/demo.json"),
     port: Annotated[int, typer.Option(help="Port of the Prefect server (UI and API).")] = 4200,
     stay: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
+    scaled: Annotated[bool, typer.Option(
+        help="Production backends on this machine: 2 Prefect API servers and the services on "
+             "PostgreSQL with prefect-redis, 2 workers on the 'batchops' work pool, 2 APIs "
+             "(:8000, :8001). See docs/scaling.md.")] = False,
 ) -> None:
     """Start the system on the embedded default: a Prefect server (SQLite under .data/),
     then the demo batch through this CLI. Ctrl-C stops everything."""
+    demo_file = demo if demo and demo.exists() else None
+    if scaled:
+        from deployments.scaled import ScaledTopology, run_scaled_system
+
+        raise typer.Exit(run_scaled_system(ScaledTopology(), demo_file, stay=stay))
     from deployments.local import run_local_system
 
-    raise typer.Exit(run_local_system(demo if demo and demo.exists() else None, port=port,
-                                      stay=stay))
+    raise typer.Exit(run_local_system(demo_file, port=port, stay=stay))
+
+
+@app.command()
+def deploy(
+    work_pool: Annotated[str, typer.Option(help="The process work pool (created if missing).")
+                         ] = "batchops",
+    zombie_seconds: Annotated[int, typer.Option(
+        help="Re-run a deployment's flow run after this long without a heartbeat (0: do not "
+             "create the automations).")] = 75,
+) -> None:
+    """Register the deployments with a work pool for workers, and the automations that re-run
+    flow runs of a worker that died."""
+    from deployments.automations import ensure_rerun_automations
+    from deployments.serve import deploy_to_work_pool
+
+    ids = deploy_to_work_pool(work_pool)
+    if zombie_seconds:
+        ensure_rerun_automations(["process-batch", "bulk-sync", "retry-failed"], zombie_seconds)
+    _out.print(f"{len(ids)} deployments on the work pool {work_pool!r}"
+               + (f"; crashed runs re-run after {zombie_seconds} s without heartbeat"
+                  if zombie_seconds else ""))
 
 
 @app.command()

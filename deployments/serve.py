@@ -14,8 +14,11 @@ The same deployments as ``prefect.yaml`` declares for a work pool:
 
 from __future__ import annotations
 
+import contextlib
+from uuid import UUID
+
 from prefect import serve
-from prefect.deployments.runner import RunnerDeployment
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
 from batchops.settings import Settings, get_settings
@@ -25,20 +28,22 @@ from flows.reaper import reap_stale_batches
 from flows.replay_dead_letters import replay_dead_letters
 from flows.retry_failed import retry_failed
 
-__all__ = ["build_deployments", "serve_deployments"]
+__all__ = ["build_deployments", "deploy_to_work_pool", "serve_deployments"]
 
 
-def build_deployments(settings: Settings) -> list[RunnerDeployment]:
-    """The deployments this runner serves."""
+def build_deployments(settings: Settings,
+                      entrypoint_type: EntrypointType = EntrypointType.FILE_PATH,
+                      ) -> list[RunnerDeployment]:
+    """The deployments this runner serves (or a work pool's workers run)."""
     tags = ["batchops"]
     deployments: list[RunnerDeployment] = [
         process_batch.to_deployment(  # type: ignore[list-item]
-            name="process-batch",
+            name="process-batch", entrypoint_type=entrypoint_type,
             description="Run a batch of operations (batch_id, or operations to register).",
             tags=tags, enforce_parameter_schema=True,
         ),
         bulk_sync.to_deployment(  # type: ignore[list-item]
-            name="bulk-sync",
+            name="bulk-sync", entrypoint_type=entrypoint_type,
             description="Apply the rows changed since each sync's watermark to its target.",
             tags=tags, enforce_parameter_schema=True,
             schedules=[Cron(settings.sync_cron, timezone="UTC",
@@ -46,7 +51,7 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
             concurrency_limit=1,  # two runs of one sync would race for its watermark
         ),
         retry_failed.to_deployment(  # type: ignore[list-item]
-            name="retry-failed",
+            name="retry-failed", entrypoint_type=entrypoint_type,
             description="Run a finished batch's failed items again (only those).",
             tags=tags, enforce_parameter_schema=True,
         ),
@@ -69,3 +74,17 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
 def serve_deployments() -> None:
     """Serve the deployments until interrupted."""
     serve(*build_deployments(get_settings()))
+
+
+def deploy_to_work_pool(pool: str) -> list[UUID]:
+    """Create the ``process`` work pool ``pool`` if missing and register the same deployments
+    with it, by module path (``flows.process_batch.process_batch``): every worker runs the
+    installed batchops package, so no code storage or image is needed."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    return [deployment.apply(work_pool_name=pool)  # type: ignore[misc]
+            for deployment in build_deployments(get_settings(), EntrypointType.MODULE_PATH)]

@@ -17,10 +17,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from batchops.execution import ChunkOutcome
 from batchops.schemas import BatchSummary, ChunkRef, Operation
-from batchops.settings import get_settings
+from batchops.settings import Settings, get_settings
 from tasks.batches import finish_batch, load_batch, register_operations
 from tasks.callbacks import send_callback
-from tasks.chunks import run_chunk
+from tasks.chunks import chunk_cache_policy, run_chunk
 
 __all__ = ["process_batch"]
 
@@ -39,12 +39,14 @@ def _rename_flow_run(name: str) -> None:
             client.update_flow_run(UUID(flow_run_id), name=name)
 
 
-def _chunk_task(settings_retries: int, backoff: float) -> Any:
+def _chunk_task(settings: Settings) -> Any:
     from prefect.tasks import exponential_backoff
 
+    backoff = settings.chunk_retry_backoff_seconds
     return run_chunk.with_options(
-        retries=settings_retries,
+        retries=settings.chunk_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
+        cache_policy=chunk_cache_policy(settings.redis_url),
     )
 
 
@@ -58,7 +60,7 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
     earlier ones waits for them (``wait_for``), so batch order holds across chunks.
     """
     settings = get_settings()
-    chunk_task = _chunk_task(settings.chunk_retries, settings.chunk_retry_backoff_seconds)
+    chunk_task = _chunk_task(settings)
     refs = [ref for ref, _ in chunks]
     if parallel >= settings.chunk_workers and not any(deps for _, deps in chunks):
         futures = chunk_task.map(refs, unmapped(per_chunk), unmapped(scope),

@@ -24,6 +24,12 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
+    shared = config.attributes.get("connection")
+    if shared is not None:  # batchops.migrate's, inside its locked transaction
+        context.configure(connection=shared, target_metadata=metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
     engine = config.attributes.get("engine") or sa.create_engine(
         config.get_main_option("sqlalchemy.url") or ""
     )

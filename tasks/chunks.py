@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
 from prefect import Task, task
+from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import Cancelled, State
@@ -18,7 +20,7 @@ from batchops.execution import ChunkOutcome, execute_chunk
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState, ChunkRef
 
-__all__ = ["chunk_cache_key", "retry_transient_failures", "run_chunk"]
+__all__ = ["chunk_cache_key", "chunk_cache_policy", "retry_transient_failures", "run_chunk"]
 
 _TRANSIENT = (TransientError, sa.exc.OperationalError, sa.exc.InterfaceError, ConnectionError,
               TimeoutError)
@@ -32,6 +34,25 @@ def chunk_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     ref: ChunkRef = parameters["ref"]
     return (f"batchops-chunk-{ref.batch_id}-{ref.chunk_index}-{ref.cache_token}"
             f"-g{parameters.get('generation', 0)}")
+
+
+@lru_cache(maxsize=4)  # one lock manager (one Redis pool) per URL
+def chunk_cache_policy(redis_url: str | None) -> CachePolicy:
+    """The chunk task's cache policy: :func:`chunk_cache_key`, and with Redis configured, a
+    ``RedisLockManager`` at ``SERIALIZABLE`` isolation.
+
+    With workers on several machines, two flow runs of one batch (a re-run racing a run
+    thought dead) may start the same chunk at once; the lock makes the second wait for the
+    first's cache record and read it, instead of running the chunk again.
+    """
+    policy = CachePolicy.from_cache_key_fn(chunk_cache_key)
+    if redis_url is None:
+        return policy
+    from prefect.transactions import IsolationLevel
+    from prefect_redis import RedisLockManager
+
+    return policy.configure(lock_manager=RedisLockManager(connection_url=redis_url),
+                            isolation_level=IsolationLevel.SERIALIZABLE)
 
 
 def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
@@ -53,7 +74,7 @@ def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: Sta
     retry_delay_seconds=exponential_backoff(backoff_factor=1),
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_transient_failures,
-    cache_key_fn=chunk_cache_key,
+    cache_policy=chunk_cache_policy(None),  # the flow sets the configured lock manager
     cache_expiration=timedelta(hours=24),
     persist_result=True,
 )

