@@ -12,12 +12,9 @@ import asyncio
 import contextvars
 import logging
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from uuid import UUID
-
-import httpx
 
 from batchops.errors import TransientError
 from batchops.runtime import Runtime
@@ -28,54 +25,13 @@ __all__ = ["BatchRunner"]
 logger = logging.getLogger("api")
 
 
-def _run_flow(batch_id: str, flow_run: Any = None) -> None:
-    from prefect.flow_engine import run_flow_sync
-    from prefect.states import State
-
+def _run_flow(batch_id: str) -> None:
     from flows.process_batch import process_batch  # imports Prefect only when a batch runs
 
-    if flow_run is None:
-        state = process_batch(batch_id=batch_id, return_state=True)
-    else:
-        outcome = run_flow_sync(process_batch, flow_run=flow_run,
-                                parameters={"batch_id": batch_id}, return_type="state")
-        assert isinstance(outcome, State)
-        state = outcome
+    state = process_batch(batch_id=batch_id, return_state=True)
     if not state.is_completed():
         logger.warning("batch %s: its flow run ended %s: %s", batch_id, state.type.value,
                        state.message)
-
-
-def _create_flow_run(client: Any, batch_id: str, no_retry_settings: Any) -> Any:
-    """The batch's flow run, or ``None`` to let the flow engine create it.
-
-    A SQLite Prefect server answers a create with ``503`` while its services write
-    (``database is locked``), and the client's own retry waits 2 s: seen on most sync
-    batches on a loaded machine. This tries again after 20, 40, 80 … ms (~2.5 s in all);
-    on any other error the engine creates the run, with the client's usual retries.
-    """
-    from prefect.context import SettingsContext, get_settings_context
-    from prefect.exceptions import PrefectHTTPStatusError
-    from prefect.states import Pending
-
-    from flows.process_batch import process_batch
-
-    delay = 0.02
-    for _ in range(7):
-        try:
-            with SettingsContext(profile=get_settings_context().profile,
-                                 settings=no_retry_settings):
-                return client.create_flow_run(
-                    process_batch, name=f"batch-{batch_id}",
-                    parameters={"batch_id": batch_id}, state=Pending())
-        except PrefectHTTPStatusError as exc:
-            if exc.response.status_code != 503:
-                return None
-        except httpx.HTTPError:
-            return None
-        time.sleep(delay)
-        delay *= 2
-    return None
 
 
 class _ThreadPrefect(threading.local):
@@ -87,7 +43,6 @@ class _ThreadPrefect(threading.local):
 
     base_settings: Any = None
     run_settings: Any = None
-    no_retry_settings: Any = None
     client: Any = None
     api_url: str | None = None
 
@@ -111,26 +66,19 @@ class BatchRunner:
     def _run_in_thread(self, batch_id: str) -> None:
         from prefect.context import SettingsContext, SyncClientContext, get_settings_context
 
-        mine = self._thread_prefect()
+        run_settings, client = self._thread_prefect()
         # The flow engine takes the client of the SyncClientContext it finds in the context.
-        token = SyncClientContext.__var__.set(
-            SyncClientContext.model_construct(client=mine.client))
+        token = SyncClientContext.__var__.set(SyncClientContext.model_construct(client=client))
         try:
-            with SettingsContext(profile=get_settings_context().profile,
-                                 settings=mine.run_settings):
-                flow_run = _create_flow_run(mine.client, batch_id, mine.no_retry_settings)
-                _run_flow(batch_id, flow_run)
+            with SettingsContext(profile=get_settings_context().profile, settings=run_settings):
+                _run_flow(batch_id)
         finally:
             SyncClientContext.__var__.reset(token)
 
-    def _thread_prefect(self) -> _ThreadPrefect:
+    def _thread_prefect(self) -> tuple[Any, Any]:
         """This thread's run settings and open Prefect client, for the current settings."""
         from prefect.client.orchestration import get_client
-        from prefect.settings import (
-            PREFECT_CLIENT_MAX_RETRIES,
-            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-            get_current_settings,
-        )
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
 
         mine = self._prefect
         settings = get_current_settings()
@@ -141,8 +89,6 @@ class BatchRunner:
             mine.base_settings = settings
             mine.run_settings = settings.copy_with_update(
                 updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-            mine.no_retry_settings = mine.run_settings.copy_with_update(
-                updates={PREFECT_CLIENT_MAX_RETRIES: 0})
         if mine.client is None or mine.api_url != settings.api.url:
             client = get_client(sync_client=True)
             client.__enter__()
@@ -150,7 +96,7 @@ class BatchRunner:
             with self._clients_lock:
                 self._clients.append(client)
             mine.client, mine.api_url = client, settings.api.url
-        return mine
+        return mine.run_settings, mine.client
 
     async def wait(self, run: Future[None], seconds: float) -> bool:
         """Wait up to ``seconds`` for an in-process run; ``True`` when it has ended."""
