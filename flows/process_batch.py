@@ -98,8 +98,18 @@ def _send_callback(batch_id: str) -> None:
                                  state.message)
 
 
+def _percent(done: int, total: int) -> float:
+    return 100.0 * done / total if total else 100.0
+
+
+def _create_progress(batch_id: str, done: int, total: int) -> UUID:
+    return create_progress_artifact(  # type: ignore[return-value]
+        _percent(done, total), key=f"batch-{batch_id}-progress",
+        description=f"batch {batch_id}: {done}/{total} items")
+
+
 def _show_progress(progress_id: UUID, batch_id: str, done: int, total: int) -> None:
-    update_progress_artifact(progress_id, 100.0 * done / total if total else 100.0,
+    update_progress_artifact(progress_id, _percent(done, total),
                              description=f"batch {batch_id}: {done}/{total} items")
 
 
@@ -148,8 +158,9 @@ def process_batch(
     logger.info("batch %s: %d items in %d chunks, %d chunks at a time, %d items each",
                 batch_id, total, len(chunks), parallel, per_chunk)
 
-    progress_id: UUID = create_progress_artifact(  # type: ignore[assignment]
-        0.0, key=f"batch-{batch_id}-progress", description=f"batch {batch_id}: 0/{total}")
+    # No progress artifact for one chunk (it would go from 0 to 100 % at once): two API
+    # calls fewer for every small batch, whose caller waits for its answer.
+    progress_id = _create_progress(batch_id, 0, total) if len(chunks) > 1 else None
     done_items = 0
     last_update, shown = 0.0, -1
     failed_chunks: list[ChunkRef] = []
@@ -167,15 +178,17 @@ def process_batch(
             errors.append(f"chunk {ref.chunk_index}: {type(exc).__name__}: {exc}")
             logger.error("chunk %d (%s) could not finish: %s", ref.chunk_index, ref.label, exc)
         now = time.monotonic()
-        if now - last_update >= PROGRESS_MIN_INTERVAL or done_items >= total:
+        if progress_id and done_items < total and now - last_update >= PROGRESS_MIN_INTERVAL:
             # After each chunk, at most a few times a second: every update is an API call.
             _show_progress(progress_id, batch_id, done_items, total)
             last_update, shown = now, done_items
-    if shown != done_items:
-        _show_progress(progress_id, batch_id, done_items, total)
 
     error = "; ".join(errors) or None
+    # The batch is final in the store first (a sync answer leaves then), the last progress
+    # update after it.
     summary = finish_batch(batch_id, failed_chunks, error)
+    if progress_id and shown != done_items:
+        _show_progress(progress_id, batch_id, done_items, total)
     if batch["callback"]:
         _send_callback(batch_id)
     if failed_chunks:

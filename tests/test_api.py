@@ -168,6 +168,48 @@ def test_small_batch_runs_sync_and_answers_200_with_every_result(
         f"user{i}@example.com" for i in range(1, 6)]
 
 
+def test_sync_batch_is_a_flow_run_with_its_chunk_task_run_and_artifacts_after_the_answer(
+        api: httpx.Client) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    answer = api.post("/batches", json={"operations": [user(i) for i in range(1, 4)]})
+    assert answer.status_code == 200, answer.text
+    batch_id = answer.json()["batch_id"]
+    flow_run_id = uuid.UUID(api.get(f"/batches/{batch_id}/status").json()["flow_run_id"])
+
+    # The answer leaves once the store has the results; Prefect's bookkeeping may finish after.
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            flow_run = client.read_flow_run(flow_run_id)
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            chunks = [t for t in task_runs if t.name == "chunk 0 (items 0-2)"]
+            done = (flow_run.state is not None and flow_run.state.is_completed()
+                    and chunks and chunks[0].state is not None
+                    and chunks[0].state.is_completed()
+                    and {a.type for a in artifacts} >= {"table", "markdown"})
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert flow_run.name == f"batch-{batch_id}"
+    assert flow_run.state is not None and flow_run.state.is_completed()
+    assert len(chunks) == 1 and chunks[0].state is not None and chunks[0].state.is_completed()
+    table = next(a for a in artifacts if a.type == "table").data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [(r["index"], r["state"], r["status"]) for r in rows] == [
+        (i, "succeeded", 201) for i in range(3)]
+    assert any(a.type == "markdown" for a in artifacts)
+
+
 def test_failed_items_answer_207_with_exact_per_item_results(start_api: Callable[..., httpx.Client],
                                                              tmp_path: Path) -> None:
     api = start_api(database_url=f"sqlite:///{tmp_path / 'store.db'}")
