@@ -176,6 +176,8 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(
         60, gt=0, description="a processing batch silent this long is re-run by the reaper; "
         "an idempotency key claimed by it may be taken over")
+    max_recoveries: int = Field(
+        5, ge=0, description="times the reaper re-runs one batch before marking it failed")
     reaper_cron: str = Field("* * * * *", description="schedule of the reaper deployment")
     result_cache_hours: float = Field(24, gt=0)
     artifact_max_rows: int = Field(

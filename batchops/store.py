@@ -503,6 +503,7 @@ class Store:
             ).values(done=False))
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
                 status=BatchState.QUEUED.value, generation=batches.c.generation + 1,
+                heartbeat_at=utcnow(),
                 completed=batches.c.completed - failed - skipped,
                 failed=batches.c.failed - failed, skipped=batches.c.skipped - skipped,
                 deadline_at=_deadline_from(utcnow(), batch["deadline_seconds"]),
@@ -653,26 +654,33 @@ class Store:
         conn.execute(batches.update().where(batches.c.id == batch_id)
                      .values(heartbeat_at=utcnow()))
 
-    def take_stale_batches(self, stale_after: timedelta,
-                           limit: int = 100) -> list[tuple[str, str | None]]:
-        """Processing batches whose heartbeat is older than ``stale_after``: ``(id, flow run
-        id)`` each. Taking one refreshes its heartbeat and counts a recovery, so two reapers
-        never both take it."""
+    def stale_batches(self, stale_after: timedelta,
+                      limit: int = 100) -> list[tuple[str, str, str | None]]:
+        """``(id, status, flow run id)`` of batches that may have lost their run: processing
+        with a heartbeat older than ``stale_after``, or queued (with a flow run) for longer.
+        A queued one is lost only if its flow run was taken and died: the caller asks Prefect."""
+        cutoff = utcnow() - stale_after
+        b = batches.c
+        last_sign = sa.func.coalesce(b.heartbeat_at, b.created_at)
+        with self.read() as conn:
+            rows = conn.execute(sa.select(b.id, b.status, b.flow_run_id).where(
+                sa.or_(b.status == BatchState.PROCESSING.value,
+                       sa.and_(b.status == BatchState.QUEUED.value,
+                               b.flow_run_id.is_not(None))),
+                last_sign < cutoff,
+            ).order_by(b.created_at).limit(limit)).all()
+        return [(r.id, r.status, r.flow_run_id) for r in rows]
+
+    def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta) -> bool:
+        """Take a stale batch for a new run: refreshes its heartbeat and counts a recovery,
+        unless it moved meanwhile (or another reaper took it first)."""
         cutoff = utcnow() - stale_after
         b = batches.c
         with self.engine.begin() as conn:
-            candidates = conn.execute(sa.select(b.id, b.flow_run_id).where(
-                b.status == BatchState.PROCESSING.value,
-                sa.or_(b.heartbeat_at.is_(None), b.heartbeat_at < cutoff),
-            ).limit(limit)).all()
-            taken = []
-            for batch_id, flow_run_id in candidates:
-                if conn.execute(batches.update().where(
-                        b.id == batch_id, b.status == BatchState.PROCESSING.value,
-                        sa.or_(b.heartbeat_at.is_(None), b.heartbeat_at < cutoff),
-                ).values(heartbeat_at=utcnow(), recoveries=b.recoveries + 1)).rowcount == 1:
-                    taken.append((batch_id, flow_run_id))
-        return taken
+            return conn.execute(batches.update().where(
+                b.id == batch_id, b.status == status,
+                sa.func.coalesce(b.heartbeat_at, b.created_at) < cutoff,
+            ).values(heartbeat_at=utcnow(), recoveries=b.recoveries + 1)).rowcount == 1
 
 
 def _dialect_insert(conn: Connection) -> Any:

@@ -518,21 +518,13 @@ def up(
 def deploy(
     work_pool: Annotated[str, typer.Option(help="The process work pool (created if missing).")
                          ] = "batchops",
-    zombie_seconds: Annotated[int, typer.Option(
-        help="Re-run a deployment's flow run after this long without a heartbeat (0: do not "
-             "create the automations).")] = 75,
 ) -> None:
-    """Register the deployments with a work pool for workers, and the automations that re-run
-    flow runs of a worker that died."""
-    from deployments.automations import ensure_rerun_automations
+    """Register the deployments with a work pool for workers (the reaper among them: it
+    re-runs the batches of a worker that died)."""
     from deployments.serve import deploy_to_work_pool
 
     ids = deploy_to_work_pool(work_pool)
-    if zombie_seconds:
-        ensure_rerun_automations(["process-batch", "bulk-sync", "retry-failed"], zombie_seconds)
-    _out.print(f"{len(ids)} deployments on the work pool {work_pool!r}"
-               + (f"; crashed runs re-run after {zombie_seconds} s without heartbeat"
-                  if zombie_seconds else ""))
+    _out.print(f"{len(ids)} deployments on the work pool {work_pool!r}")
 
 
 @app.command()

@@ -7,7 +7,7 @@ The same code as ``batchops up``, configured for production backends (see docs/s
 * ``prefect-redis`` as Prefect's messaging broker and cache, event ordering, concurrency
   lease storage and Docket backend, so the API servers and the services share one state;
 * a ``process`` work pool ``batchops`` with the deployments of :mod:`deployments.serve`, and
-  workers polling it; automations that re-run the flow runs of a worker that died;
+  workers polling it; the reaper deployment re-runs the batches of a worker that died;
 * batchops API replicas; the batch store on PostgreSQL, progress snapshots in Redis.
 
 Each worker and API replica talks to one Prefect API server, assigned round-robin (process
@@ -50,7 +50,7 @@ class ScaledTopology:
     work_pool: str = "batchops"
     data_dir: Path = Path(".data/scaled")
     heartbeat_seconds: int = 30  # Prefect's minimum flow-run heartbeat interval
-    zombie_seconds: int = 75  # no heartbeat for this long: the run is crashed, then re-run
+    stale_after_seconds: int = 60  # a batch without a sign of life this long is re-run
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -94,6 +94,7 @@ class ScaledTopology:
             "BATCHOPS_DATABASE_URL": self.store_url,
             "BATCHOPS_REDIS_URL": self.redis_url,
             "BATCHOPS_PREFECT_UI_URL": f"http://127.0.0.1:{self.prefect_ports[0]}",
+            "BATCHOPS_STALE_AFTER_SECONDS": str(self.stale_after_seconds),
         })
         env.update(self.extra_env)
         return env
@@ -161,8 +162,7 @@ class ScaledSystem:
                              t.env("prefect-services"), stop_signal=signal.SIGTERM)
         for url in t.prefect_api_urls[1:]:
             self._wait(f"{url}/health", "a Prefect API server")
-        subprocess.run([sys.executable, "-m", "cli", "deploy", "--work-pool", t.work_pool,
-                        "--zombie-seconds", str(t.zombie_seconds)],
+        subprocess.run([sys.executable, "-m", "cli", "deploy", "--work-pool", t.work_pool],
                        env=first, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
         for index in range(1, t.workers + 1):
             self.start_worker(index)

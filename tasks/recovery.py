@@ -2,55 +2,98 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 from prefect.states import Crashed
 
 from batchops.runtime import get_runtime
+from batchops.schemas import BatchState
 
 __all__ = ["restart_stale_batches"]
 
+# States of a flow run that a worker has taken (or that ended) without the batch starting.
+_TAKEN = {StateType.PENDING, StateType.RUNNING}
+# (A completed run with a queued batch is a retry about to start its own run: not lost.)
+_ENDED = {StateType.CRASHED, StateType.FAILED, StateType.CANCELLED}
 
-def _crash_flow_run(flow_run_id: str, batch_id: str) -> None:
-    """Mark the dead run ``Crashed`` in Prefect (if it still looks alive there)."""
+
+def _read_flow_run(flow_run_id: str) -> FlowRun | None:
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(UUID(flow_run_id))
-        if run.state is not None and not run.state.is_final():
+        try:
+            return client.read_flow_run(UUID(flow_run_id))
+        except Exception:
+            return None
+
+
+def _lost(status: str, run: FlowRun | None, stale_after: timedelta) -> bool:
+    """Whether a stale batch's flow run is gone. A processing batch whose chunks stopped
+    beating is; a queued one only when its run was taken by a worker long ago (or ended)
+    without starting it — a run still waiting for a worker is left to wait."""
+    if status == BatchState.PROCESSING.value:
+        return True
+    if run is None or run.state is None:
+        return False
+    if run.state.type in _ENDED:
+        return True
+    since = datetime.now(UTC) - run.state.timestamp
+    return run.state.type in _TAKEN and since > stale_after
+
+
+def _crash(run: FlowRun, batch_id: str) -> None:
+    """Mark the dead run ``Crashed`` in Prefect (if it still looks alive there)."""
+    if run.state is not None and not run.state.is_final():
+        with get_client(sync_client=True) as client:
             client.set_flow_run_state(
-                run.id, Crashed(message=f"batch {batch_id}: no heartbeat; the reaper runs the "
-                                        "batch again from its checkpoint"), force=True)
+                run.id, Crashed(message=f"batch {batch_id}: no sign of life; the reaper runs "
+                                        "the batch again from its checkpoint"), force=True)
 
 
 @task(name="restart-stale-batches", cache_policy=NO_CACHE)
 def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]:
-    """Batches processing without a heartbeat for ``stale_after_seconds`` (default: settings)
-    get a new ``process-batch`` flow run; completed chunks and checkpointed items are not
-    executed again. Their ids."""
+    """Batches whose run died get a new ``process-batch`` flow run; completed chunks and
+    checkpointed items are not executed again. The ids of the batches restarted.
+
+    A run is dead when its batch is processing without a heartbeat for ``stale_after_seconds``
+    (default: settings), or queued while its flow run was taken by a worker that long ago
+    (the worker died before the run started) or has ended.
+    """
     runtime = get_runtime()
     settings = runtime.settings
     logger = get_run_logger()
     stale_after = timedelta(seconds=stale_after_seconds or settings.stale_after_seconds)
     restarted = []
-    for batch_id, flow_run_id in runtime.store.take_stale_batches(stale_after):
-        if flow_run_id:
+    for batch_id, status, flow_run_id in runtime.store.stale_batches(stale_after):
+        run = _read_flow_run(flow_run_id) if flow_run_id else None
+        if not _lost(status, run, stale_after):
+            continue
+        if not runtime.store.take_stale_batch(batch_id, status, stale_after):
+            continue  # it moved meanwhile, or another reaper took it
+        if run is not None:
             try:
-                _crash_flow_run(flow_run_id, batch_id)
-            except Exception as exc:  # the old run may be gone; the batch still needs a run
+                _crash(run, batch_id)
+            except Exception as exc:  # the batch still needs a run
                 logger.warning("batch %s: could not mark flow run %s crashed: %s", batch_id,
                                flow_run_id, exc)
         batch = runtime.store.get_batch(batch_id)
-        run: FlowRun = run_deployment(  # type: ignore[assignment]
+        if batch.recoveries > settings.max_recoveries:
+            runtime.store.mark_finished(
+                batch_id, BatchState.FAILED,
+                f"its run died {batch.recoveries} times; not run again (retry it once fixed)")
+            logger.error("batch %s: its run died %d times; marked failed", batch_id,
+                         batch.recoveries)
+            continue
+        new: FlowRun = run_deployment(  # type: ignore[assignment]
             settings.process_batch_deployment, parameters={"batch_id": batch_id}, timeout=0,
             as_subflow=False, flow_run_name=f"batch-{batch_id}",
             idempotency_key=f"batchops-recover-{batch_id}-{batch.recoveries}")
-        runtime.store.set_flow_run_id(batch_id, str(run.id))
-        logger.info("batch %s: silent for over %s; flow run %s resumes it", batch_id,
-                    stale_after, run.id)
+        runtime.store.set_flow_run_id(batch_id, str(new.id))
+        logger.info("batch %s (%s): its run is gone; flow run %s resumes it", batch_id, status,
+                    new.id)
         restarted.append(batch_id)
     return restarted

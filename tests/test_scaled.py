@@ -63,7 +63,7 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledSystem]:
         prefect_ports=(_free_port(), _free_port()), api_ports=(_free_port(), _free_port()),
         prefect_database=f"batchops_prefect_test_{tag}", store_database=f"batchops_test_{tag}",
         redis_url=f"redis://127.0.0.1:6379/{db}", data_dir=tmp_path_factory.mktemp("scaled"),
-        zombie_seconds=50, extra_env={"BATCHOPS_CHUNK_RETRIES": "4"})
+        stale_after_seconds=15, extra_env={"BATCHOPS_CHUNK_RETRIES": "4"})
     system = ScaledSystem(topology)
     try:
         system.start()
@@ -197,9 +197,6 @@ def test_twenty_batches_through_both_apis_complete_on_both_workers(scaled: Scale
     assert set(workers) == {"worker-1", "worker-2"}, workers
 
 
-@pytest.mark.xfail(reason="issue 7, not finished: after kill -9 of worker-1 its flow runs were "
-                   "not re-run within 200 s (heartbeat/zombie automation path to be debugged)",
-                   strict=False)
 def test_batches_of_a_killed_worker_finish_on_the_other_once_per_key(
         scaled: ScaledSystem) -> None:
     tag = uuid.uuid4().hex[:6]
@@ -220,11 +217,12 @@ def test_batches_of_a_killed_worker_finish_on_the_other_once_per_key(
 
     assert {(s["status"], s["succeeded"], s["failed"]) for s in statuses.values()} == {
         ("completed", ITEMS, 0)}
-    runs = {r.name: r for r in _flow_runs(scaled, batch_ids)}
-    for name in on_worker_1:  # crashed, scheduled again, finished by worker-2
-        assert runs[name].state.is_completed()
-        assert runs[name].labels.get("prefect.worker.name") == "worker-2"
-        assert runs[name].run_count >= 2
+    runs = _flow_runs(scaled, batch_ids)
+    for name in on_worker_1:  # its run crashed; a new run of the batch finished on worker-2
+        of_batch = [r for r in runs if r.name == name]
+        assert any(r.state.is_crashed() for r in of_batch), [r.state for r in of_batch]
+        assert any(r.state.is_completed() and r.labels.get("prefect.worker.name") == "worker-2"
+                   for r in of_batch), [(r.state, r.labels) for r in of_batch]
     with _store(scaled).connect() as conn:
         users = conn.execute(sa.text("SELECT count(DISTINCT email), count(*) FROM users "
                                      "WHERE email LIKE :p"), {"p": f"{tag}-%"}).one()
