@@ -3,7 +3,7 @@
 A delivery is a ``POST`` of a JSON body::
 
     {"event": "batch.completed", "batch_id": "…", "status": "completed",
-     "summary": {"total": 5, "succeeded": 4, "failed": 1},
+     "summary": {"total": 5, "succeeded": 4, "failed": 1, "skipped": 0},
      "finished_at": "2026-11-23T10:00:00Z", "status_url": "https://…/batches/…/status"}
 
 with headers
@@ -191,7 +191,7 @@ def callback_payload(status: BatchStatus, status_url: str | None) -> dict[str, A
         "batch_id": status.batch_id,
         "status": status.status.value,
         "summary": {"total": status.total, "succeeded": status.succeeded,
-                    "failed": status.failed},
+                    "failed": status.failed, "skipped": status.skipped},
         "finished_at": status.finished_at.isoformat().replace("+00:00", "Z")
         if status.finished_at else None,
     }

@@ -158,7 +158,7 @@ def test_small_batch_runs_sync_and_answers_200_with_every_result(
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["status"] == "completed"
-    assert body["summary"] == {"total": 5, "succeeded": 5, "failed": 0}
+    assert body["summary"] == {"total": 5, "succeeded": 5, "failed": 0, "skipped": 0}
     assert body["results"][0] == {
         "id": "op1", "index": 0, "status": 201, "state": "succeeded",
         "result": {"id": 1, "email": "user1@example.com", "name": "User 1"},
@@ -221,7 +221,7 @@ def test_failed_items_answer_207_with_exact_per_item_results(start_api: Callable
     assert answer.status_code == 207, answer.text
     body = answer.json()
     assert body["status"] == "completed"
-    assert body["summary"] == {"total": 4, "succeeded": 2, "failed": 2}
+    assert body["summary"] == {"total": 4, "succeeded": 2, "failed": 2, "skipped": 0}
     results = body["results"]
     assert [(r["id"], r["state"], r["status"]) for r in results] == [
         ("op1", "succeeded", 201), ("op2", "failed", 409), ("gone", "failed", 404),

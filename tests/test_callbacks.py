@@ -164,7 +164,7 @@ def test_finished_batch_posts_a_signed_summary_once(
     batch = runtime.store.status(batch_id)
     assert json.loads(got.body) == {
         "event": "batch.completed", "batch_id": batch_id, "status": "completed",
-        "summary": {"total": 3, "succeeded": 2, "failed": 1},
+        "summary": {"total": 3, "succeeded": 2, "failed": 1, "skipped": 0},
         "finished_at": batch.finished_at.isoformat().replace("+00:00", "Z")
         if batch.finished_at else None,
         "status_url": "http://api.test/batches/b/status",
@@ -355,7 +355,7 @@ def test_private_callback_address_is_refused_unless_allowed(
     assert hook.requests[0].headers["host"] == f"localhost:{hook.port}"
     body = json.loads(hook.requests[0].body)
     assert (body["batch_id"], body["status_url"], body["summary"]) == (
-        batch_id, status_url, {"total": 1, "succeeded": 1, "failed": 0})
+        batch_id, status_url, {"total": 1, "succeeded": 1, "failed": 0, "skipped": 0})
 
 
 # -- the signature, as a receiver checks it ------------------------------------------------------

@@ -63,6 +63,9 @@ GCL_CALLS = Counter("batchops_upstream_limit_acquisitions",
                     "Prefect global concurrency limit acquisitions", ["upstream", "kind"])
 
 
+LEASE_SECONDS = 60.0  # the shortest lease Prefect's server grants
+
+
 def upstream_limit_name(upstream: str) -> str:
     return f"batchops-upstream-{upstream}"
 
@@ -328,7 +331,10 @@ class HttpTarget:
                     return deadline_exceeded(op, ctx.deadline)
                 return ctx.item_done(op, await self._send(up, op, ctx))
 
+        # A short lease (Prefect's minimum): slots of a worker killed mid-chunk free up in a
+        # minute, not five.
         async with concurrency(upstream_limit_name(up.name), occupy=width, strict=True,
+                               lease_duration=LEASE_SECONDS,
                                raise_on_lease_renewal_failure=False):
             GCL_CALLS.labels(up.name, "concurrency").inc()
             return list(await asyncio.gather(*(one(op) for op in items)))
