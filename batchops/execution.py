@@ -82,14 +82,15 @@ def _is_atomic(runtime: Runtime, ops: Sequence[PlannedOperation]) -> bool:
 
 
 async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
-                        scope: str) -> ChunkOutcome:
+                        scope: str, batch_concurrency: int | None = None) -> ChunkOutcome:
     """Run the chunk's items and record their results, unless the chunk is recorded already.
 
     When all of the chunk's operations go to the store's database, execution and recording
     share one transaction (and the chunk row is locked for it): a crash leaves no trace, and a
     second run of the same chunk waits and then finds it recorded. Otherwise the targets run
     first (no store transaction held while a handler or an upstream works) and the results
-    are recorded after.
+    are recorded after. ``batch_concurrency`` (the batch's whole concurrency) goes to the
+    targets in :class:`ChunkContext`.
     """
     started = time.perf_counter()
     store = runtime.store
@@ -107,11 +108,12 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         keys = [op.idempotency_key for op in todo if op.idempotency_key is not None]
         answered, to_run = _replay_or_reject(todo, store.idempotency_lookup(conn, scope, keys))
         if atomic:
-            ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn)
+            ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn,
+                               batch_concurrency=batch_concurrency)
             executed = await _run_targets(runtime, to_run, ctx) if to_run else []
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)
     if not atomic:
-        ctx = ChunkContext(ref.batch_id, concurrency)
+        ctx = ChunkContext(ref.batch_id, concurrency, batch_concurrency=batch_concurrency)
         executed = await _run_targets(runtime, to_run, ctx) if to_run else []
         with store.engine.begin() as conn:
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept)

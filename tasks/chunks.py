@@ -58,9 +58,11 @@ def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: Sta
     persist_result=True,
 )
 def run_chunk(ref: ChunkRef, concurrency: int, scope: str,
-              generation: int = 0) -> ChunkOutcome | State:
+              generation: int = 0, batch_concurrency: int | None = None) -> ChunkOutcome | State:
     """Execute the chunk's items and record their results (see ``batchops.execution``).
 
+    ``concurrency`` is the chunk's share of the batch's, ``batch_concurrency`` the batch's own
+    (the http target pools the batch's chunks under it).
     A cancelled batch starts no new chunk: the task run ends ``Cancelled`` (never cached).
     A sync task on purpose: in a worker thread it shares the flow's Prefect client, where an
     async task would build a client per run; the items' event loop is the chunk's own.
@@ -68,4 +70,5 @@ def run_chunk(ref: ChunkRef, concurrency: int, scope: str,
     runtime = get_runtime()
     if runtime.store.get_batch(ref.batch_id).status == BatchState.CANCELLED.value:
         return Cancelled(message=f"batch {ref.batch_id} was cancelled; chunk not started")
-    return asyncio.run(execute_chunk(runtime, ref, concurrency=concurrency, scope=scope))
+    return asyncio.run(execute_chunk(runtime, ref, concurrency=concurrency, scope=scope,
+                                     batch_concurrency=batch_concurrency))

@@ -5,10 +5,18 @@ Per upstream (``settings.upstreams``), for every batch and every worker:
 * **one shared ``httpx.AsyncClient``** with the upstream's connection limits and timeouts. It
   lives on the target's own event loop (one thread per process), because chunks run on event
   loops of their own and an httpx client belongs to one loop;
-* **limits shared across processes** through Prefect global concurrency limits: a chunk holds
-  ``batchops-upstream-<name>`` slots (``occupy`` = its in-flight items) while it runs, and
-  requests draw tokens from ``batchops-upstream-<name>-rate`` (slot decay) in groups, so the
-  Prefect server sees one call per chunk and one per group of requests, never one per item;
+* **one pool per batch**: every chunk of a batch running in this process sends its requests
+  on the target's loop through one semaphore sized to the batch's whole concurrency
+  (``ChunkContext.batch_concurrency``, capped by the upstream's ``max_concurrency``), so the
+  batch keeps that many requests in flight however the flow splits it into chunk task runs,
+  and a chunk that ends leaves no gap while the others still have items waiting;
+* **limits shared across processes** through Prefect global concurrency limits: the batch's
+  pool holds ``batchops-upstream-<name>`` slots (``occupy`` = the pool's size), acquired when
+  the first of its chunks starts here and released when none is running any more (one
+  acquisition per batch and process, not per chunk, and never more slots than the batch can
+  use), and requests draw tokens from ``batchops-upstream-<name>-rate`` (slot decay) in
+  groups, so the Prefect server sees one call per batch and one per group of requests, never
+  one per item;
 * **adaptive concurrency** (AIMD): a 429, or a 503 with ``Retry-After``, halves the
   upstream's in-process concurrency (once per round of requests); each success adds back
   ``1/limit``, so it grows by about one per round while the upstream is healthy. Exported as
@@ -188,6 +196,44 @@ class _wait_retry_after_or_backoff(wait_base):
         return float(self.backoff(retry_state))
 
 
+class _BatchPool:
+    """A batch's requests to one upstream in this process: one semaphore for all its chunks,
+    and the upstream's global concurrency slots held for them while any of them runs."""
+
+    def __init__(self, upstream: str, width: int) -> None:
+        self.upstream = upstream
+        self.width = width
+        self.slots = asyncio.Semaphore(width)
+        self.chunks = 0
+        self._acquired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done = asyncio.Event()
+        self._holder = asyncio.create_task(self._hold())
+
+    async def _hold(self) -> None:
+        from prefect.concurrency.asyncio import concurrency
+
+        try:
+            async with concurrency(upstream_limit_name(self.upstream), occupy=self.width,
+                                   strict=True, raise_on_lease_renewal_failure=False):
+                GCL_CALLS.labels(self.upstream, "concurrency").inc()
+                self._acquired.set_result(None)
+                await self._done.wait()
+        except BaseException as exc:
+            if not self._acquired.done():
+                self._acquired.set_exception(exc)
+                self._acquired.exception()  # retrieved here too: no "never retrieved" warning
+            if not isinstance(exc, Exception):
+                raise
+
+    async def acquired(self) -> None:
+        """Wait until the pool holds its global slots (raises what acquiring them raised)."""
+        await asyncio.shield(self._acquired)
+
+    def close(self) -> None:
+        """Release the global slots (the last chunk has left)."""
+        self._done.set()
+
+
 @dataclass
 class _Upstream:
     name: str
@@ -195,6 +241,7 @@ class _Upstream:
     client: httpx.AsyncClient
     limit: AdaptiveLimit
     rate: _RateTokens | None
+    pools: dict[str, _BatchPool] = field(default_factory=dict)  # by batch id
     limits_ready: bool = False
     attempts_sent: int = 0
     gcl_calls: dict[str, int] = field(default_factory=dict)
@@ -312,24 +359,35 @@ class HttpTarget:
 
     async def _run_upstream(self, up: _Upstream, items: Sequence[PlannedOperation],
                             ctx: ChunkContext) -> list[ItemResult]:
-        from prefect.concurrency.asyncio import concurrency
-
         try:
             await self._ensure_limits(up)
         except httpx.HTTPError as exc:
             raise TransientError(f"Prefect API unreachable for the limits of {up.name}: {exc}"
                                  ) from exc
-        width = max(1, min(len(items), ctx.concurrency, up.spec.max_concurrency))
-        slots = asyncio.Semaphore(width)
+        pool = up.pools.get(ctx.batch_id)
+        if pool is None:
+            width = ctx.batch_concurrency or ctx.concurrency
+            pool = up.pools[ctx.batch_id] = _BatchPool(
+                up.name, max(1, min(width, up.spec.max_concurrency)))
+        pool.chunks += 1
 
         async def one(op: PlannedOperation) -> ItemResult:
-            async with slots:
+            async with pool.slots:
                 return await self._send(up, op, ctx)
 
-        async with concurrency(upstream_limit_name(up.name), occupy=width, strict=True,
-                               raise_on_lease_renewal_failure=False):
-            GCL_CALLS.labels(up.name, "concurrency").inc()
+        try:
+            try:
+                await pool.acquired()
+            except httpx.HTTPError as exc:
+                raise TransientError(f"Prefect API unreachable for the limits of {up.name}: "
+                                     f"{exc}") from exc
             return list(await asyncio.gather(*(one(op) for op in items)))
+        finally:
+            pool.chunks -= 1
+            if pool.chunks == 0:
+                pool.close()
+                if up.pools.get(ctx.batch_id) is pool:
+                    del up.pools[ctx.batch_id]
 
     async def _send(self, up: _Upstream, op: PlannedOperation, ctx: ChunkContext) -> ItemResult:
         errors: list[AttemptError] = []
