@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench._batchops_run import CpuMeter, ThreadProfiles, _flow_once
+from bench._batchops_run import CpuMeter, _flow_once
 
 UPSTREAM = "crm"
 
@@ -51,11 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upstream", required=True, help="the upstream's base URL")
     ap.add_argument("--config", required=True, help="UpstreamConfig JSON of the scenario")
     ap.add_argument("--server-pid", type=int, default=None)
-    ap.add_argument("--cprofile", type=Path, default=None,
-                    help="write a cProfile report (all threads) of the measured run here")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    profiles = ThreadProfiles() if args.cprofile else None
 
     from batchops.devtools.upstream import UpstreamConfig, configure_upstream
     from batchops.runtime import get_runtime
@@ -69,13 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_upstream(args.upstream, config)
 
     before = _metrics()
-    if profiles is not None:
-        profiles.start()
     with CpuMeter(args.server_pid) as cpu:
         summary, batch_id, reg_s, flow_s = _flow_once(runtime, process_batch,
                                                       contacts(args.size))
-    if profiles is not None:
-        profiles.stop(args.cprofile)
     after = _metrics()
     counters = {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()
                 if "concurrency_limit" not in k}

@@ -152,8 +152,6 @@ def run_batchops(args: argparse.Namespace, scenario: Scenario, *, code_dir: Path
            "--config", json.dumps(scenario.upstream_config(args.latency_ms))]
     if server_pid:
         cmd += ["--server-pid", str(server_pid)]
-    if args.profile:
-        cmd += ["--cprofile", str(RESULTS / f"{args.name}-{scenario.name}-profile-latest.txt")]
     run_env = dict(env, BATCHOPS_UPSTREAMS=json.dumps({"crm": spec}),
                    BATCHOPS_DEFAULT_CONCURRENCY=str(args.concurrency))
     with log_path.open("wb") as logf:
@@ -313,9 +311,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="wait up to this many seconds before each measurement for the machine "
                          "to be < 25%% busy")
     ap.add_argument("--name", default="http_target")
-    ap.add_argument("--profile", action="store_true",
-                    help="cProfile the batchops runs (slower): "
-                         "bench/results/<name>-<scenario>-profile-latest.txt")
     args = ap.parse_args(argv)
     scenarios = [SCENARIOS[s.strip()] for s in args.scenarios.split(",") if s.strip()]
     RESULTS.mkdir(parents=True, exist_ok=True)
