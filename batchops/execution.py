@@ -197,7 +197,8 @@ def _is_atomic(runtime: Runtime, ops: Sequence[PlannedOperation]) -> bool:
 
 async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
                         scope: str, generation: int = 0,
-                        deadline: datetime | None = None) -> ChunkOutcome:
+                        deadline: datetime | None = None,
+                        batch_concurrency: int | None = None) -> ChunkOutcome:
     """Run the chunk's items and record their results, unless the chunk is recorded already.
 
     No item starts once ``deadline`` has passed: those left are recorded ``skipped``.
@@ -210,6 +211,8 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
     resuming after a crash executes only what was in flight, and each idempotency key is
     claimed first, so a key another batch is executing is waited for and replayed, never
     sent twice.
+    ``batch_concurrency`` (the batch's whole concurrency) goes to the targets in
+    :class:`ChunkContext`.
     """
     started = time.perf_counter()
     store = runtime.store
@@ -240,7 +243,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         alias = _repeated_keys(todo, to_run, answered)
         if atomic:
             ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn,
-                               deadline=deadline)
+                               deadline=deadline, batch_concurrency=batch_concurrency)
             known = _known_results(runtime, conn, ref, to_run, settled, alias)
             executed = await _run_items(runtime, to_run, ctx, known, alias)
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
@@ -250,7 +253,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
             known = _known_results(runtime, read, ref, to_run, settled, alias)
         with CheckpointWriter(runtime, ref.batch_id, generation, scope) as writer:
             ctx = ChunkContext(ref.batch_id, concurrency, deadline=deadline,
-                               on_item_done=writer.put)
+                               on_item_done=writer.put, batch_concurrency=batch_concurrency)
             executed = await _run_claimed(
                 runtime, ref.batch_id, scope, to_run, ctx,
                 lambda ops: _run_items(runtime, ops, ctx, known, alias))

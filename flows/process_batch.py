@@ -51,20 +51,21 @@ def _chunk_task(settings: Settings) -> Any:
 
 
 def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chunk: int,
-                scope: str, generation: int,
+                scope: str, generation: int, concurrency: int,
                 ) -> Iterator[tuple[ChunkRef, PrefectFuture[ChunkOutcome]]]:
     """Submit chunk task runs, yielding each as it completes.
 
     Independent chunks with the full worker count go out in one ``run_chunk.map``. Otherwise
     at most ``parallel`` chunks are in flight, and a chunk that touches the same records as
-    earlier ones waits for them (``wait_for``), so batch order holds across chunks.
+    earlier ones waits for them (``wait_for``), so batch order holds across chunks. Each chunk
+    gets its share ``per_chunk`` and the batch's whole ``concurrency`` (see ``ChunkContext``).
     """
     settings = get_settings()
     chunk_task = _chunk_task(settings)
     refs = [ref for ref, _ in chunks]
     if parallel >= settings.chunk_workers and not any(deps for _, deps in chunks):
         futures = chunk_task.map(refs, unmapped(per_chunk), unmapped(scope),
-                                 unmapped(generation))
+                                 unmapped(generation), unmapped(concurrency))
         by_future = {f.task_run_id: ref for f, ref in zip(futures, refs, strict=True)}
         for future in as_completed(list(futures)):
             yield by_future[future.task_run_id], future
@@ -75,7 +76,7 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
     while pending or in_flight:
         while pending and len(in_flight) < parallel:
             ref, deps = pending.popleft()
-            future = chunk_task.submit(ref, per_chunk, scope, generation,
+            future = chunk_task.submit(ref, per_chunk, scope, generation, concurrency,
                                        wait_for=[submitted[d] for d in deps])
             submitted[ref.chunk_index] = future
             in_flight[future.task_run_id] = ref
@@ -154,6 +155,8 @@ def process_batch(
     total = batch["total"]
     settings = get_settings()
     parallel = max(1, min(settings.chunk_workers, batch["concurrency"], len(chunks)))
+    # A target that pools the batch's chunks (http) holds the whole concurrency across them;
+    # the others split it between the chunks in flight.
     per_chunk = max(1, batch["concurrency"] // parallel)
     logger.info("batch %s: %d items in %d chunks, %d chunks at a time, %d items each",
                 batch_id, total, len(chunks), parallel, per_chunk)
@@ -166,7 +169,7 @@ def process_batch(
     failed_chunks: list[ChunkRef] = []
     errors: list[str] = []
     for ref, future in _run_chunks(chunks, parallel, per_chunk, batch["scope"],
-                                   batch["generation"]):
+                                   batch["generation"], batch["concurrency"]):
         try:
             outcome = future.result()
             done_items += outcome.total

@@ -79,9 +79,11 @@ def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: Sta
     persist_result=True,
 )
 def run_chunk(ref: ChunkRef, concurrency: int, scope: str,
-              generation: int = 0) -> ChunkOutcome | State:
+              generation: int = 0, batch_concurrency: int | None = None) -> ChunkOutcome | State:
     """Execute the chunk's items and record their results (see ``batchops.execution``).
 
+    ``concurrency`` is the chunk's share of the batch's, ``batch_concurrency`` the batch's own
+    (the http target pools the batch's chunks under it).
     A cancelled batch starts no new chunk: the task run ends ``Cancelled`` (never cached).
     Past the batch's deadline the chunk starts no item: they are recorded ``skipped``.
     A sync task on purpose: in a worker thread it shares the flow's Prefect client, where an
@@ -92,4 +94,5 @@ def run_chunk(ref: ChunkRef, concurrency: int, scope: str,
     if batch.status == BatchState.CANCELLED.value:
         return Cancelled(message=f"batch {ref.batch_id} was cancelled; chunk not started")
     return asyncio.run(execute_chunk(runtime, ref, concurrency=concurrency, scope=scope,
-                                     generation=generation, deadline=batch.deadline_at))
+                                     generation=generation, deadline=batch.deadline_at,
+                                     batch_concurrency=batch_concurrency))

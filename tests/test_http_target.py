@@ -157,6 +157,19 @@ def test_upstream_rate_limit_holds_across_the_batch(
     assert elapsed >= 2.0  # 120 requests at under 40/s cannot finish sooner
 
 
+def test_a_batch_keeps_its_whole_concurrency_in_flight_across_its_chunks(
+        configure: Any, database_url: str, upstream: tuple[str, UpstreamState]) -> None:
+    url, state = upstream
+    state.config = UpstreamConfig(latency_ms=20)
+    runtime = configure(database_url=database_url, upstreams=crm(url, max_concurrency=10))
+
+    # 8 chunks of 15, run 4 at a time by the flow: their requests share the batch's 6 slots.
+    _, results = run(runtime, [contact(i) for i in range(120)], concurrency=6, chunk_size=15)
+
+    assert all(r.state is ItemState.SUCCEEDED for r in results)
+    assert state.stats()["peak_in_flight"] == 6
+
+
 def test_concurrency_halves_on_429_and_grows_back(
         configure: Any, database_url: str, upstream: tuple[str, UpstreamState]) -> None:
     url, state = upstream

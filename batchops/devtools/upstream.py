@@ -15,7 +15,8 @@ response (``Idempotent-Replayed: true``) and is not executed again — and misbe
 Control: ``PUT /_upstream/config`` (JSON of :class:`UpstreamConfig`), ``POST /_upstream/reset``
 (config and records), ``GET /_upstream/requests`` (every request: key, method, path, time,
 status, outcome), ``GET /_upstream/stats`` (counts, executions per key, peak requests in any
-one-second window). Run it: ``python -m batchops.devtools.upstream --port 9000``.
+one-second window, peak requests in flight at once). Run it:
+``python -m batchops.devtools.upstream --port 9000``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class UpstreamState:
     attempts: Counter[str] = field(default_factory=Counter)
     executions: Counter[str] = field(default_factory=Counter)
     accepted: deque[float] = field(default_factory=deque)
+    serving: int = 0  # requests being answered now
+    peak_serving: int = 0
     next_id: int = 1
     rng: random.Random = field(default_factory=random.Random)
 
@@ -105,6 +108,7 @@ class UpstreamState:
             "executed_keys": len(self.executions),
             "executed_more_than_once": sorted(k for k, n in self.executions.items() if n > 1),
             "peak_accepted_per_second": peak,
+            "peak_in_flight": self.peak_serving,
             "rate_limited_after_first_second": sum(
                 1 for r in self.requests if r.outcome == "rate_limited" and r.at - first > 1.0),
             "first_at": first,
@@ -123,6 +127,14 @@ def create_app(state: UpstreamState | None = None) -> Starlette:
     st = state or UpstreamState()
 
     async def serve(request: Request) -> Response:
+        st.serving += 1
+        st.peak_serving = max(st.peak_serving, st.serving)
+        try:
+            return await answer(request)
+        finally:
+            st.serving -= 1
+
+    async def answer(request: Request) -> Response:
         cfg = st.config
         now = time.monotonic()
         key = request.headers.get("idempotency-key")

@@ -21,6 +21,10 @@ DEADLINE_STATUS = 504
 class ChunkContext:
     """What a target may use while executing one chunk.
 
+    ``concurrency`` is this chunk's share of the batch's concurrency (the flow splits it across
+    the chunks it runs in parallel); ``batch_concurrency`` is the batch's whole concurrency, for
+    a target that pools the requests of all the batch's chunks running in this process (the
+    http target does), or ``None`` when the caller does not know it.
     ``store_connection`` is the chunk's open transaction on the store database: a sql target on
     the same database writes through it, so the rows and the recorded results commit together.
     ``on_item_done`` is called (from any thread) with each item's final result as soon as it
@@ -32,6 +36,7 @@ class ChunkContext:
     batch_id: str
     concurrency: int
     store_connection: Connection | None = None
+    batch_concurrency: int | None = None
     on_item_done: Callable[[PlannedOperation, ItemResult], None] | None = None
     deadline: datetime | None = None
 

@@ -5,10 +5,18 @@ Per upstream (``settings.upstreams``), for every batch and every worker:
 * **one shared ``httpx.AsyncClient``** with the upstream's connection limits and timeouts. It
   lives on the target's own event loop (one thread per process), because chunks run on event
   loops of their own and an httpx client belongs to one loop;
-* **limits shared across processes** through Prefect global concurrency limits: a chunk holds
-  ``batchops-upstream-<name>`` slots (``occupy`` = its in-flight items) while it runs, and
-  requests draw tokens from ``batchops-upstream-<name>-rate`` (slot decay) in groups, so the
-  Prefect server sees one call per chunk and one per group of requests, never one per item;
+* **one pool per batch**: every chunk of a batch running in this process sends its requests
+  on the target's loop through one semaphore sized to the batch's whole concurrency
+  (``ChunkContext.batch_concurrency``, capped by the upstream's ``max_concurrency``), so the
+  batch keeps that many requests in flight however the flow splits it into chunk task runs,
+  and a chunk that ends leaves no gap while the others still have items waiting;
+* **limits shared across processes** through Prefect global concurrency limits: the batch's
+  pool holds ``batchops-upstream-<name>`` slots (``occupy`` = the pool's size), acquired when
+  the first of its chunks starts here and released when none is running any more (one
+  acquisition per batch and process, not per chunk, and never more slots than the batch can
+  use), and requests draw tokens from ``batchops-upstream-<name>-rate`` (slot decay) in
+  groups, so the Prefect server sees one call per batch and one per group of requests, never
+  one per item;
 * **adaptive concurrency** (AIMD): a 429, or a 503 with ``Retry-After``, halves the
   upstream's in-process concurrency (once per round of requests); each success adds back
   ``1/limit``, so it grows by about one per round while the upstream is healthy. Exported as
@@ -147,12 +155,21 @@ class AdaptiveLimit:
 
 
 class _RateTokens:
-    """Request tokens drawn from the upstream's Prefect rate limit, a group at a time."""
+    """Request tokens drawn from the upstream's Prefect rate limit, a group at a time.
+
+    A group's slots decay in ``group / decay`` seconds, and the server refuses (423) a group
+    asked for sooner; every refusal also restarts the server's decay clock for the limit and
+    adds to its backlog of denied slots, so early requests slow down all later ones (measured
+    by ``bench.http_target`` at 100 rps: 27 to 29 requests/s; 52 with this pacing, and half the
+    Prefect server's CPU). The next group is therefore not asked for before the previous one
+    has decayed, by this process's clock.
+    """
 
     def __init__(self, upstream: str, rps: float) -> None:
         self.upstream = upstream
         self.group, self.decay = rate_limit_shape(rps)
         self._tokens = 0
+        self._next_group_at = 0.0
         self._lock = asyncio.Lock()
 
     async def take(self) -> None:
@@ -160,8 +177,13 @@ class _RateTokens:
 
         async with self._lock:
             if self._tokens == 0:
+                wait = self._next_group_at - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 await rate_limit(rate_limit_name(self.upstream), occupy=self.group, strict=True)
                 GCL_CALLS.labels(self.upstream, "rate").inc()
+                # 2 % margin: the server floors the decayed slots.
+                self._next_group_at = time.monotonic() + 1.02 * self.group / self.decay
                 self._tokens = self.group
             self._tokens -= 1
 
@@ -191,6 +213,47 @@ class _wait_retry_after_or_backoff(wait_base):
         return float(self.backoff(retry_state))
 
 
+class _BatchPool:
+    """A batch's requests to one upstream in this process: one semaphore for all its chunks,
+    and the upstream's global concurrency slots held for them while any of them runs."""
+
+    def __init__(self, upstream: str, width: int) -> None:
+        self.upstream = upstream
+        self.width = width
+        self.slots = asyncio.Semaphore(width)
+        self.chunks = 0
+        self._acquired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done = asyncio.Event()
+        self._holder = asyncio.create_task(self._hold())
+
+    async def _hold(self) -> None:
+        from prefect.concurrency.asyncio import concurrency
+
+        try:
+            # A short lease (Prefect's minimum): slots of a worker killed mid-batch free up
+            # in a minute, not five.
+            async with concurrency(upstream_limit_name(self.upstream), occupy=self.width,
+                                   strict=True, lease_duration=LEASE_SECONDS,
+                                   raise_on_lease_renewal_failure=False):
+                GCL_CALLS.labels(self.upstream, "concurrency").inc()
+                self._acquired.set_result(None)
+                await self._done.wait()
+        except BaseException as exc:
+            if not self._acquired.done():
+                self._acquired.set_exception(exc)
+                self._acquired.exception()  # retrieved here too: no "never retrieved" warning
+            if not isinstance(exc, Exception):
+                raise
+
+    async def acquired(self) -> None:
+        """Wait until the pool holds its global slots (raises what acquiring them raised)."""
+        await asyncio.shield(self._acquired)
+
+    def close(self) -> None:
+        """Release the global slots (the last chunk has left)."""
+        self._done.set()
+
+
 @dataclass
 class _Upstream:
     name: str
@@ -198,6 +261,7 @@ class _Upstream:
     client: httpx.AsyncClient
     limit: AdaptiveLimit
     rate: _RateTokens | None
+    pools: dict[str, _BatchPool] = field(default_factory=dict)  # by batch id
     limits_ready: bool = False
     attempts_sent: int = 0
     gcl_calls: dict[str, int] = field(default_factory=dict)
@@ -315,29 +379,37 @@ class HttpTarget:
 
     async def _run_upstream(self, up: _Upstream, items: Sequence[PlannedOperation],
                             ctx: ChunkContext) -> list[ItemResult]:
-        from prefect.concurrency.asyncio import concurrency
-
         try:
             await self._ensure_limits(up)
         except httpx.HTTPError as exc:
             raise TransientError(f"Prefect API unreachable for the limits of {up.name}: {exc}"
                                  ) from exc
-        width = max(1, min(len(items), ctx.concurrency, up.spec.max_concurrency))
-        slots = asyncio.Semaphore(width)
+        pool = up.pools.get(ctx.batch_id)
+        if pool is None:
+            width = ctx.batch_concurrency or ctx.concurrency
+            pool = up.pools[ctx.batch_id] = _BatchPool(
+                up.name, max(1, min(width, up.spec.max_concurrency)))
+        pool.chunks += 1
 
         async def one(op: PlannedOperation) -> ItemResult:
-            async with slots:
+            async with pool.slots:
                 if ctx.deadline_passed():
                     return deadline_exceeded(op, ctx.deadline)
                 return ctx.item_done(op, await self._send(up, op, ctx))
 
-        # A short lease (Prefect's minimum): slots of a worker killed mid-chunk free up in a
-        # minute, not five.
-        async with concurrency(upstream_limit_name(up.name), occupy=width, strict=True,
-                               lease_duration=LEASE_SECONDS,
-                               raise_on_lease_renewal_failure=False):
-            GCL_CALLS.labels(up.name, "concurrency").inc()
+        try:
+            try:
+                await pool.acquired()
+            except httpx.HTTPError as exc:
+                raise TransientError(f"Prefect API unreachable for the limits of {up.name}: "
+                                     f"{exc}") from exc
             return list(await asyncio.gather(*(one(op) for op in items)))
+        finally:
+            pool.chunks -= 1
+            if pool.chunks == 0:
+                pool.close()
+                if up.pools.get(ctx.batch_id) is pool:
+                    del up.pools[ctx.batch_id]
 
     async def _send(self, up: _Upstream, op: PlannedOperation, ctx: ChunkContext) -> ItemResult:
         errors: list[AttemptError] = []

@@ -1,0 +1,393 @@
+"""Benchmark: batchops' http target against a hand-written asyncio + httpx + semaphore loop.
+
+    python -m bench.http_target                       # 10,000 operations, three scenarios
+    python -m bench.http_target --size 2000 --scenarios clean   # quick
+
+Both sides send ``POST /contacts`` to the fault-injecting upstream
+(``python -m batchops.devtools.upstream``, a process of its own on a free port) with an
+upstream latency of 20 ms and 10 requests in flight: by Little's law the limit is
+10 / 0.020 s = 500 operations a second. Scenarios:
+
+* **clean** — no faults;
+* **503s** — 5 % of requests answer 503 (``Retry-After: 0``) without executing;
+* **429s** — the upstream accepts 100 requests in any second and answers 429 (``Retry-After``)
+  beyond; batchops is told ``rate_limit_per_second = 100``. The limit is then 100 ops/s.
+
+Sides, in the same run, one after the other per scenario:
+
+* **batchops** — ``register_batch`` + the ``process_batch`` flow end to end (store on
+  PostgreSQL, database ``batchops_bench_http``; a Prefect server this bench starts), in a fresh
+  process per scenario, warmed up by a 1-item flow (``bench._http_run``);
+* **baseline** — one ``httpx.AsyncClient``, ``asyncio.Semaphore(10)`` around each request, and
+  retries of 429/5xx/connection errors after ``Retry-After`` (or 50 ms doubling) outside it.
+
+Reported per scenario: ops/s (items that finally succeeded, per second of the whole run: for
+batchops from ``register_batch`` to the flow's end) and its fraction of the limit for each
+side, their ratio, 429s after the first second (the upstream's
+``rate_limited_after_first_second``), items that succeeded, keys the upstream executed more
+than once, peak requests in flight and in any second at the upstream, CPU seconds per item,
+and for batchops the Prefect calls of the limits (global concurrency limit acquisitions,
+rate-limit token groups) and the AIMD limit's final value. Targets (issue 6 point 12): ≥ 0.8
+of the limit without faults; with the rate limit, no 429 after the first second and every
+item succeeded. Results: ``bench/results/http_target-<timestamp>.json``,
+``-latest.json`` and ``-latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench._api_procs import ManagedProcess, http_ok
+from bench._prefect_server import PrefectServer, free_port
+from bench.sql_target import ensure_database, git_state, log, snapshot_code, wait_quiet
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DB_NAME = "batchops_bench_http"
+DB_URL = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{DB_NAME}"
+FAULT_FREE_TARGET = 0.8
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    label: str
+    error_rate: float = 0.0
+    rps: int | None = None
+
+    def upstream_config(self, latency_ms: float) -> dict[str, Any]:
+        return {"latency_ms": latency_ms, "error_rate": self.error_rate, "seed": 12,
+                "rate_limit_rps": self.rps, "retry_after_seconds": 1}
+
+    def limit(self, concurrency: int, latency_ms: float) -> float:
+        little = concurrency / (latency_ms / 1000)
+        return min(little, self.rps) if self.rps else little
+
+
+SCENARIOS = {s.name: s for s in (
+    Scenario("clean", "no faults"),
+    Scenario("503s", "5 % injected 503s", error_rate=0.05),
+    Scenario("429s", "100 rps upstream limit (429s)", rps=100),
+)}
+
+
+# -- the hand-written baseline ---------------------------------------------------------------
+
+
+async def _baseline(url: str, size: int, concurrency: int, retries: int = 8) -> dict[str, Any]:
+    sem = asyncio.Semaphore(concurrency)
+    run = f"base-{time.time_ns()}"
+    outcome = {"succeeded": 0, "failed": 0, "attempts": 0}
+
+    async with httpx.AsyncClient(base_url=url, timeout=30,
+                                 limits=httpx.Limits(max_connections=100)) as client:
+        async def one(i: int) -> None:
+            for attempt in range(retries + 1):
+                outcome["attempts"] += 1
+                wait: float | None = None
+                try:
+                    async with sem:
+                        resp = await client.post("/contacts", json={"name": f"Contact {i}"},
+                                                 headers={"Idempotency-Key": f"{run}:{i}"})
+                except httpx.TransportError:
+                    resp = None
+                if resp is not None and resp.status_code < 300:
+                    outcome["succeeded"] += 1
+                    return
+                if resp is not None and resp.status_code != 429 and resp.status_code < 500:
+                    break
+                if resp is not None and "retry-after" in resp.headers:
+                    wait = float(resp.headers["retry-after"])
+                if attempt < retries:
+                    await asyncio.sleep(wait if wait is not None
+                                        else random.uniform(0, 0.05 * 2 ** attempt))
+            outcome["failed"] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(size)))
+        seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 4), **outcome, "verified": outcome["succeeded"] == size}
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+def upstream_stats(url: str) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(f"{url}/_upstream/stats", timeout=60).json()
+    stats["executed_more_than_once"] = len(stats["executed_more_than_once"])
+    return stats
+
+
+def configure(url: str, config: dict[str, Any]) -> None:
+    httpx.post(f"{url}/_upstream/reset", json=config, timeout=10).raise_for_status()
+
+
+def run_batchops(args: argparse.Namespace, scenario: Scenario, *, code_dir: Path,
+                 workdir: Path, env: dict[str, str], upstream: str,
+                 server_pid: int | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"prefix": "/crm", "base_url": upstream,
+                            "max_concurrency": args.concurrency}
+    if scenario.rps:
+        spec["rate_limit_per_second"] = scenario.rps
+    out = workdir / f"batchops-{scenario.name}.json"
+    log_path = workdir / f"batchops-{scenario.name}.log"
+    cmd = [sys.executable, "-m", "bench._http_run", "--size", str(args.size),
+           "--upstream", upstream, "--out", str(out),
+           "--config", json.dumps(scenario.upstream_config(args.latency_ms))]
+    if server_pid:
+        cmd += ["--server-pid", str(server_pid)]
+    run_env = dict(env, BATCHOPS_UPSTREAMS=json.dumps({"crm": spec}),
+                   BATCHOPS_DEFAULT_CONCURRENCY=str(args.concurrency))
+    with log_path.open("wb") as logf:
+        proc = subprocess.run(cmd, cwd=code_dir, env=run_env, stdout=logf,
+                              stderr=subprocess.STDOUT, check=False)
+    if not out.exists():
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"batchops run failed ({proc.returncode}); log {log_path}:\n{tail}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    result["upstream"] = upstream_stats(upstream)
+    result["log"] = str(log_path)
+    return result
+
+
+def run_baseline(args: argparse.Namespace, scenario: Scenario, upstream: str) -> dict[str, Any]:
+    configure(upstream, scenario.upstream_config(args.latency_ms))
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    result = asyncio.run(_baseline(upstream, args.size, args.concurrency))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_seconds"] = round(after.ru_utime + after.ru_stime
+                                  - before.ru_utime - before.ru_stime, 2)
+    result["upstream"] = upstream_stats(upstream)
+    return result
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, r in report["results"].items():
+        b, h, limit = r["batchops"], r["baseline"], r["limit_ops_per_s"]
+        # Items that finally succeeded, per second of the whole run.
+        b_rate, h_rate = b["succeeded"] / b["seconds"], h["succeeded"] / h["seconds"]
+        bu, hu = b["upstream"], h["upstream"]
+        rows.append({
+            "scenario": SCENARIOS[name].label if name in SCENARIOS else name,
+            "limit": limit, "batchops_ops_per_s": b_rate, "batchops_fraction": b_rate / limit,
+            "baseline_ops_per_s": h_rate, "baseline_fraction": h_rate / limit,
+            "ratio": b_rate / h_rate,
+            "batchops_429_after_1s": bu["rate_limited_after_first_second"],
+            "baseline_429_after_1s": hu["rate_limited_after_first_second"],
+            "batchops_succeeded": b["succeeded"], "baseline_succeeded": h["succeeded"],
+            "batchops_duplicates": bu["executed_more_than_once"],
+            "baseline_duplicates": hu["executed_more_than_once"],
+            "size": r["size"],
+        })
+    return rows
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    by_name = dict(zip(report["results"], report["table"], strict=True))
+    verdicts = []
+    clean = by_name.get("clean")
+    name = f"no faults: batchops ≥ {FAULT_FREE_TARGET} of the limit"
+    verdicts.append({"target": name, "value": None, "verdict": "NOT MEASURED"} if clean is None
+                    else {"target": name, "value": round(clean["batchops_fraction"], 3),
+                          "verdict": "PASS" if clean["batchops_fraction"] >= FAULT_FREE_TARGET
+                          else "FAIL"})
+    limited = by_name.get("429s")
+    name = "rate limit: no 429 after the first second, every item succeeded"
+    if limited is None:
+        verdicts.append({"target": name, "value": None, "verdict": "NOT MEASURED"})
+    else:
+        ok = limited["batchops_429_after_1s"] == 0 \
+            and limited["batchops_succeeded"] == limited["size"]
+        verdicts.append({"target": name, "value": f"{limited['batchops_429_after_1s']} 429s, "
+                         f"{limited['batchops_succeeded']}/{limited['size']} succeeded",
+                         "verdict": "PASS" if ok else "FAIL"})
+    return verdicts
+
+
+def detail_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, r in report["results"].items():
+        b, h = r["batchops"], r["baseline"]
+        bu, hu = b["upstream"], h["upstream"]
+        span = bu["last_at"] - bu["first_at"]
+        gcl = b["gcl_acquisitions"]
+        cpu = b.get("cpu_seconds", {})
+        lines.append(
+            f"{name}: batchops {b['seconds']:.2f} s (register {b['register_seconds']:.2f}, flow "
+            f"{b['flow_seconds']:.2f}; first→last upstream request {span:.2f} s = "
+            f"{r['size'] / span if span else 0:,.0f} ops/s), {bu['requests']} requests, peak "
+            f"{bu.get('peak_in_flight', '?')} in flight / {bu['peak_accepted_per_second']} in a "
+            f"second; Prefect limit calls: {gcl['concurrency']:.0f} concurrency acquisitions, "
+            f"{gcl['rate']:.0f} rate-token groups; AIMD limit at the end "
+            f"{b['aimd_limit_final']}; CPU s: batchops {cpu.get('this_process', 0):.1f} "
+            f"({1000 * cpu.get('this_process', 0) / r['size']:.2f} ms/item), Prefect server "
+            f"{cpu.get('prefect_server', 0):.1f}, PostgreSQL {cpu.get('postgres', 0):.1f}")
+        lines.append(
+            f"{name}: baseline {h['seconds']:.2f} s, {hu['requests']} requests, peak "
+            f"{hu.get('peak_in_flight', '?')} in flight / {hu['peak_accepted_per_second']} in a "
+            f"second; CPU s {h.get('cpu_seconds', 0):.1f} "
+            f"({1000 * h.get('cpu_seconds', 0) / r['size']:.2f} ms/item)")
+    return lines
+
+
+HEAD = ("scenario", "batchops ops/s", "of limit", "baseline ops/s", "of limit", "ratio",
+        "429s after 1 s (b/base)", "succeeded (b/base)", "duplicates (b/base)")
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
+    return [r["scenario"], f"{r['batchops_ops_per_s']:,.0f}", f"{r['batchops_fraction']:.2f}",
+            f"{r['baseline_ops_per_s']:,.0f}", f"{r['baseline_fraction']:.2f}",
+            f"{r['ratio']:.2f}", f"{r['batchops_429_after_1s']} / {r['baseline_429_after_1s']}",
+            f"{r['batchops_succeeded']:,} / {r['baseline_succeeded']:,}",
+            f"{r['batchops_duplicates']} / {r['baseline_duplicates']}"]
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rows = [list(HEAD)] + [_cells(r) for r in report["table"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEAD))]
+    print()
+    for n, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if n == 0:
+            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    print()
+    for line in report["details"]:
+        print(line)
+    print()
+    for v in report["targets"]:
+        print(f"{v['verdict']:<12} {v['target']}  (value: {v['value']})")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    p = report["parameters"]
+    out = [f"# http target benchmark — {report['timestamp']}", "",
+           f"{p['size']:,} operations, upstream latency {p['latency_ms']:g} ms, concurrency "
+           f"{p['concurrency']}; limit = concurrency / latency (Little's law), or the upstream's "
+           f"rate limit. Code measured: the {report['code']['measured']} at "
+           f"`{report['code']['head'][:12]}`"
+           + (f" with uncommitted changes to {', '.join(report['code']['dirty_core_files'])}"
+              if report["code"]["measured"] == "worktree" and report["code"]["dirty_core_files"]
+              else "") + ".", "",
+           "| " + " | ".join(HEAD) + " |", "|---" + "|---:" * (len(HEAD) - 1) + "|"]
+    out += ["| " + " | ".join(_cells(r)) + " |" for r in report["table"]]
+    out += ["", "## Targets", "", "| target | value | verdict |", "|---|---|:-:|"]
+    out += [f"| {v['target']} | {v['value']} | **{v['verdict']}** |" for v in report["targets"]]
+    out += ["", "## Details", ""] + [f"- {line}" for line in report["details"]] + [""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=10_000)
+    ap.add_argument("--concurrency", type=int, default=10)
+    ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    ap.add_argument("--code", choices=("worktree", "head"), default="worktree",
+                    help="which code batchops runs: a copy of the work tree or the last commit")
+    ap.add_argument("--keep-db", action="store_true")
+    ap.add_argument("--settle", type=float, default=20.0,
+                    help="wait up to this many seconds before each measurement for the machine "
+                         "to be < 25%% busy")
+    ap.add_argument("--name", default="http_target")
+    args = ap.parse_args(argv)
+    scenarios = [SCENARIOS[s.strip()] for s in args.scenarios.split(",") if s.strip()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="batchops-http-bench-"))
+    log(f"work dir {workdir}")
+    code = git_state()
+    code["measured"] = args.code
+    code_dir = snapshot_code(workdir / "code", args.code)
+    ensure_database(fresh=not args.keep_db, name=DB_NAME)
+    server = PrefectServer(workdir / "prefect-server", workdir / "prefect-server.log")
+    log("starting prefect server …")
+    server.start()
+    log(f"prefect server healthy at {server.api_url} after {server.startup_seconds:.1f} s")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_") and not k.startswith("BATCHOPS_")}
+    env.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(workdir / "prefect-client"),
+               PREFECT_LOCAL_STORAGE_PATH=str(workdir / "prefect-results"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
+               BATCHOPS_DATABASE_URL=DB_URL, BATCHOPS_CONFIG_FILE="/nonexistent")
+    port = free_port()
+    upstream = f"http://127.0.0.1:{port}"
+    upstream_proc = ManagedProcess(
+        "upstream", [sys.executable, "-m", "batchops.devtools.upstream", "--port", str(port)],
+        cwd=code_dir, env=env, log_path=workdir / "upstream.log")
+    results: dict[str, Any] = {}
+    try:
+        upstream_proc.start(http_ok(f"{upstream}/_upstream/stats"))
+        for scenario in scenarios:
+            limit = scenario.limit(args.concurrency, args.latency_ms)
+            r: dict[str, Any] = {"size": args.size, "limit_ops_per_s": limit}
+            wait_quiet(args.settle)
+            log(f"{scenario.name}: batchops …")
+            r["batchops"] = run_batchops(args, scenario, code_dir=code_dir, workdir=workdir,
+                                         env=env, upstream=upstream,
+                                         server_pid=server.proc.pid if server.proc else None)
+            b = r["batchops"]
+            log(f"  batchops {b['seconds']:.2f} s = {args.size / b['seconds']:,.0f} ops/s "
+                f"({args.size / b['seconds'] / limit:.2f} of {limit:g}), "
+                f"{b['succeeded']} succeeded")
+            wait_quiet(args.settle)
+            log(f"{scenario.name}: baseline …")
+            r["baseline"] = run_baseline(args, scenario, upstream)
+            h = r["baseline"]
+            log(f"  baseline {h['seconds']:.2f} s = {args.size / h['seconds']:,.0f} ops/s "
+                f"({args.size / h['seconds'] / limit:.2f}), {h['succeeded']} succeeded")
+            r["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+            results[scenario.name] = r
+    finally:
+        upstream_proc.stop()
+        log("stopping prefect server")
+        server.stop()
+
+    import prefect
+
+    report: dict[str, Any] = {
+        "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "parameters": {"size": args.size, "concurrency": args.concurrency,
+                       "latency_ms": args.latency_ms},
+        "code": code,
+        "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "prefect": prefect.__version__},
+        "results": results,
+    }
+    report["table"] = table_rows(report)
+    report["targets"] = evaluate_targets(report)
+    report["details"] = detail_lines(report)
+    print_table(report)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(report, indent=2, default=str)
+    (RESULTS / f"{args.name}-{stamp}.json").write_text(text)
+    (RESULTS / f"{args.name}-latest.json").write_text(text)
+    (RESULTS / f"{args.name}-latest.md").write_text(markdown(report))
+    log(f"wrote {RESULTS / f'{args.name}-{stamp}.json'}, {args.name}-latest.json/.md")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
