@@ -32,4 +32,4 @@ def disarm_fault(conn: Connection) -> None:
 
 
 def remove_fault(conn: Connection) -> None:
-    conn.exec_driver_sql("DROP TRIGGER IF EXISTS users_fault ON users; DROP TABLE faults")
+    conn.exec_driver_sql("DROP TRIGGER IF EXISTS users_fault ON users; DROP TABLE IF EXISTS faults")

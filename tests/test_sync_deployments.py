@@ -192,6 +192,105 @@ def test_a_run_that_fails_halfway_is_resumed_without_a_second_batch(faulty_pg: R
     assert bulk_sync("users")[0].rows == 0
 
 
+# -- bulk sync at scale: 100,000 rows on PostgreSQL ---------------------------------------------
+
+ROWS_100K = 100_000
+# The 1,000 rows changed after the first sync, in the order the sync reads them (one cursor
+# value, then id): the first 500 fill the batch's first chunk; the second chunk starts with
+# users 1200-1209, which tests.faults refuses while armed, so the run crashes halfway.
+CHANGED_1K = [*range(2, 1001, 2), *range(1200, 1210), *range(2000, 100_001, 200)[:490]]
+
+_APPLIED_SQL = """
+CREATE TABLE applied_changes (id integer NOT NULL);
+CREATE FUNCTION record_applied_change() RETURNS trigger AS $$
+BEGIN INSERT INTO applied_changes VALUES (NEW.id); RETURN NEW; END $$ LANGUAGE plpgsql;
+CREATE TRIGGER users_applied AFTER UPDATE ON users FOR EACH ROW
+  EXECUTE FUNCTION record_applied_change();
+"""
+
+
+def table_checksum(runtime: Runtime, table: str) -> tuple[int, str]:
+    """Row count and an md5 of every ``(id, email, name)`` in id order."""
+    [(count, digest)] = query(
+        runtime, f"SELECT count(*), md5(string_agg(id || '|' || email || '|' || name, ',' "
+                 f"ORDER BY id)) FROM {table}")
+    return count, digest
+
+
+@pytest.fixture
+def source_100k(configure: Configure, pg_database: str) -> Iterator[Runtime]:
+    """100,000 source rows in the store's PostgreSQL database; batches of 25,000 rows."""
+    from tests.conftest import _truncate_pg
+
+    _truncate_pg(pg_database)
+    write_source(pg_database, people(range(1, ROWS_100K + 1)))
+    runtime = configure(database_url=pg_database, chunk_retries=0, syncs=syncs(users={
+        "resource": "users", "table": "source_users", "batch_rows": 25_000}))
+    yield runtime
+    with runtime.store.engine.begin() as conn:
+        remove_fault(conn)
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS users_applied ON users; "
+                             "DROP FUNCTION IF EXISTS record_applied_change(); "
+                             "DROP TABLE IF EXISTS applied_changes")
+
+
+@pytest.mark.postgres
+def test_a_100k_row_sync_applies_once_skips_no_change_and_resumes_a_crash(
+        source_100k: Runtime) -> None:
+    runtime = source_100k
+
+    [first] = bulk_sync("users")
+
+    assert (first.rows, first.succeeded, first.failed) == (ROWS_100K, ROWS_100K, 0)
+    assert [query(runtime, f"SELECT total, status FROM batches WHERE id = '{b}'")[0]
+            for b in first.batches] == [(25_000, "completed")] * 4
+    assert table_checksum(runtime, "users") == table_checksum(runtime, "source_users")
+    assert first.watermark is not None and first.watermark["key"] == ROWS_100K
+    assert cursor_of(first.watermark) == BASE + timedelta(seconds=ROWS_100K // 200)
+    assert read_sync_state(runtime.store, "users").rows_synced == ROWS_100K
+
+    [unchanged] = bulk_sync("users")
+
+    assert (unchanged.rows, unchanged.batches, unchanged.watermark) == (0, [], first.watermark)
+    assert sync_batches(runtime) == first.batches
+
+    changed_at = BASE + timedelta(hours=1)
+    update_source(runtime.settings.database_url, CHANGED_1K, changed_at)
+    with runtime.store.engine.begin() as conn:
+        conn.exec_driver_sql(_APPLIED_SQL)  # every row write to users from here on
+        arm_user_insert_fault(conn)
+
+    crashed = bulk_sync("users", return_state=True)
+
+    assert crashed.is_failed()
+    state = read_sync_state(runtime.store, "users")
+    assert state.watermark == first.watermark and state.pending_batch_id is not None
+    batch = runtime.store.get_batch(state.pending_batch_id)
+    assert (batch.status, batch.total, batch.completed) == (BatchState.FAILED.value, 1000, 500)
+    assert query(runtime, "SELECT id FROM applied_changes ORDER BY id") == [
+        (i,) for i in CHANGED_1K[:500]]
+
+    with runtime.store.engine.begin() as conn:
+        disarm_fault(conn)
+    [resumed] = bulk_sync("users")
+
+    assert resumed.batches == [state.pending_batch_id]
+    assert (resumed.rows, resumed.succeeded, resumed.failed) == (1000, 1000, 0)
+    assert sync_batches(runtime) == [*first.batches, state.pending_batch_id]
+    # Every change was written to the target exactly once: the first chunk was not run again.
+    assert query(runtime, "SELECT id, count(*) FROM applied_changes GROUP BY id ORDER BY id"
+                 ) == [(i, 1) for i in sorted(CHANGED_1K)]
+    assert [(r.id, r.status) for r in runtime.store.iter_results(batch.id)] == [
+        (str(i), 200) for i in CHANGED_1K]
+    assert query(runtime, "SELECT id FROM users WHERE name LIKE 'Renamed%' ORDER BY id") == [
+        (i,) for i in sorted(CHANGED_1K)]
+    assert table_checksum(runtime, "users") == table_checksum(runtime, "source_users")
+    assert resumed.watermark is not None and resumed.watermark["key"] == CHANGED_1K[-1]
+    assert cursor_of(resumed.watermark) == changed_at
+    assert read_sync_state(runtime.store, "users").rows_synced == ROWS_100K + 1000
+    assert bulk_sync("users")[0].batches == []
+
+
 def test_a_run_that_stopped_before_processing_or_registering_is_finished_next_time(
         configure: Configure, tmp_path: Path) -> None:
     source_url = f"sqlite:///{tmp_path / 'source.db'}"
