@@ -110,6 +110,17 @@ item_claims = sa.Table(
     sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Prefect global-concurrency-limit leases a batch's run holds for its upstream requests: a run
+# that dies keeps them until they expire, so the reaper releases them before the re-run.
+limit_leases = sa.Table(
+    "limit_leases",
+    metadata,
+    sa.Column("lease_id", sa.String(36), primary_key=True),
+    sa.Column("batch_id", sa.String(64), nullable=False, index=True),
+    sa.Column("limit_name", sa.String(255), nullable=False),
+    sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Each item's outcome as soon as it is known (before its chunk is recorded): a run that
 # resumes a crashed chunk answers these items from here instead of executing them again.
 item_checkpoints = sa.Table(
@@ -670,6 +681,21 @@ class Store:
                 last_sign < cutoff,
             ).order_by(b.created_at).limit(limit)).all()
         return [(r.id, r.status, r.flow_run_id) for r in rows]
+
+    def add_lease(self, batch_id: str, lease_id: str, limit_name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(limit_leases.insert().values(
+                lease_id=lease_id, batch_id=batch_id, limit_name=limit_name,
+                acquired_at=utcnow()))
+
+    def drop_lease(self, lease_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(limit_leases.delete().where(limit_leases.c.lease_id == lease_id))
+
+    def batch_leases(self, batch_id: str) -> list[str]:
+        with self.read() as conn:
+            return list(conn.execute(sa.select(limit_leases.c.lease_id).where(
+                limit_leases.c.batch_id == batch_id)).scalars())
 
     def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta) -> bool:
         """Take a stale batch for a new run: refreshes its heartbeat and counts a recovery,

@@ -54,6 +54,19 @@ def _crash(run: FlowRun, batch_id: str) -> None:
                                         "the batch again from its checkpoint"), force=True)
 
 
+def _release_leases(batch_id: str) -> None:
+    """Free the upstream-limit slots the dead run held (they would stay taken until their
+    lease expired, or for good on a server without its repossessor)."""
+    store = get_runtime().store
+    with get_client(sync_client=True) as client:
+        for lease_id in store.batch_leases(batch_id):
+            try:
+                client.release_concurrency_slots_with_lease(UUID(lease_id))
+            except Exception as exc:  # expired and revoked already
+                get_run_logger().info("batch %s: lease %s: %s", batch_id, lease_id, exc)
+            store.drop_lease(lease_id)
+
+
 @task(name="restart-stale-batches", cache_policy=NO_CACHE)
 def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]:
     """Batches whose run died get a new ``process-batch`` flow run; completed chunks and
@@ -80,6 +93,7 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
             except Exception as exc:  # the batch still needs a run
                 logger.warning("batch %s: could not mark flow run %s crashed: %s", batch_id,
                                flow_run_id, exc)
+        _release_leases(batch_id)
         batch = runtime.store.get_batch(batch_id)
         if batch.recoveries > settings.max_recoveries:
             runtime.store.mark_finished(

@@ -40,13 +40,15 @@ import contextvars
 import math
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
+from prefect.concurrency.context import ConcurrencyContext
+from prefect.exceptions import ObjectAlreadyExists
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
@@ -217,8 +219,10 @@ class _BatchPool:
     """A batch's requests to one upstream in this process: one semaphore for all its chunks,
     and the upstream's global concurrency slots held for them while any of them runs."""
 
-    def __init__(self, upstream: str, width: int) -> None:
+    def __init__(self, upstream: str, width: int,
+                 on_lease: Callable[[str, str, bool], None] | None = None) -> None:
         self.upstream = upstream
+        self.on_lease = on_lease
         self.width = width
         self.slots = asyncio.Semaphore(width)
         self.chunks = 0
@@ -229,21 +233,34 @@ class _BatchPool:
     async def _hold(self) -> None:
         from prefect.concurrency.asyncio import concurrency
 
+        name = upstream_limit_name(self.upstream)
+        leases: list[str] = []
         try:
-            # A short lease (Prefect's minimum): slots of a worker killed mid-batch free up
-            # in a minute, not five.
-            async with concurrency(upstream_limit_name(self.upstream), occupy=self.width,
-                                   strict=True, lease_duration=LEASE_SECONDS,
-                                   raise_on_lease_renewal_failure=False):
-                GCL_CALLS.labels(self.upstream, "concurrency").inc()
-                self._acquired.set_result(None)
-                await self._done.wait()
+            # The lease id is recorded in this context the moment it is granted: the store
+            # keeps it, so the reaper can release the slots of a run that died. A short
+            # lease (Prefect's minimum) frees them in a minute anyway where a server runs
+            # its repossessor.
+            with ConcurrencyContext() as held:
+                async with concurrency(name, occupy=self.width, strict=True,
+                                       lease_duration=LEASE_SECONDS,
+                                       raise_on_lease_renewal_failure=False):
+                    GCL_CALLS.labels(self.upstream, "concurrency").inc()
+                    leases = [str(lease) for lease in held.cleanup_lease_ids]
+                    await self._record(leases, name, held=True)
+                    self._acquired.set_result(None)
+                    await self._done.wait()
+            await self._record(leases, name, held=False)
         except BaseException as exc:
             if not self._acquired.done():
                 self._acquired.set_exception(exc)
                 self._acquired.exception()  # retrieved here too: no "never retrieved" warning
             if not isinstance(exc, Exception):
                 raise
+
+    async def _record(self, leases: list[str], name: str, *, held: bool) -> None:
+        if self.on_lease is not None:
+            for lease in leases:
+                await asyncio.to_thread(self.on_lease, lease, name, held)
 
     async def acquired(self) -> None:
         """Wait until the pool holds its global slots (raises what acquiring them raised)."""
@@ -262,6 +279,7 @@ class _Upstream:
     limit: AdaptiveLimit
     rate: _RateTokens | None
     pools: dict[str, _BatchPool] = field(default_factory=dict)  # by batch id
+    limits_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     limits_ready: bool = False
     attempts_sent: int = 0
     gcl_calls: dict[str, int] = field(default_factory=dict)
@@ -365,17 +383,28 @@ class HttpTarget:
         return results
 
     async def _ensure_limits(self, up: _Upstream) -> None:
-        if up.limits_ready:
-            return
+        """Create or update the upstream's limits in Prefect, once per process. Prefect's
+        upsert is read-then-write: one at a time here, and a create that lost a race with
+        another process is tried again (then it updates)."""
         from prefect import get_client
 
-        async with get_client() as client:
-            await client.upsert_global_concurrency_limit_by_name(
-                upstream_limit_name(up.name), up.spec.max_concurrency)
-            if up.rate is not None:
-                await client.upsert_global_concurrency_limit_by_name(
-                    rate_limit_name(up.name), up.rate.group, slot_decay_per_second=up.rate.decay)
-        up.limits_ready = True
+        async with up.limits_lock:
+            if up.limits_ready:
+                return
+            for attempt in (1, 2):
+                try:
+                    async with get_client() as client:
+                        await client.upsert_global_concurrency_limit_by_name(
+                            upstream_limit_name(up.name), up.spec.max_concurrency)
+                        if up.rate is not None:
+                            await client.upsert_global_concurrency_limit_by_name(
+                                rate_limit_name(up.name), up.rate.group,
+                                slot_decay_per_second=up.rate.decay)
+                    break
+                except (ObjectAlreadyExists, httpx.HTTPStatusError):
+                    if attempt == 2:
+                        raise
+            up.limits_ready = True
 
     async def _run_upstream(self, up: _Upstream, items: Sequence[PlannedOperation],
                             ctx: ChunkContext) -> list[ItemResult]:
@@ -388,7 +417,7 @@ class HttpTarget:
         if pool is None:
             width = ctx.batch_concurrency or ctx.concurrency
             pool = up.pools[ctx.batch_id] = _BatchPool(
-                up.name, max(1, min(width, up.spec.max_concurrency)))
+                up.name, max(1, min(width, up.spec.max_concurrency)), ctx.on_lease)
         pool.chunks += 1
 
         async def one(op: PlannedOperation) -> ItemResult:
