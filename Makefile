@@ -26,9 +26,11 @@ up: $(STAMP)
 up-scaled: $(STAMP)
 	$(BIN)/batchops up --scaled
 
-## Run the whole test suite (starts PostgreSQL and Redis if they are stopped).
+## Run the whole test suite (starts PostgreSQL and Redis if they are stopped): two pytest
+## workers, then alone the tests that restart PostgreSQL or stop Redis.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile -m "not disruptive"
+	$(BIN)/pytest -q -m disruptive
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -294,8 +294,9 @@ def _claim_ids(conn: Connection, scope: str, request: DeadLetterReplay, batch_id
     ids = list(dict.fromkeys(request.ids or []))
     if request.limit is not None:
         ids = ids[:request.limit]
-    found = dict(conn.execute(sa.select(t.c.id, t.c.replayed_batch_id).where(
-        t.c.scope == scope, t.c.id.in_(ids))).all())
+    found: dict[int, str | None] = {
+        r.id: r.replayed_batch_id for r in conn.execute(
+            sa.select(t.c.id, t.c.replayed_batch_id).where(t.c.scope == scope, t.c.id.in_(ids)))}
     missing = [i for i in ids if i not in found]
     if missing:
         raise DeadLetterNotFound(missing)
@@ -307,8 +308,10 @@ def _claim_ids(conn: Connection, scope: str, request: DeadLetterReplay, batch_id
         claim = claim.where(t.c.replayed_batch_id.is_(None))
     claimed = conn.execute(claim.values(replayed_batch_id=batch_id, replayed_at=utcnow()))
     if claimed.rowcount != len(ids):  # a concurrent replay took some in the meantime
-        now = dict(conn.execute(sa.select(t.c.id, t.c.replayed_batch_id).where(
-            t.c.id.in_(ids), t.c.replayed_batch_id != batch_id)).all())
+        now: dict[int, str | None] = {
+            r.id: r.replayed_batch_id for r in conn.execute(
+                sa.select(t.c.id, t.c.replayed_batch_id).where(
+                    t.c.id.in_(ids), t.c.replayed_batch_id != batch_id))}
         raise DeadLetterReplayed({i: b for i, b in now.items() if b is not None})
 
 

@@ -48,7 +48,7 @@ from bench._api_analysis import percentile
 from bench._batchops_run import _cpu_seconds, _postgres_pids
 from bench._prefect_server import free_port, process_tree
 from bench.sql_target import git_state, log, wait_quiet
-from deployments.scaled import ScaledSystem, ScaledTopology
+from deployments.scaled import ScaledSystem, ScaledTopology, claim_empty_redis_database
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -57,16 +57,10 @@ PROBE_POOL = "bench-scale-probe"  # no worker polls it: probe runs stay Schedule
 
 
 def _empty_redis_database() -> int:
-    """A Redis database number no one uses now (2-15; 0 and 1 belong to make up / up-scaled)."""
-    for db in range(15, 1, -1):
-        client = redis.Redis(db=db)
-        try:
-            if client.dbsize() == 0:
-                client.set("batchops:bench-scale", "taken")
-                return db
-        finally:
-            client.close()
-    raise RuntimeError("no empty Redis database left (2-15)")
+    db = claim_empty_redis_database("bench-scale")
+    if db is None:
+        raise RuntimeError("no empty Redis database left (2-15)")
+    return db
 
 
 def _machine_busy_seconds() -> float:

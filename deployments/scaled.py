@@ -29,7 +29,7 @@ from rich.console import Console
 
 from deployments.processes import Supervisor, stop_on_signals, wait_http
 
-__all__ = ["ScaledSystem", "ScaledTopology", "run_scaled_system"]
+__all__ = ["ScaledSystem", "ScaledTopology", "claim_empty_redis_database", "run_scaled_system"]
 
 console = Console()
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +98,23 @@ class ScaledTopology:
         })
         env.update(self.extra_env)
         return env
+
+
+def claim_empty_redis_database(owner: str, url: str = "redis://127.0.0.1:6379") -> int | None:
+    """A Redis database number no one uses now, marked as taken by ``owner`` (2-15: 0 and 1
+    belong to ``make up`` and ``make up-scaled``); ``None`` when every one is in use. For a
+    throwaway topology (tests, benchmarks) beside the ones a developer runs."""
+    import redis
+
+    for db in range(15, 1, -1):
+        client = redis.Redis.from_url(f"{url}/{db}")
+        try:
+            if client.dbsize() == 0:
+                client.set(f"batchops:{owner}", "taken")
+                return db
+        finally:
+            client.close()
+    return None
 
 
 def ensure_databases(topology: ScaledTopology) -> None:

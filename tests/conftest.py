@@ -17,6 +17,8 @@ os.environ["BATCHOPS_CONFIG_FILE"] = "/nonexistent/batchops.toml"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+# Rich wraps CLI output at the terminal's width; long temporary paths must stay on one line.
+os.environ["COLUMNS"] = "250"
 
 PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 

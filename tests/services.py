@@ -46,3 +46,16 @@ def ensure_redis() -> None:
                     "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"], check=False)
     if not _wait(REDIS_HOST, REDIS_PORT):
         raise RuntimeError("Redis did not start on 127.0.0.1:6379")
+
+
+def restart_postgres() -> None:
+    """Restart the machine's PostgreSQL (a fault test), then drop this process's pooled
+    connections to it, which the restart closed."""
+    from batchops.store import _engines
+
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+                   check=True, timeout=60)
+    ensure_postgres()
+    for engine in _engines.values():
+        engine.dispose()

@@ -35,18 +35,23 @@ def contacts(n: int, key_prefix: str | None = None) -> list[dict[str, Any]]:
             for i in range(n)]
 
 
+def run_at_once(*batch_ids: str) -> None:
+    """Run the batches' flows at the same time, each in a thread of its own."""
+    threads = [threading.Thread(target=process_batch, kwargs={"batch_id": b})
+               for b in batch_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+
 def test_two_batches_with_the_same_keys_at_once_send_each_key_once(
         configure: Any, database_url: str) -> None:
     with running_upstream(UpstreamConfig(latency_ms=150)) as (url, state):
         runtime: Runtime = configure(database_url=database_url, upstreams=crm(url))
         first, _ = register_batch(runtime, contacts(30, "signup"), concurrency=10)
         second, _ = register_batch(runtime, contacts(30, "signup"), concurrency=10)
-        threads = [threading.Thread(target=process_batch, kwargs={"batch_id": b})
-                   for b in (first, second)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        run_at_once(first, second)
 
         received = Counter(r.key for r in state.requests)
         assert len(received) == 30 and set(received.values()) == {1}
@@ -66,12 +71,7 @@ def test_a_key_failed_by_one_batch_is_run_by_the_batch_waiting_for_it(
         runtime: Runtime = configure(database_url=database_url, upstreams=crm(url))
         first, _ = register_batch(runtime, contacts(5, "k"))
         second, _ = register_batch(runtime, contacts(5, "k"))
-        threads = [threading.Thread(target=process_batch, kwargs={"batch_id": b})
-                   for b in (first, second)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        run_at_once(first, second)
 
         # Whichever went first got the 400; the other ran the key itself, and it worked.
         outcomes = sorted([r.state.value for r in runtime.store.iter_results(first)] +

@@ -24,9 +24,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from deployments.scaled import ScaledSystem, ScaledTopology
+from deployments.scaled import ScaledSystem, ScaledTopology, claim_empty_redis_database
 from tests.conftest import PG_ADMIN_URL
-from tests.services import ensure_postgres, ensure_redis
+from tests.services import ensure_redis, restart_postgres
 
 pytestmark = pytest.mark.postgres
 
@@ -43,16 +43,10 @@ def _free_port() -> int:
 
 
 def _empty_redis_database() -> int:
-    """A Redis database number no one uses now (2-15; 0 and 1 belong to make up / up-scaled)."""
-    for db in range(15, 1, -1):
-        client = redis.Redis(db=db)
-        try:
-            if client.dbsize() == 0:
-                client.set("batchops:test-session", "taken")
-                return db
-        finally:
-            client.close()
-    pytest.skip("no empty Redis database left")
+    db = claim_empty_redis_database("test-session")
+    if db is None:
+        pytest.skip("no empty Redis database left")
+    return db
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +231,7 @@ def test_batches_of_a_killed_worker_finish_on_the_other_once_per_key(
         assert {item["status"] for item in results["results"]} == {201}
 
 
+@pytest.mark.disruptive
 def test_batches_complete_after_a_postgres_restart(scaled: ScaledSystem) -> None:
     tag = uuid.uuid4().hex[:6]
     batch_ids = _submit_all(scaled, [_users(tag, b) for b in range(6)])
@@ -244,10 +239,7 @@ def test_batches_complete_after_a_postgres_restart(scaled: ScaledSystem) -> None
     while not any(r.state.is_running() for r in _flow_runs(scaled, batch_ids)):
         assert time.monotonic() < deadline, "no batch started"
         time.sleep(0.2)
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-                   check=True, timeout=60)
-    ensure_postgres()
+    restart_postgres()
 
     statuses = _wait_final(scaled, batch_ids, timeout=200)
 
@@ -258,6 +250,7 @@ def test_batches_complete_after_a_postgres_restart(scaled: ScaledSystem) -> None
                             {"p": f"{tag}-%"}).scalar_one() == 6 * ITEMS
 
 
+@pytest.mark.disruptive
 def test_with_redis_stopped_status_reads_fall_back_to_the_store(scaled: ScaledSystem) -> None:
     batch_id = _submit_all(scaled, [_users(uuid.uuid4().hex[:6], 0)])[0]
     done = _wait_final(scaled, [batch_id], timeout=120)[batch_id]
