@@ -68,7 +68,8 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
             console.print(f"[red]The API did not start; see {data_dir / 'api.log'}")
             return 1
         console.print(f"[green]API ready[/]: {webhook}  (docs {webhook}/docs); runner serving "
-                      "process-batch, bulk-sync, retry-failed")
+                      "process-batch, bulk-sync, retry-failed, reap-stale-batches, "
+                      "replay-dead-letters")
         code = 0
         if demo_file is not None:
             console.print(f"Running the demo batch {demo_file} through the CLI …")
