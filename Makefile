@@ -26,10 +26,10 @@ up: $(STAMP)
 up-scaled: $(STAMP)
 	$(BIN)/batchops up --scaled
 
-## Run the whole test suite (starts PostgreSQL and Redis if they are stopped): two pytest
+## Run the whole test suite (starts PostgreSQL and Redis if they are stopped): three pytest
 ## workers, then alone the tests that restart PostgreSQL or stop Redis.
 test: $(STAMP)
-	$(BIN)/pytest -q -n 2 --dist loadfile -m "not disruptive"
+	$(BIN)/pytest -q -n 3 --dist loadfile -m "not disruptive"
 	$(BIN)/pytest -q -m disruptive
 
 lint: $(STAMP)
