@@ -10,6 +10,7 @@ watches.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from datetime import timedelta
@@ -19,6 +20,8 @@ from batchops.runtime import Runtime
 from batchops.schemas import ItemResult, ItemState, PlannedOperation
 
 __all__ = ["CheckpointWriter"]
+
+logger = logging.getLogger("batchops.checkpoints")
 
 _STOP = object()
 
@@ -31,8 +34,6 @@ class CheckpointWriter:
         self.batch_id = batch_id
         self.generation = generation
         self.scope = scope
-        self.written = 0
-        self.error: BaseException | None = None
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"checkpoints-{batch_id}",
                                         daemon=True)
@@ -73,7 +74,7 @@ class CheckpointWriter:
         try:
             self.runtime.store.heartbeat(self.batch_id)
         except Exception as exc:  # a missed beat is not fatal; the next one may work
-            self.error = exc
+            logger.warning("batch %s: heartbeat not written: %s", self.batch_id, exc)
 
     def _write(self, entries: list[tuple[PlannedOperation, ItemResult]]) -> None:
         store = self.runtime.store
@@ -90,8 +91,8 @@ class CheckpointWriter:
                                      [op.idempotency_key for op, _ in keyed
                                       if op.idempotency_key is not None])
                 store.heartbeat_in(conn, self.batch_id)
-            self.written += len(entries)
         except Exception as exc:
             # Checkpoints are an optimisation of recovery: the chunk's own record (written
             # after it) is what counts, so a failed checkpoint write only loses that benefit.
-            self.error = exc
+            logger.warning("batch %s: %d item checkpoint(s) not written: %s", self.batch_id,
+                           len(entries), exc)

@@ -628,15 +628,6 @@ class Store:
             conn.execute(t.delete().where(t.c.scope == scope, t.c.batch_id == batch_id,
                                           t.c.key.in_(list(set(keys)))))
 
-    def claimed(self, scope: str, keys: Sequence[str]) -> set[str]:
-        """Which of ``keys`` are claimed by anyone right now."""
-        if not keys:
-            return set()
-        t = item_claims
-        with self.read() as conn:
-            return set(conn.execute(sa.select(t.c.key).where(
-                t.c.scope == scope, t.c.key.in_(list(set(keys))))).scalars())
-
     def save_checkpoints(self, conn: Connection, batch_id: str, generation: int,
                          results: Sequence[ItemResult]) -> None:
         if results:

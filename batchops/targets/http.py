@@ -281,8 +281,6 @@ class _Upstream:
     pools: dict[str, _BatchPool] = field(default_factory=dict)  # by batch id
     limits_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     limits_ready: bool = False
-    attempts_sent: int = 0
-    gcl_calls: dict[str, int] = field(default_factory=dict)
 
 
 def _error_of(response: httpx.Response) -> tuple[str, str, Any]:
@@ -500,8 +498,6 @@ class HttpTarget:
             REQUESTS.labels(up.name, "connection_error").inc()
             raise _Retryable(502, "upstream_unreachable",
                              f"{op.method} {url}: {type(exc).__name__}: {exc}") from exc
-        finally:
-            up.attempts_sent += 1
         status = response.status_code
         retry_after = parse_retry_after(response.headers.get("retry-after"),
                                         up.spec.max_retry_after_seconds)
