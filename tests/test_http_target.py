@@ -188,3 +188,21 @@ def test_concurrency_halves_on_429_and_grows_back(
     state.config = UpstreamConfig(latency_ms=5)  # healthy again: additive increase
     run(runtime, [contact(i) for i in range(100, 400)], concurrency=16)
     assert up.limit.limit > low
+
+
+def test_an_unreachable_upstream_fails_every_item_after_its_retries(
+        configure: Any, database_url: str) -> None:
+    from batchops.devtools.upstream import _free_port
+
+    # Nothing listens there: every attempt is a connection error, and each attempt's
+    # in-flight slot must come back, or the items behind the first two would wait forever.
+    url = f"http://127.0.0.1:{_free_port()}"
+    runtime = configure(database_url=database_url,
+                        upstreams=crm(url, retries=2, max_concurrency=2))
+
+    _, results = run(runtime, [contact(i) for i in range(6)], concurrency=2)
+
+    assert [(r.state, r.status, r.attempts) for r in results] == [
+        (ItemState.FAILED, 502, 3)] * 6
+    assert all(r.error is not None and r.error.code == "upstream_unreachable"
+               for r in results)

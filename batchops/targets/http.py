@@ -485,27 +485,23 @@ class HttpTarget:
             await up.rate.take()
         sent_at = await up.limit.acquire()
         throttled = healthy = False
-        try:
-            response = await up.client.request(
-                op.method, url, headers=headers,
-                json=op.body if op.body is not None or op.method in ("POST", "PUT", "PATCH")
-                else None)
-        except httpx.TimeoutException as exc:
-            REQUESTS.labels(up.name, "timeout").inc()
-            raise _Retryable(504, "upstream_timeout",
-                             f"{op.method} {url}: {type(exc).__name__}") from exc
-        except httpx.TransportError as exc:
-            REQUESTS.labels(up.name, "connection_error").inc()
-            raise _Retryable(502, "upstream_unreachable",
-                             f"{op.method} {url}: {type(exc).__name__}: {exc}") from exc
-        status = response.status_code
-        retry_after = parse_retry_after(response.headers.get("retry-after"),
-                                        up.spec.max_retry_after_seconds)
-        try:
-            if status == 429 or (status == 503 and retry_after):
-                throttled = True
-            elif status < 500:
-                healthy = True
+        try:  # the in-flight slot goes back whatever happens, a failed request included
+            try:
+                response = await up.client.request(op.method, url, headers=headers,
+                                                   json=op.body)
+            except httpx.TimeoutException as exc:
+                REQUESTS.labels(up.name, "timeout").inc()
+                raise _Retryable(504, "upstream_timeout",
+                                 f"{op.method} {url}: {type(exc).__name__}") from exc
+            except httpx.TransportError as exc:
+                REQUESTS.labels(up.name, "connection_error").inc()
+                raise _Retryable(502, "upstream_unreachable",
+                                 f"{op.method} {url}: {type(exc).__name__}: {exc}") from exc
+            status = response.status_code
+            retry_after = parse_retry_after(response.headers.get("retry-after"),
+                                            up.spec.max_retry_after_seconds)
+            throttled = status == 429 or (status == 503 and bool(retry_after))
+            healthy = not throttled and status < 500
         finally:
             await up.limit.release(sent_at, throttled=throttled, healthy=healthy)
         REQUESTS.labels(up.name, str(status)).inc()
