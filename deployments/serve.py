@@ -15,6 +15,7 @@ The same deployments as ``prefect.yaml`` declares for a work pool:
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 from uuid import UUID
 
 from prefect import serve
@@ -35,38 +36,29 @@ def build_deployments(settings: Settings,
                       entrypoint_type: EntrypointType = EntrypointType.FILE_PATH,
                       ) -> list[RunnerDeployment]:
     """The deployments this runner serves (or a work pool's workers run)."""
-    tags = ["batchops"]
-    deployments: list[RunnerDeployment] = [
-        process_batch.to_deployment(  # type: ignore[list-item]
-            name="process-batch", entrypoint_type=entrypoint_type,
-            description="Run a batch of operations (batch_id, or operations to register).",
-            tags=tags, enforce_parameter_schema=True,
-        ),
-        bulk_sync.to_deployment(  # type: ignore[list-item]
-            name="bulk-sync", entrypoint_type=entrypoint_type,
-            description="Apply the rows changed since each sync's watermark to its target.",
-            tags=tags, enforce_parameter_schema=True,
-            schedules=[Cron(settings.sync_cron, timezone="UTC",
-                            active=settings.sync_schedule_active)],
-            concurrency_limit=1,  # two runs of one sync would race for its watermark
-        ),
-        retry_failed.to_deployment(  # type: ignore[list-item]
-            name="retry-failed", entrypoint_type=entrypoint_type,
-            description="Run a finished batch's failed items again (only those).",
-            tags=tags, enforce_parameter_schema=True,
-        ),
-        reap_stale_batches.to_deployment(  # type: ignore[list-item]
-            name="reap-stale-batches", entrypoint_type=entrypoint_type,
-            description="Run batches whose heartbeat stopped again, from their checkpoint.",
-            tags=tags, enforce_parameter_schema=True,
-            schedules=[Cron(settings.reaper_cron, timezone="UTC")],
-            concurrency_limit=1,
-        ),
-        replay_dead_letters.to_deployment(  # type: ignore[list-item]
-            name="replay-dead-letters", entrypoint_type=entrypoint_type,
-            description="Run dead letters again as a new batch (ids, a filter, or all).",
-            tags=tags, enforce_parameter_schema=True,
-        ),
+    def deployment(flow: Any, name: str, description: str, **options: Any) -> RunnerDeployment:
+        # What every batchops deployment has in common, in one place (a deployment that missed
+        # the entrypoint type could not be run by a work pool's workers).
+        return flow.to_deployment(
+            name=name, description=description, entrypoint_type=entrypoint_type,
+            tags=["batchops"], enforce_parameter_schema=True, **options)
+
+    deployments = [
+        deployment(process_batch, "process-batch",
+                   "Run a batch of operations (batch_id, or operations to register)."),
+        deployment(bulk_sync, "bulk-sync",
+                   "Apply the rows changed since each sync's watermark to its target.",
+                   schedules=[Cron(settings.sync_cron, timezone="UTC",
+                                   active=settings.sync_schedule_active)],
+                   concurrency_limit=1),  # two runs of one sync would race for its watermark
+        deployment(retry_failed, "retry-failed",
+                   "Run a finished batch's failed items again (only those)."),
+        deployment(reap_stale_batches, "reap-stale-batches",
+                   "Run batches whose heartbeat stopped again, from their checkpoint.",
+                   schedules=[Cron(settings.reaper_cron, timezone="UTC")],
+                   concurrency_limit=1),
+        deployment(replay_dead_letters, "replay-dead-letters",
+                   "Run dead letters again as a new batch (ids, a filter, or all)."),
     ]
     return deployments
 

@@ -28,12 +28,16 @@ def _wait(host: str, port: int, seconds: float = 30) -> bool:
     return False
 
 
+def _pg_ctlcluster(action: str, *, check: bool) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+                   check=check, timeout=60)
+
+
 def ensure_postgres() -> None:
     if _listening(PG_HOST, PG_PORT):
         return
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-                   check=False)
+    _pg_ctlcluster("start", check=False)
     if not _wait(PG_HOST, PG_PORT):
         raise RuntimeError("PostgreSQL did not start on 127.0.0.1:5432")
 
@@ -53,9 +57,7 @@ def restart_postgres() -> None:
     connections to it, which the restart closed."""
     from batchops.store import _engines
 
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-                   check=True, timeout=60)
+    _pg_ctlcluster("restart", check=True)
     ensure_postgres()
     for engine in _engines.values():
         engine.dispose()
