@@ -64,6 +64,9 @@ class PrefectServer:
                if not k.startswith("PREFECT_") and not k.startswith("BATCHOPS_")}
         env.update(PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    PREFECT_UI_ENABLED="false")
+        # BENCH_SERVER_PREFECT_X=v sets PREFECT_X=v for the server only (to try its settings).
+        env.update({k.removeprefix("BENCH_SERVER_"): v for k, v in os.environ.items()
+                    if k.startswith("BENCH_SERVER_PREFECT_")})
         prefect = Path(sys.executable).with_name("prefect")
         self.home.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
