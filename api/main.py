@@ -38,7 +38,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                        "serve on 127.0.0.1 only")
     await asyncio.to_thread(get_runtime)  # builds the runtime and migrates the store
     app.state.quota = build_quota(settings)
-    app.state.runner = BatchRunner(settings.sync_workers, settings.process_batch_deployment)
+    app.state.runner = BatchRunner(settings.sync_workers, settings.process_batch_deployment,
+                                   serial_writes=settings.prefect_serial_writes)
     app.state.metrics = ApiMetrics(get_runtime)
     try:
         yield

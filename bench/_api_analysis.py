@@ -26,19 +26,16 @@ SYNC_PHASES = [
     ("register", "→ flow run created (validate + store the batch, hand-off to the sync thread, "
                  "create the flow run through the Prefect API)"),
     ("flow_start", "→ flow run Running (engine setup, Pending/Running states)"),
-    ("load", "→ load-batch task done"),
-    ("chunks", "→ last chunk task done (run_chunk: cache lookup, execute + record, result "
-               "persisted)"),
-    ("finish", "→ finish-batch task done (progress artifact, status, table + markdown "
-               "artifacts)"),
-    ("flow_end", "→ flow run Completed (return value, Completed state)"),
-    ("after", "→ response received (Completed state sent, heartbeat-thread join, engine "
-              "teardown, results query, JSON answer)"),
+    ("chunks", "→ last chunk task done (load the batch, run_chunk: cache lookup, execute + "
+               "record, result persisted)"),
+    ("final", "→ batch final in the store (the flow's finish step)"),
+    ("after", "→ response received (the API sees the final status, results query, JSON "
+              "answer)"),
 ]
-# Not a phase of the sum: how long the answer lags the batch's results being final.
+# Not phases of the sum.
 SYNC_EXTRA = [
-    ("store_final_to_response", "batch final in the store (finish-batch's first step) → "
-                                "response received"),
+    ("flow_end_after_response", "response received → flow run Completed (artifacts, "
+                                "Completed state: after the answer)"),
     ("total", "request sent → response received"),
 ]
 
@@ -47,7 +44,7 @@ ASYNC_PHASES = [
     ("pickup", "202 → runner picks the run up (Pending; the runner polls the API)"),
     ("spawn", "Pending → Running (the runner starts a flow-run subprocess: Python, Prefect "
               "and flow imports, engine setup)"),
-    ("work", "Running → batch completed in the store (load, chunks, finish-batch)"),
+    ("work", "Running → batch completed in the store (load, chunks, finish)"),
     ("seen", "completed → seen by the client (status poll interval)"),
 ]
 
@@ -137,16 +134,14 @@ def sync_timeline(sample: dict[str, Any], batch_row: dict[str, Any] | None,
         ("http_in", _ts(batch_row.get("created_at"))),
         ("register", _ts(fr.get("created"))),
         ("flow_start", _ts(fr.get("start_time")) or _state_time(fr, "RUNNING")),
-        ("load", _task_end(tasks, "load-batch")),
         ("chunks", _task_end(tasks, "chunk ")),
-        ("finish", _task_end(tasks, "finish-batch")),
-        ("flow_end", _ts(fr.get("end_time")) or _state_time(fr, "COMPLETED")),
+        ("final", _ts(batch_row.get("finished_at"))),
         ("after", sample["received_at"]),
     ]
     out = _diffs(points)
-    finished = _ts(batch_row.get("finished_at"))
-    out["store_final_to_response"] = (None if finished is None
-                                      else sample["received_at"] - finished)
+    flow_end = _ts(fr.get("end_time")) or _state_time(fr, "COMPLETED")
+    out["flow_end_after_response"] = (None if flow_end is None
+                                      else flow_end - sample["received_at"])
     out["total"] = sample["received_at"] - sample["sent_at"]
     return out
 

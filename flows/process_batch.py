@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from batchops.execution import ChunkOutcome
 from batchops.schemas import BatchSummary, ChunkRef, Operation
 from batchops.settings import Settings, get_settings
-from tasks.batches import finish_batch, load_batch, register_operations
+from tasks.batches import finish_batch, load_batch, register_operations, report_batch
 from tasks.callbacks import send_callback
 from tasks.chunks import chunk_cache_policy, run_chunk
 
@@ -192,6 +192,7 @@ def process_batch(
     summary = finish_batch(batch_id, failed_chunks, error)
     if progress_id and shown != done_items:
         _show_progress(progress_id, batch_id, done_items, total)
+    report_batch(batch_id, failed_chunks, error)
     if batch["callback"]:
         _send_callback(batch_id)
     if failed_chunks:

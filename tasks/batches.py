@@ -1,4 +1,10 @@
-"""Tasks around a batch: register, load, finish (summary and artifacts)."""
+"""Steps around a batch: register (a task), load, finish and report (steps of the flow).
+
+Loading and finishing are plain steps of the flow run, not task runs: each is a few store
+queries, and a task run costs a sync answer ~50 ms and the Prefect server three state events
+to write while the next request's flow run is being created. The chunk task runs carry the
+batch's work; the artifacts belong to the flow run.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from batchops.reporting import summary_markdown, table_rows
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState, BatchSummary, ChunkRef, ItemState, Operation
 
-__all__ = ["finish_batch", "load_batch", "register_operations"]
+__all__ = ["finish_batch", "load_batch", "register_operations", "report_batch"]
 
 
 @task(name="register-batch")
@@ -27,7 +33,6 @@ def register_operations(operations: list[Operation], concurrency: int | None,
     return batch_id
 
 
-@task(name="load-batch")
 def load_batch(batch_id: str, flow_run_id: str | None,
                deadline_seconds: float | None = None) -> dict[str, Any]:
     """The batch's chunk plan, whether it has a callback; marks the batch processing (under
@@ -47,17 +52,23 @@ def load_batch(batch_id: str, flow_run_id: str | None,
             "callback": CallbackRecords(store).get(batch_id) is not None}
 
 
-@task(name="finish-batch")
 def finish_batch(batch_id: str, failed_chunks: list[ChunkRef],
                  error: str | None) -> BatchSummary:
-    """Final status, summary, and the table and markdown artifacts."""
-    runtime = get_runtime()
-    store = runtime.store
+    """The batch's final status in the store (a sync answer leaves then), and its summary."""
+    store = get_runtime().store
     state = BatchState.FAILED if failed_chunks else BatchState.COMPLETED
     store.mark_finished(batch_id, state, error)  # a cancelled batch stays cancelled
     status = store.status(batch_id)
-    summary = BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed,
-                           skipped=status.skipped)
+    return BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed,
+                        skipped=status.skipped)
+
+
+def report_batch(batch_id: str, failed_chunks: list[ChunkRef], error: str | None) -> None:
+    """The flow run's table artifact (every item, or failures first for a big batch) and
+    markdown summary."""
+    runtime = get_runtime()
+    store = runtime.store
+    status = store.status(batch_id)
     limit = runtime.settings.artifact_max_rows
     if status.total <= limit:
         items = list(store.iter_results(batch_id))
@@ -76,4 +87,3 @@ def finish_batch(batch_id: str, failed_chunks: list[ChunkRef],
     create_markdown_artifact(summary_markdown(status, failed_chunks, error),
                              key=f"batch-{batch_id}-summary",
                              description=f"Summary of batch {batch_id}")
-    return summary
