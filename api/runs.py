@@ -112,12 +112,31 @@ class BatchRunner:
         self._clients_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._serial_writes = serial_writes
+        # batch id → (loop, event) of a sync run started here; set once the batch is final
+        self._final: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+
+    def attach(self, runtime: Runtime) -> None:
+        """Hear from the store when a batch run here is final (see :meth:`wait`)."""
+        runtime.store.on_finished(self._batch_finished)
+
+    def _batch_finished(self, batch_id: str) -> None:
+        waiter = self._final.get(batch_id)
+        if waiter is not None:
+            loop, event = waiter
+            loop.call_soon_threadsafe(event.set)
 
     def start_in_process(self, batch_id: str) -> Future[None]:
-        """Run the batch's flow in a worker thread; the future ends when the run has."""
+        """Run the batch's flow in a worker thread; the future ends when the run has.
+
+        Called on the event loop: :meth:`wait` then also ends as soon as the run has marked
+        the batch final in the store, before the flow run's own end (artifacts, states).
+        """
+        self._final[batch_id] = (asyncio.get_running_loop(), asyncio.Event())
         # The request's context travels with the run (Prefect settings live in context vars).
         context = contextvars.copy_context()
-        return self._pool.submit(context.run, self._run_in_thread, batch_id)
+        run = self._pool.submit(context.run, self._run_in_thread, batch_id)
+        run.add_done_callback(lambda _: self._final.pop(batch_id, None))
+        return run
 
     def _run_in_thread(self, batch_id: str) -> None:
         from prefect.context import SettingsContext, SyncClientContext, get_settings_context
@@ -161,11 +180,23 @@ class BatchRunner:
             mine.client, mine.api_url = client, settings.api.url
         return mine
 
-    async def wait(self, run: Future[None], seconds: float) -> bool:
-        """Wait up to ``seconds`` for an in-process run; ``True`` when it has ended."""
-        if not run.done() and seconds > 0:
-            await asyncio.wait({asyncio.wrap_future(run)}, timeout=seconds)
-        return run.done()
+    async def wait(self, run: Future[None], batch_id: str, seconds: float) -> bool:
+        """Wait up to ``seconds`` for an in-process run to mark its batch final or to end;
+        ``True`` when it has."""
+        waiter = self._final.get(batch_id)
+        final = waiter[1] if waiter is not None else None
+        if run.done() or (final is not None and final.is_set()):
+            return True
+        if seconds > 0:
+            waits: set[asyncio.Future[Any]] = {asyncio.wrap_future(run)}
+            if final is not None:
+                waits.add(asyncio.ensure_future(final.wait()))
+            done, pending = await asyncio.wait(waits, timeout=seconds,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for future in pending:
+                future.cancel()
+            return bool(done)
+        return False
 
     async def start_deployment(self, runtime: Runtime, batch_id: str,
                                generation: int = 0) -> UUID:

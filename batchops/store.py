@@ -10,7 +10,7 @@ transaction. Reading results walks the chunks in order.
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -259,6 +259,12 @@ class Store:
         self.url = url
         self.engine = engine or shared_engine(url)
         self.progress = progress  # status snapshots in Redis (batchops.progress), if set
+        self._finish_listeners: list[Callable[[str], None]] = []
+
+    def on_finished(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(batch_id)`` whenever this process has marked a batch finished
+        (committed; in the marking thread): the API answers a sync batch then."""
+        self._finish_listeners.append(listener)
 
     def read(self) -> Connection:
         """A connection for reads (on SQLite it does not take the write lock)."""
@@ -472,6 +478,8 @@ class Store:
             conn.execute(batches.update().where(
                 batches.c.id == batch_id, batches.c.status != BatchState.CANCELLED.value,
             ).values(status=state.value, finished_at=utcnow(), error=error))
+        for listener in self._finish_listeners:
+            listener(batch_id)
         self.publish_status(batch_id)
 
     def cancel(self, batch_id: str) -> BatchRecord:

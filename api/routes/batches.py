@@ -67,7 +67,7 @@ router = APIRouter(tags=["batches"])
 # A claim whose batch never appeared this long after was left by a crashed request.
 _STALE_CLAIM = timedelta(seconds=60)
 _CSV_PAGE = 1000
-_FINAL_POLL = 0.02  # seconds between two looks at a sync batch's status
+_FINAL_POLL = 0.25  # seconds between two looks at a sync batch's status (also told at once)
 BatchId = Annotated[str, Path(max_length=64, description="the batch's id")]
 
 
@@ -259,12 +259,14 @@ async def _finished(runtime: Runtime, runner: BatchRunner, run: Future[None], ba
                     seconds: float) -> bool:
     """Wait until the batch is final in the store or its run has ended, at most ``seconds``.
 
-    The store says so first: Prefect still sends states, artifacts and joins its heartbeat
-    thread after the batch's last result is recorded, and the answer need not wait for that.
+    The run's thread says so as it marks the batch final (the store tells the runner): the
+    flow run still sends artifacts and its Completed state then, and the answer need not wait
+    for that. The status is also read every ``_FINAL_POLL`` seconds (a cancel from elsewhere).
     """
     deadline = time.monotonic() + seconds
     while True:
-        if await runner.wait(run, min(_FINAL_POLL, max(deadline - time.monotonic(), 0))):
+        if await runner.wait(run, batch_id,
+                             min(_FINAL_POLL, max(deadline - time.monotonic(), 0))):
             return True
         batch = await asyncio.to_thread(runtime.store.get_batch, batch_id)
         if BatchState(batch.status).is_final:
