@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -44,13 +48,48 @@ def _sync_flow(settings: Any) -> Any:
     return flow
 
 
-def _run_flow(flow: Any, client: Any, batch_id: str) -> None:
-    from prefect.flow_engine import run_flow_sync
-    from prefect.states import Pending, State
+def _create_flow_run(mine: _ThreadPrefect, batch_id: str) -> Any:
+    """The batch's flow run, named after it (as ``client.create_flow_run`` makes it).
 
+    The flow's id is looked up once per thread, not before every run (``POST /flows/`` is a
+    write: one fewer on a sync answer's path); when the flow has been deleted since, once more.
+    """
+    from prefect.client.schemas.actions import FlowCreate, FlowRunCreate
+    from prefect.client.schemas.objects import Flow, FlowRun, FlowRunPolicy
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+    from prefect.states import Pending, to_state_create
+
+    flow, client = mine.flow, mine.client
+    for attempt in range(2):
+        if mine.flow_id is None:
+            created = client.request("POST", "/flows/",
+                                     json=FlowCreate(name=flow.name).model_dump(mode="json"))
+            mine.flow_id = Flow.model_validate(created.json()).id
+        run = FlowRunCreate(
+            flow_id=mine.flow_id, flow_version=flow.version, name=f"batch-{batch_id}",
+            parameters={"batch_id": batch_id}, state=to_state_create(Pending()),
+            empirical_policy=FlowRunPolicy(retries=flow.retries,
+                                           retry_delay=int(flow.retry_delay_seconds or 0)))
+        try:
+            response = client.request("POST", "/flow_runs/",
+                                      json=run.model_dump(mode="json", exclude_unset=True))
+        except (ObjectNotFound, PrefectHTTPStatusError) as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", 404)
+            if attempt or status not in (404, 409):
+                raise
+            mine.flow_id = None  # the flow is gone: create it again
+            continue
+        return FlowRun.model_validate(response.json())
+    raise AssertionError("unreachable")
+
+
+def _run_flow(mine: _ThreadPrefect, batch_id: str) -> None:
+    from prefect.flow_engine import run_flow_sync
+    from prefect.states import State
+
+    flow = mine.flow
     parameters = {"batch_id": batch_id}
-    flow_run = client.create_flow_run(flow, name=f"batch-{batch_id}", parameters=parameters,
-                                      state=Pending())
+    flow_run = _create_flow_run(mine, batch_id)
     state = run_flow_sync(flow, flow_run=flow_run, parameters=parameters, return_type="state")
     assert isinstance(state, State)
     if not state.is_completed():
@@ -58,8 +97,49 @@ def _run_flow(flow: Any, client: Any, batch_id: str) -> None:
                        state.message)
 
 
+class WriteGate:
+    """One write at a time, urgent ones first, otherwise in arrival order.
+
+    A write that can wait (its run has answered) lets urgent ones go first for up to
+    ``max_defer`` seconds; then it counts as urgent from when it arrived, so a steady stream
+    of urgent writes cannot hold a finished run's bookkeeping back for longer.
+    """
+
+    def __init__(self, max_defer: float = 1.0) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        # [priority (0 urgent, 1 can wait), arrival, ticket]: the smallest goes next
+        self._waiting: list[list[float]] = []
+        self._tickets = itertools.count()
+        self._max_defer = max_defer
+
+    @contextmanager
+    def turn(self, urgent: bool = True) -> Iterator[None]:
+        with self._cond:
+            arrived = time.monotonic()
+            me = [0.0 if urgent else 1.0, arrived, float(next(self._tickets))]
+            self._waiting.append(me)
+            try:
+                while True:
+                    now = time.monotonic()
+                    if me[0] and now >= arrived + self._max_defer:
+                        me[0] = 0.0
+                    if not self._busy and min(self._waiting) is me:
+                        break
+                    self._cond.wait(arrived + self._max_defer - now if me[0] else None)
+                self._busy = True
+            finally:
+                self._waiting.remove(me)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
 class _OneWriteAtATime(httpx.BaseTransport):
-    """Sends this process's writes to the Prefect server one at a time.
+    """Sends this process's writes to the Prefect server one at a time (a :class:`WriteGate`).
 
     A Prefect server on SQLite (the embedded default) creates a flow run in a transaction
     that reads before it writes; when another write commits in between, the create fails
@@ -67,18 +147,21 @@ class _OneWriteAtATime(httpx.BaseTransport):
     again. A sync answer leaves as soon as its batch is final in the store, while its flow
     run still sends artifacts and its ``Completed`` state — just when the caller's next batch
     creates its flow run. Measured in ``bench.api``: most 10-item sync batches took 2 s
-    instead of ~0.1 s. One write at a time from this process (they take a few ms each) keeps
-    them apart; reads go at once.
+    instead of ~0.2 s. One write at a time from this process (they take a few ms each) keeps
+    them apart, and the writes of runs that have answered let the others go first
+    (``urgent``); reads go at once.
     """
 
-    def __init__(self, inner: httpx.BaseTransport, lock: threading.Lock) -> None:
+    def __init__(self, inner: httpx.BaseTransport, gate: WriteGate,
+                 urgent: Callable[[], bool] = lambda: True) -> None:
         self._inner = inner
-        self._lock = lock
+        self._gate = gate
+        self._urgent = urgent
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if request.method == "GET":
             return self._inner.handle_request(request)
-        with self._lock:
+        with self._gate.turn(self._urgent()):
             response = self._inner.handle_request(request)
             response.read()  # the server is done with it once its body is here
             return response
@@ -97,6 +180,8 @@ class _ThreadPrefect(threading.local):
     base_settings: Any = None
     run_settings: Any = None
     flow: Any = None
+    flow_id: UUID | None = None
+    answered = False  # this thread's run has marked its batch final: its caller has the answer
     client: Any = None
     api_url: str | None = None
 
@@ -110,7 +195,7 @@ class BatchRunner:
         self._prefect = _ThreadPrefect()
         self._clients: list[Any] = []
         self._clients_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        self._write_gate = WriteGate()
         self._serial_writes = serial_writes
         # batch id → (loop, event) of a sync run started here; set once the batch is final
         self._final: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
@@ -120,6 +205,7 @@ class BatchRunner:
         runtime.store.on_finished(self._batch_finished)
 
     def _batch_finished(self, batch_id: str) -> None:
+        self._prefect.answered = True  # in the thread that marked it: a sync run's own
         waiter = self._final.get(batch_id)
         if waiter is not None:
             loop, event = waiter
@@ -142,13 +228,14 @@ class BatchRunner:
         from prefect.context import SettingsContext, SyncClientContext, get_settings_context
 
         mine = self._thread_prefect()
+        mine.answered = False
         # The flow engine takes the client of the SyncClientContext it finds in the context.
         token = SyncClientContext.__var__.set(
             SyncClientContext.model_construct(client=mine.client))
         try:
             with SettingsContext(profile=get_settings_context().profile,
                                  settings=mine.run_settings):
-                _run_flow(mine.flow, mine.client, batch_id)
+                _run_flow(mine, batch_id)
         finally:
             SyncClientContext.__var__.reset(token)
 
@@ -167,17 +254,18 @@ class BatchRunner:
             mine.base_settings = settings
             mine.run_settings = settings.copy_with_update(
                 updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-            mine.flow = _sync_flow(settings)
+            mine.flow, mine.flow_id = _sync_flow(settings), None
         if mine.client is None or mine.api_url != settings.api.url:
             transport: httpx.BaseTransport = httpx.HTTPTransport(retries=3)
             if self._serial_writes:
-                transport = _OneWriteAtATime(transport, self._write_lock)
+                transport = _OneWriteAtATime(transport, self._write_gate,
+                                             urgent=lambda: not self._prefect.answered)
             client = get_client(sync_client=True, httpx_settings={"transport": transport})
             client.__enter__()
             client.raise_for_api_version_mismatch_once()
             with self._clients_lock:
                 self._clients.append(client)
-            mine.client, mine.api_url = client, settings.api.url
+            mine.client, mine.api_url, mine.flow_id = client, settings.api.url, None
         return mine
 
     async def wait(self, run: Future[None], batch_id: str, seconds: float) -> bool:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from api.runs import _OneWriteAtATime
+from api.runs import WriteGate, _OneWriteAtATime
 
 
 class _Recorder:
@@ -39,7 +39,7 @@ class _Recorder:
 
 def test_writes_from_several_threads_never_overlap_and_each_gets_its_own_answer() -> None:
     server = _Recorder()
-    gate = threading.Lock()
+    gate = WriteGate()
 
     def client_work(n: int) -> list[tuple[int, object]]:
         # One client per thread, as BatchRunner makes them; one gate for the process.
@@ -65,17 +65,56 @@ def test_writes_from_several_threads_never_overlap_and_each_gets_its_own_answer(
 
 def test_reads_go_at_once_while_a_write_waits_its_turn() -> None:
     server = _Recorder()
-    gate = threading.Lock()
+    gate = WriteGate()
     transport = _OneWriteAtATime(httpx.MockTransport(server), gate)
     with httpx.Client(transport=transport, base_url="http://prefect.test") as client, \
             ThreadPoolExecutor(max_workers=2) as pool:
-        gate.acquire()  # a write of another thread is under way
-        try:
+        with gate.turn():  # a write of another thread is under way
             read = pool.submit(client.get, "/flow_runs/x")
             write = pool.submit(client.post, "/flow_runs/", content=b"w")
             assert read.result(timeout=10).status_code == 201
             time.sleep(0.2)
             assert not write.done() and server.bodies == []
-        finally:
-            gate.release()
         assert write.result(timeout=10).json() == {"echo": "w"}
+
+
+def test_a_write_that_can_wait_lets_an_urgent_one_go_first() -> None:
+    gate = WriteGate(max_defer=5)
+    order: list[str] = []
+
+    def write(name: str, urgent: bool) -> None:
+        with gate.turn(urgent):
+            order.append(name)
+
+    with ThreadPoolExecutor(max_workers=2) as pool, gate.turn():  # a write under way
+        later = pool.submit(write, "answered run's artifact", False)
+        time.sleep(0.1)
+        first = pool.submit(write, "next run's create", True)
+        time.sleep(0.1)
+        assert order == []  # both wait for the write under way
+    first.result(timeout=10)
+    later.result(timeout=10)
+    assert order == ["next run's create", "answered run's artifact"]
+
+
+def test_a_write_that_can_wait_goes_after_max_defer_even_if_urgent_ones_keep_coming() -> None:
+    gate = WriteGate(max_defer=0.3)
+    stop = threading.Event()
+
+    def urgent_stream() -> None:
+        while not stop.is_set():
+            with gate.turn(True):
+                time.sleep(0.01)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        streams = [pool.submit(urgent_stream) for _ in range(2)]
+        time.sleep(0.05)
+        started = time.monotonic()
+        try:
+            with gate.turn(False):
+                waited = time.monotonic() - started
+        finally:
+            stop.set()
+        for s in streams:
+            s.result(timeout=10)
+    assert waited < 5
