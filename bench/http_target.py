@@ -26,8 +26,11 @@ batchops from ``register_batch`` to the flow's end) and its fraction of the limi
 side, their ratio, 429s after the first second (the upstream's
 ``rate_limited_after_first_second``), items that succeeded, keys the upstream executed more
 than once, peak requests in flight and in any second at the upstream, CPU seconds per item,
-and for batchops the Prefect calls of the limits (global concurrency limit acquisitions,
-rate-limit token groups) and the AIMD limit's final value. Targets (issue 6 point 12): ≥ 0.8
+the upstream's own time per executed request (arrival to answer: the 20 ms latency plus its
+overhead, so the reader sees whether the 20 ms holds) and the round trip each side saw
+(concurrency * first→last request span / requests, by Little's law), and for batchops the
+Prefect calls of the limits (global concurrency limit acquisitions, rate-limit token groups)
+and the AIMD limit's final value. Targets (issue 6 point 12): ≥ 0.8
 of the limit without faults; with the rate limit, no 429 after the first second and every
 item succeeded. Results: ``bench/results/http_target-<timestamp>.json``,
 ``-latest.json`` and ``-latest.md``.
@@ -197,6 +200,8 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "batchops_succeeded": b["succeeded"], "baseline_succeeded": h["succeeded"],
             "batchops_duplicates": bu["executed_more_than_once"],
             "baseline_duplicates": hu["executed_more_than_once"],
+            "batchops_upstream_ms": (bu.get("latency_ms") or {}).get("mean"),
+            "baseline_upstream_ms": (hu.get("latency_ms") or {}).get("mean"),
             "size": r["size"],
         })
     return rows
@@ -224,8 +229,18 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return verdicts
 
 
+def _latency(stats: dict[str, Any], concurrency: int) -> str:
+    lat = stats.get("latency_ms")
+    span = stats["last_at"] - stats["first_at"]
+    seen = 1000 * concurrency * span / stats["requests"] if stats["requests"] else 0.0
+    own = "?" if not lat else (f"{lat['mean']:.1f} ms mean (p50 {lat['p50']:.1f}, p95 "
+                               f"{lat['p95']:.1f}, p99 {lat['p99']:.1f})")
+    return f"upstream's time per executed request {own}; round trip seen ≈ {seen:.1f} ms"
+
+
 def detail_lines(report: dict[str, Any]) -> list[str]:
     lines = []
+    concurrency = report["parameters"]["concurrency"]
     for name, r in report["results"].items():
         b, h = r["batchops"], r["baseline"]
         bu, hu = b["upstream"], h["upstream"]
@@ -247,11 +262,14 @@ def detail_lines(report: dict[str, Any]) -> list[str]:
             f"{hu.get('peak_in_flight', '?')} in flight / {hu['peak_accepted_per_second']} in a "
             f"second; CPU s {h.get('cpu_seconds', 0):.1f} "
             f"({1000 * h.get('cpu_seconds', 0) / r['size']:.2f} ms/item)")
+        lines.append(f"{name}: batchops: {_latency(bu, concurrency)}; "
+                     f"baseline: {_latency(hu, concurrency)}")
     return lines
 
 
 HEAD = ("scenario", "batchops ops/s", "of limit", "baseline ops/s", "of limit", "ratio",
-        "429s after 1 s (b/base)", "succeeded (b/base)", "duplicates (b/base)")
+        "429s after 1 s (b/base)", "succeeded (b/base)", "duplicates (b/base)",
+        "upstream ms/request (b/base)")
 
 
 def _cells(r: dict[str, Any]) -> list[str]:
@@ -259,7 +277,12 @@ def _cells(r: dict[str, Any]) -> list[str]:
             f"{r['baseline_ops_per_s']:,.0f}", f"{r['baseline_fraction']:.2f}",
             f"{r['ratio']:.2f}", f"{r['batchops_429_after_1s']} / {r['baseline_429_after_1s']}",
             f"{r['batchops_succeeded']:,} / {r['baseline_succeeded']:,}",
-            f"{r['batchops_duplicates']} / {r['baseline_duplicates']}"]
+            f"{r['batchops_duplicates']} / {r['baseline_duplicates']}",
+            f"{_ms(r.get('batchops_upstream_ms'))} / {_ms(r.get('baseline_upstream_ms'))}"]
+
+
+def _ms(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}"
 
 
 def print_table(report: dict[str, Any]) -> None:

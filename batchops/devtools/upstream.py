@@ -1,6 +1,6 @@
 """A fault-injecting upstream REST API, for tests, benchmarks and the demo.
 
-A small ASGI app (Starlette, run by uvicorn on 127.0.0.1) that answers any method and path
+A small ASGI app (run by uvicorn on 127.0.0.1) that answers any method and path
 like a well-behaved JSON API that honours ``Idempotency-Key`` — a repeated key gets the stored
 response (``Idempotent-Replayed: true``) and is not executed again — and misbehaves on demand:
 
@@ -15,14 +15,21 @@ response (``Idempotent-Replayed: true``) and is not executed again — and misbe
 Control: ``PUT /_upstream/config`` (JSON of :class:`UpstreamConfig`), ``POST /_upstream/reset``
 (config and records), ``GET /_upstream/requests`` (every request: key, method, path, time,
 status, outcome), ``GET /_upstream/stats`` (counts, executions per key, peak requests in any
-one-second window, peak requests in flight at once). Run it:
-``python -m batchops.devtools.upstream --port 9000``.
+one-second window, peak requests in flight at once, the time it took to answer the executed
+requests). Run it: ``python -m batchops.devtools.upstream --port 9000``.
+
+It is the benchmarks' instrument, so the answering path is plain ASGI (no request or response
+objects, no routing) and uvicorn runs it on uvloop with the httptools parser: at a few hundred
+requests a second on two cores, every millisecond of CPU it spends per request is added to
+the latency it is asked to simulate, for batchops and for the baseline alike. The control
+routes (``/_upstream/...``) are a Starlette app.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import socket
 import threading
@@ -41,6 +48,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["RecordedRequest", "UpstreamConfig", "UpstreamState", "create_app", "running_upstream"]
 
@@ -70,6 +78,7 @@ class RecordedRequest:
     outcome: str  # executed | replayed | rate_limited | error | timeout | in_flight | rejected
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0  # from the request's arrival to its answer (executed requests)
 
 
 @dataclass
@@ -101,6 +110,7 @@ class UpstreamState:
                 j += 1
             peak = max(peak, i - j + 1)
         first = self.requests[0].at if self.requests else 0.0
+        served = sorted(r.seconds for r in self.requests if r.outcome == "executed")
         return {
             "requests": len(self.requests),
             "by_outcome": dict(by_outcome),
@@ -113,7 +123,30 @@ class UpstreamState:
                 1 for r in self.requests if r.outcome == "rate_limited" and r.at - first > 1.0),
             "first_at": first,
             "last_at": self.requests[-1].at if self.requests else 0.0,
+            "latency_ms": _latency_ms(served),
         }
+
+
+def _latency_ms(seconds: list[float]) -> dict[str, float] | None:
+    """Mean and percentiles, in ms, of sorted durations (``None`` when there are none)."""
+    if not seconds:
+        return None
+
+    def pct(p: float) -> float:
+        return round(1000 * seconds[min(len(seconds) - 1, int(p * len(seconds)))], 2)
+
+    return {"mean": round(1000 * sum(seconds) / len(seconds), 2), "p50": pct(0.5),
+            "p95": pct(0.95), "p99": pct(0.99), "max": round(1000 * seconds[-1], 2)}
+
+
+_SKIPPED_HEADERS = frozenset((b"host", b"content-length", b"connection", b"accept-encoding"))
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def _json(payload: Any) -> bytes:
+    # What Starlette's JSONResponse sends.
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":")).encode()
 
 
 def _retry_after(cfg: UpstreamConfig, seconds: float) -> str:
@@ -122,34 +155,52 @@ def _retry_after(cfg: UpstreamConfig, seconds: float) -> str:
     return str(max(1, round(seconds)))
 
 
-def create_app(state: UpstreamState | None = None) -> Starlette:
+def create_app(state: UpstreamState | None = None) -> ASGIApp:
     """The upstream app; ``state`` is shared with the caller (tests read it directly)."""
     st = state or UpstreamState()
 
-    async def serve(request: Request) -> Response:
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = time.monotonic()
         st.serving += 1
         st.peak_serving = max(st.peak_serving, st.serving)
         try:
-            return await answer(request)
+            chunks = []
+            while True:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            status, payload, extra = await answer(scope, b"".join(chunks), arrived)
         finally:
             st.serving -= 1
+        content = _json(payload)
+        await send({"type": "http.response.start", "status": status, "headers": [
+            *_JSON_HEADERS, (b"content-length", str(len(content)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": content})
 
-    async def answer(request: Request) -> Response:
+    async def answer(scope: Scope, raw: bytes, now: float,
+                     ) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
         cfg = st.config
-        now = time.monotonic()
-        key = request.headers.get("idempotency-key")
-        raw = await request.body()
+        method: str = scope["method"]
+        key: str | None = None
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name == b"idempotency-key" and key is None:
+                key = value.decode("latin-1")
+            if name not in _SKIPPED_HEADERS:
+                headers[name.decode("latin-1")] = value.decode("latin-1")
+        body: Any
         try:
-            body = (await request.json()) if raw else None
+            body = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode(errors="replace")
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        headers = {k: v for k, v in request.headers.items()
-                   if k not in ("host", "content-length", "connection", "accept-encoding")}
+        query = scope.get("query_string", b"")
+        path = scope["path"] + (f"?{query.decode('latin-1')}" if query else "")
+        recorded = RecordedRequest(key, method, path, now - st.started, 0, "", body, headers)
 
         def record(status: int, outcome: str) -> None:
-            st.requests.append(RecordedRequest(key, request.method, path, now - st.started,
-                                               status, outcome, body, headers))
+            recorded.status, recorded.outcome = status, outcome
+            st.requests.append(recorded)
 
         if cfg.rate_limit_rps is not None:
             while st.accepted and st.accepted[0] <= now - 1.0:
@@ -157,39 +208,33 @@ def create_app(state: UpstreamState | None = None) -> Starlette:
             if len(st.accepted) >= cfg.rate_limit_rps:
                 wait = max(cfg.retry_after_seconds, st.accepted[0] + 1.0 - now)
                 record(429, "rate_limited")
-                return JSONResponse(
-                    {"error": {"code": "rate_limited", "message": "too many requests"}},
-                    status_code=429, headers={"Retry-After": _retry_after(cfg, wait)})
+                return (429, {"error": {"code": "rate_limited", "message": "too many requests"}},
+                        [(b"retry-after", _retry_after(cfg, wait).encode())])
             st.accepted.append(now)
         if key is not None:
             st.attempts[key] += 1
             if key in st.stored:
                 status, payload = st.stored[key]
                 record(status, "replayed")
-                return JSONResponse(payload, status_code=status,
-                                    headers={"Idempotent-Replayed": "true"})
+                return status, payload, [(b"idempotent-replayed", b"true")]
             if key in st.in_flight:
                 record(409, "in_flight")
-                return JSONResponse({"error": {"code": "idempotency_in_flight",
-                                               "message": "a request with this key is running"}},
-                                    status_code=409)
+                return (409, {"error": {"code": "idempotency_in_flight",
+                                        "message": "a request with this key is running"}}, [])
         for fragment, status in cfg.fail_paths.items():
             if fragment in path:
                 record(status, "rejected")
-                return JSONResponse({"error": {"code": f"http_{status}",
-                                               "message": f"{path} is refused here"}},
-                                    status_code=status)
+                return (status, {"error": {"code": f"http_{status}",
+                                           "message": f"{path} is refused here"}}, [])
         if (key is not None and st.attempts[key] <= cfg.fail_first) or \
                 st.rng.random() < cfg.error_rate:
             record(cfg.error_status, "error")
-            return JSONResponse({"error": {"code": "unavailable", "message": "try again"}},
-                                status_code=cfg.error_status,
-                                headers={"Retry-After": "0"} if cfg.error_status == 503 else {})
+            return (cfg.error_status, {"error": {"code": "unavailable", "message": "try again"}},
+                    [(b"retry-after", b"0")] if cfg.error_status == 503 else [])
         if st.rng.random() < cfg.timeout_rate:
             record(0, "timeout")
             await asyncio.sleep(cfg.hang_seconds)
-            return JSONResponse({"error": {"code": "slow", "message": "too late"}},
-                                status_code=504)
+            return 504, {"error": {"code": "slow", "message": "too late"}}, []
         if key is not None:
             st.in_flight.add(key)
         try:
@@ -197,14 +242,15 @@ def create_app(state: UpstreamState | None = None) -> Starlette:
                                       if cfg.jitter_ms else 0.0)
             if delay > 0:
                 await asyncio.sleep(delay / 1000)
-            status = 201 if request.method == "POST" else 200
-            payload = {"id": st.next_id, "method": request.method, "path": path, "body": body}
+            status = 201 if method == "POST" else 200
+            payload = {"id": st.next_id, "method": method, "path": path, "body": body}
             st.next_id += 1
             if key is not None:
                 st.executions[key] += 1
                 st.stored[key] = (status, payload)
+            recorded.seconds = time.monotonic() - now
             record(status, "executed")
-            return JSONResponse(payload, status_code=status)
+            return status, payload, []
         finally:
             if key is not None:
                 st.in_flight.discard(key)
@@ -226,14 +272,31 @@ def create_app(state: UpstreamState | None = None) -> Starlette:
     async def stats(request: Request) -> Response:
         return JSONResponse(st.stats())
 
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-    return Starlette(routes=[
+    control = Starlette(routes=[
         Route("/_upstream/config", put_config, methods=["PUT"]),
         Route("/_upstream/reset", reset, methods=["POST"]),
         Route("/_upstream/requests", requests_, methods=["GET"]),
         Route("/_upstream/stats", stats, methods=["GET"]),
-        Route("/{path:path}", serve, methods=methods),
     ])
+    methods = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"))
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/_upstream/"):
+            await control(scope, receive, send)
+        elif scope["method"] not in methods:
+            await send({"type": "http.response.start", "status": 405,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                    (b"allow", b", ".join(m.encode() for m in sorted(methods)))]})
+            await send({"type": "http.response.body", "body": b"Method Not Allowed"})
+        else:
+            await serve(scope, receive, send)
+
+    return app
+
+
+# The fastest event loop and HTTP parser uvicorn has (both are dependencies of batchops); no
+# access log, which would cost more than the answer.
+_SERVER: dict[str, Any] = {"loop": "uvloop", "http": "httptools", "access_log": False}
 
 
 def _free_port() -> int:
@@ -250,7 +313,7 @@ def running_upstream(config: UpstreamConfig | None = None, port: int | None = No
     state.reset(config)
     port = port or _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
+                                           log_level="warning", lifespan="off", **_SERVER))
     thread = threading.Thread(target=server.run, name="upstream", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -280,7 +343,7 @@ def main() -> None:
     state = UpstreamState()
     state.reset(UpstreamConfig(latency_ms=args.latency_ms))
     uvicorn.run(create_app(state), host="127.0.0.1", port=args.port, log_level="warning",
-                lifespan="off")
+                lifespan="off", **_SERVER)
 
 
 if __name__ == "__main__":
