@@ -5,7 +5,8 @@ from whatever thread or loop they run on). The writer commits what has queued up
 transaction at a time (group commit): the items' checkpoints, the idempotency records of keyed
 successes, and the release of their claims, so a batch waiting for one of these keys can
 replay it at once. While the chunk runs it also beats the batch's heartbeat, which the reaper
-watches.
+watches: once a period (``BATCHOPS_HEARTBEAT_SECONDS``), with the checkpoints when they flow,
+not with every group of them (the batch's row is the one row all its writers would update).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from datetime import timedelta
 from types import TracebackType
 
@@ -35,6 +37,7 @@ class CheckpointWriter:
         self.generation = generation
         self.scope = scope
         self._queue: queue.Queue[object] = queue.Queue()
+        self._beaten_at = -float("inf")  # time.monotonic() of the last heartbeat written
         self._thread = threading.Thread(target=self._run, name=f"checkpoints-{batch_id}",
                                         daemon=True)
 
@@ -73,6 +76,7 @@ class CheckpointWriter:
     def _beat(self) -> None:
         try:
             self.runtime.store.heartbeat(self.batch_id)
+            self._beaten_at = time.monotonic()
         except Exception as exc:  # a missed beat is not fatal; the next one may work
             logger.warning("batch %s: heartbeat not written: %s", self.batch_id, exc)
 
@@ -82,6 +86,8 @@ class CheckpointWriter:
         keyed = [(op, r) for op, r in entries if op.idempotency_key is not None]
         remember = [(op, r) for op, r in keyed
                     if r.state is ItemState.SUCCEEDED and not r.replayed]
+        now = time.monotonic()
+        beat = now - self._beaten_at >= self.runtime.settings.heartbeat_seconds
         try:
             with store.engine.begin() as conn:
                 store.save_checkpoints(conn, self.batch_id, self.generation,
@@ -90,7 +96,10 @@ class CheckpointWriter:
                 store.release_claims(conn, self.scope, self.batch_id,
                                      [op.idempotency_key for op, _ in keyed
                                       if op.idempotency_key is not None])
-                store.heartbeat_in(conn, self.batch_id)
+                if beat:
+                    store.heartbeat_in(conn, self.batch_id)
+            if beat:
+                self._beaten_at = now
         except Exception as exc:
             # Checkpoints are an optimisation of recovery: the chunk's own record (written
             # after it) is what counts, so a failed checkpoint write only loses that benefit.
