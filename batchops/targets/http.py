@@ -440,6 +440,20 @@ class HttpTarget:
 
     async def _send(self, up: _Upstream, op: PlannedOperation, ctx: ChunkContext) -> ItemResult:
         errors: list[AttemptError] = []
+
+        def failed(exc: _Retryable, number: int) -> _Retryable:
+            errors.append(AttemptError(attempt=number, at=datetime.now(UTC), status=exc.status,
+                                       code=exc.code, message=exc.message))
+            if number <= up.spec.retries:
+                RETRIES.labels(up.name, exc.code).inc()
+            return exc
+
+        # The first attempt goes without the retry machinery (most items need no more);
+        # tenacity takes over from its failure, as its attempt 1.
+        try:
+            return await self._attempt(up, op, ctx, 1)
+        except _Retryable as exc:
+            first = failed(exc, 1)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(up.spec.retries + 1),
             wait=_wait_retry_after_or_backoff(up.spec),
@@ -450,14 +464,12 @@ class HttpTarget:
             async for attempt in retrying:
                 with attempt:
                     number = attempt.retry_state.attempt_number
+                    if number == 1:
+                        raise first
                     try:
                         return await self._attempt(up, op, ctx, number)
                     except _Retryable as exc:
-                        errors.append(AttemptError(attempt=number, at=datetime.now(UTC),
-                                                   status=exc.status, code=exc.code,
-                                                   message=exc.message))
-                        if number <= up.spec.retries:
-                            RETRIES.labels(up.name, exc.code).inc()
+                        failed(exc, number)
                         raise
         except _Retryable as exc:
             return ItemResult(
