@@ -627,6 +627,10 @@ class Store:
                     mine.add(key)
                 else:
                     busy.add(key)
+            # A key whose holder released it between the insert (which it refused) and the
+            # select has no row now: not claimed, so busy, and the caller looks again
+            # (it was dropped before, and its item had no result).
+            busy.update(by_key.keys() - mine - busy)
         return Claims(mine, busy)
 
     def release_claims(self, conn: Connection, scope: str, batch_id: str,
