@@ -139,7 +139,7 @@ class SqlTarget:
 
     def __init__(self, resources: dict[str, Resource], store_url: str) -> None:
         self.resources = resources
-        self._constraint_cache: dict[tuple[str, str], dict[str, str]] = {}
+        self._constraint_cache: dict[tuple[sa.URL, str], dict[str, str]] = {}
         self._insert_sql_cache: dict[tuple[str, tuple[str, ...], int], str] = {}
         self.store_url = store_url
 
@@ -334,7 +334,7 @@ class SqlTarget:
 
     def _unique_constraints(self, conn: Connection, res: Resource) -> dict[str, str]:
         """Single-column unique constraints of the table: column → constraint name."""
-        key = (conn.engine.url.render_as_string(hide_password=False), res.table.name)
+        key = (conn.engine.url, res.table.name)  # a URL is hashable; rendering it is not free
         found = self._constraint_cache.get(key)
         if found is None:
             inspector = sa.inspect(conn)
