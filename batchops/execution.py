@@ -216,14 +216,12 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
     """
     started = time.perf_counter()
     store = runtime.store
-    ops = store.chunk_operations(ref.batch_id, ref.chunk_index)
-    atomic = _is_atomic(runtime, ops)
     executed: list[ItemResult] = []
     with store.engine.begin() as conn:
-        store.lock_chunk(conn, ref)
-        done, recorded = store.recorded_results(conn, ref)
+        ops, done, recorded = store.open_chunk(conn, ref)
         if done:
             return _outcome(ref, recorded, executed=[], already=len(recorded), started=started)
+        atomic = _is_atomic(runtime, ops)
         # A chunk reopened by a retry keeps its successes and runs the rest again.
         kept = {r.index: r for r in recorded if r.state is ItemState.SUCCEEDED}
         todo = [op for op in ops if op.index not in kept]

@@ -152,6 +152,10 @@ class Resource:
         return sa.Table(self.spec.table or self.name, metadata, *columns)
 
     @cached_property
+    def has_json_columns(self) -> bool:
+        return any(c.type == "json" for c in self.spec.columns.values())
+
+    @cached_property
     def unique_columns(self) -> tuple[str, ...]:
         return tuple(n for n, c in self.spec.columns.items() if c.unique and n != self.primary_key)
 

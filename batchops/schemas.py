@@ -123,10 +123,12 @@ class PlannedOperation(BaseModel):
     payload_hash: str | None = None  # set when idempotency_key is
     target: str
     resource: str | None = None
-    params: dict[str, str] = {}
+    # Factories, not ``{}``/``[]``: pydantic deep-copies a mutable default for every instance,
+    # which was a fifth of building an operation (100,000 of them per big batch).
+    params: dict[str, str] = Field(default_factory=dict)
     # Indexes of the operations this one waits for (``depends_on`` and ``$ref`` targets);
     # ``body`` keeps its ``{"$ref": ...}`` values, resolved right before the item runs.
-    depends_on: list[int] = []
+    depends_on: list[int] = Field(default_factory=list)
 
 
 class ChunkRef(BaseModel):

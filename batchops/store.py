@@ -361,25 +361,26 @@ class Store:
             )).scalar_one()
         return _OPS.validate_json(raw)
 
-    def lock_chunk(self, conn: Connection, ref: ChunkRef) -> None:
-        """Serialize runs of one chunk (PostgreSQL row lock; SQLite's writer lock already does)."""
+    def open_chunk(self, conn: Connection,
+                   ref: ChunkRef) -> tuple[list[PlannedOperation], bool, list[ItemResult]]:
+        """``(operations, done, results)`` of a chunk, its row locked for ``conn``'s
+        transaction so runs of one chunk serialize (PostgreSQL row lock; SQLite's writer lock
+        already does): one round trip where reading, locking and looking took three.
+
+        ``results`` are a done chunk's results, or what a chunk reopened for a retry had
+        recorded before (empty for a chunk that never completed); a done chunk's operations
+        are not parsed (``[]``): it does not run again.
+        """
         c = batch_chunks.c
-        query = sa.select(c.chunk_index).where(c.batch_id == ref.batch_id,
-                                               c.chunk_index == ref.chunk_index)
+        query = sa.select(c.operations, c.done, c.results).where(
+            c.batch_id == ref.batch_id, c.chunk_index == ref.chunk_index)
         if conn.dialect.name == "postgresql":
             query = query.with_for_update()
-        conn.execute(query)
-
-    def recorded_results(self, conn: Connection,
-                         ref: ChunkRef) -> tuple[bool, list[ItemResult]]:
-        """``(done, results)``: a done chunk's results, or what a chunk reopened for a retry
-        had recorded before (empty for a chunk that never completed)."""
-        row = conn.execute(sa.select(batch_chunks.c.done, batch_chunks.c.results).where(
-            batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
-        )).first()
-        if row is None or row.results is None:
-            return False, []
-        return bool(row.done), _RESULTS.validate_json(row.results)
+        row = conn.execute(query).one()
+        done = bool(row.done) and row.results is not None
+        ops = [] if done else _OPS.validate_json(row.operations)
+        recorded = [] if row.results is None else _RESULTS.validate_json(row.results)
+        return ops, done, recorded
 
     def iter_results(self, batch_id: str, *, state: ItemState | None = None, after: int = -1,
                      limit: int | None = None, chunks_per_read: int = 8) -> Iterator[ItemResult]:

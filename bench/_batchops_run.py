@@ -163,7 +163,7 @@ def instrument() -> None:
     from batchops.validation import OperationValidator
 
     chunks_mod.execute_chunk = TIMERS.wrap("chunk.execute_chunk", chunks_mod.execute_chunk)
-    for cls, names in ((Store, ("chunk_operations", "lock_chunk", "recorded_results",
+    for cls, names in ((Store, ("chunk_operations", "open_chunk", "lock_chunk", "recorded_results",
                                 "idempotency_lookup", "record_chunk", "idempotency_save",
                                 "insert_chunk", "chunk_plan", "iter_results")),
                        (SqlTarget, ("execute_on",)),

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from batchops.jsonable import row_to_json
 from batchops.runtime import Runtime
 from batchops.schemas import ItemResult
 from batchops.settings import _demo_resources
@@ -353,6 +354,69 @@ def test_a_numeric_total_round_trips(runtime: Runtime) -> None:
         totals = conn.execute(sa.select(runtime.resources["orders"].table.c.total)
                               .order_by("id")).scalars().all()
     assert totals == [Decimal("12.5"), Decimal("99.99"), Decimal("1234567.25")]
+
+
+@pytest.fixture
+def typed_runtime(configure: Any, database_url: str) -> Iterator[Runtime]:
+    """The runtime with ``things`` (a column of every type but JSON) and ``docs`` (with a
+    JSON column): PostgreSQL inserts into the first take the pre-rendered statement."""
+    specs = {name: spec.model_dump() for name, spec in _demo_resources().items()}
+    typed = {"id": {"type": "integer", "nullable": False},
+             "label": {"type": "text", "unique": True}, "amount": {"type": "numeric"},
+             "ratio": {"type": "float"},
+             "active": {"type": "boolean"}, "seen_at": {"type": "timestamp"},
+             "day": {"type": "date"}}
+    specs["things"] = {"create": True, "columns": typed}
+    specs["docs"] = {"create": True, "columns": {**typed, "extra": {"type": "json"}}}
+    runtime = configure(database_url=database_url, resources=json.dumps(specs))
+    try:
+        yield runtime
+    finally:
+        for name in ("things", "docs"):
+            runtime.resources[name].table.drop(runtime.store.engine, checkfirst=True)
+
+
+@pytest.mark.parametrize("resource", ["things", "docs"])
+def test_inserted_rows_of_every_column_type_are_answered_as_stored(typed_runtime: Runtime,
+                                                                    resource: str) -> None:
+    runtime = typed_runtime
+    full = {"label": "a", "amount": "12.50", "ratio": 0.25, "active": True,
+            "seen_at": "2024-05-01T10:00:00+02:00", "day": "2024-05-01"}
+    bodies: list[dict[str, Any]] = [
+        {"id": 1, **full},
+        {"id": 2, **full, "label": "b", "amount": 3, "ratio": "1.5", "active": "false",
+         "seen_at": None, "day": None},
+        {"id": 3, **full},  # label "a" again: the conflict, found set-wise
+        {"id": 4, **full, "label": None, "amount": None, "ratio": None, "active": None},
+    ]
+    if resource == "docs":
+        bodies[0]["extra"] = {"k": [1, "two", None]}
+        bodies[1]["extra"] = None
+        bodies[2]["extra"] = {}
+        bodies[3]["extra"] = [1, 2]
+    results = execute(runtime, [{"method": "POST", "path": f"/{resource}", "body": b}
+                                for b in bodies])
+
+    assert [(r.status, r.error.code if r.error else None) for r in results] == [
+        (201, None), (201, None), (409, "unique_violation"), (201, None)]
+    table = runtime.resources[resource].table
+    with runtime.store.engine.connect() as conn:
+        stored = {row["id"]: row_to_json(row)
+                  for row in conn.execute(sa.select(table).order_by(table.c.id)).mappings()}
+    assert sorted(stored) == [1, 2, 4]
+    for r in results:
+        if r.result is not None:
+            assert r.result == stored[r.result["id"]]
+    first, second, fourth = stored[1], stored[2], stored[4]
+    assert (first["amount"], first["ratio"], first["active"], first["day"]) == (
+        12.5, 0.25, True, "2024-05-01")
+    assert (second["amount"], second["ratio"], second["active"], second["seen_at"],
+            second["day"]) == (3, 1.5, False, None, None)
+    assert (fourth["label"], fourth["amount"], fourth["ratio"], fourth["active"]) == (
+        None, None, None, None)
+    assert first["seen_at"] is not None and first["seen_at"].startswith("2024-05-01")
+    if resource == "docs":
+        assert (first["extra"], fourth["extra"]) == ({"k": [1, "two", None]}, [1, 2])
 
 
 def test_execute_commits_through_its_own_transaction(runtime: Runtime) -> None:

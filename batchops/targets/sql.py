@@ -139,7 +139,8 @@ class SqlTarget:
 
     def __init__(self, resources: dict[str, Resource], store_url: str) -> None:
         self.resources = resources
-        self._constraint_cache: dict[tuple[str, str], dict[str, str]] = {}
+        self._constraint_cache: dict[tuple[sa.URL, str], dict[str, str]] = {}
+        self._insert_sql_cache: dict[tuple[str, tuple[str, ...], int], str] = {}
         self.store_url = store_url
 
     def database_url(self, op: PlannedOperation) -> str:
@@ -227,8 +228,7 @@ class SqlTarget:
             returned = _dict_rows(conn.execute(t.insert().returning(*t.c), rows))
             return [ItemResult.ok(op, 201, _row_json(got))
                     for op, got in zip(run, returned, strict=True)]
-        stmt = _insert(conn, t).on_conflict_do_nothing().returning(*t.c)
-        returned = _dict_rows(conn.execute(stmt, rows))
+        returned = self._insert_skipping_conflicts(conn, res, rows)
         went_in: list[dict[str, Any] | None] = []
         position = 0  # walk both lists in order
         for row in rows:
@@ -255,6 +255,48 @@ class SqlTarget:
             else:
                 results.append(self._post_one(conn, t, op, row))
         return results
+
+    def _insert_skipping_conflicts(self, conn: Connection, res: Resource,
+                                   rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``INSERT … ON CONFLICT DO NOTHING RETURNING *`` of ``rows`` (one set of columns):
+        the rows that went in, in the order given.
+
+        On PostgreSQL, for tables without JSON columns, the statement is rendered once per
+        table, columns and row count and sent with the values flattened into one tuple:
+        SQLAlchemy compiles its ``ON CONFLICT`` insert anew on every execution (the dialect's
+        ``Insert`` has no cache key) and builds a parameter dict per row, which cost more than
+        the database's own work on a chunk. The values are already coerced to the types
+        psycopg2 adapts natively (JSON would need SQLAlchemy's serializer, so it takes the
+        general path); errors are wrapped by SQLAlchemy as for any statement.
+        """
+        t = res.table
+        if conn.dialect.name != "postgresql" or res.has_json_columns:
+            stmt = _insert(conn, t).on_conflict_do_nothing().returning(*t.c)
+            return _dict_rows(conn.execute(stmt, rows))
+        columns = tuple(rows[0])
+        sql = self._pg_insert_sql(conn, t, columns, len(rows))
+        return _dict_rows(conn.exec_driver_sql(
+            sql, tuple([row[c] for row in rows for c in columns])))
+
+    def _pg_insert_sql(self, conn: Connection, t: sa.Table, columns: tuple[str, ...],
+                       count: int) -> str:
+        key = (t.name, columns, count)
+        sql = self._insert_sql_cache.get(key)
+        if sql is None:
+            quote = conn.dialect.identifier_preparer.quote
+
+            def ident(name: str) -> str:
+                return quote(name).replace("%", "%%")  # psycopg2 formats the statement
+
+            table = conn.dialect.identifier_preparer.format_table(t).replace("%", "%%")
+            one = "(" + ", ".join(["%s"] * len(columns)) + ")"
+            sql = (f"INSERT INTO {table} ({', '.join(ident(c) for c in columns)}) VALUES "
+                   f"{', '.join([one] * count)} ON CONFLICT DO NOTHING "
+                   f"RETURNING {', '.join(ident(c.name) for c in t.c)}")
+            if len(self._insert_sql_cache) >= 64:
+                self._insert_sql_cache.clear()
+            self._insert_sql_cache[key] = sql
+        return sql
 
     def _conflict_reasons(self, conn: Connection, res: Resource,
                           skipped: list[tuple[int, dict[str, Any]]],
@@ -292,7 +334,7 @@ class SqlTarget:
 
     def _unique_constraints(self, conn: Connection, res: Resource) -> dict[str, str]:
         """Single-column unique constraints of the table: column → constraint name."""
-        key = (conn.engine.url.render_as_string(hide_password=False), res.table.name)
+        key = (conn.engine.url, res.table.name)  # a URL is hashable; rendering it is not free
         found = self._constraint_cache.get(key)
         if found is None:
             inspector = sa.inspect(conn)
