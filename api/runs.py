@@ -100,14 +100,16 @@ def _run_flow(mine: _ThreadPrefect, batch_id: str) -> None:
 class WriteGate:
     """One write at a time, urgent ones first, otherwise in arrival order.
 
-    A write that can wait (its run has answered) lets urgent ones go first for up to
-    ``max_defer`` seconds; then it counts as urgent from when it arrived, so a steady stream
-    of urgent writes cannot hold a finished run's bookkeeping back for longer.
+    A write that can wait (its run has answered) waits while urgent writes wait or a run
+    that has not answered yet is under way (:meth:`begin_urgent` … :meth:`end_urgent`), for up
+    to ``max_defer`` seconds; then it counts as urgent from when it arrived, so a steady
+    stream of urgent work cannot hold a finished run's bookkeeping back for longer.
     """
 
-    def __init__(self, max_defer: float = 1.0) -> None:
+    def __init__(self, max_defer: float = 0.5) -> None:
         self._cond = threading.Condition()
         self._busy = False
+        self._urgent_runs = 0
         # [priority (0 urgent, 1 can wait), arrival, ticket]: the smallest goes next
         self._waiting: list[list[float]] = []
         self._tickets = itertools.count()
@@ -124,7 +126,8 @@ class WriteGate:
                     now = time.monotonic()
                     if me[0] and now >= arrived + self._max_defer:
                         me[0] = 0.0
-                    if not self._busy and min(self._waiting) is me:
+                    if (not self._busy and min(self._waiting) is me
+                            and not (me[0] and self._urgent_runs)):
                         break
                     self._cond.wait(arrived + self._max_defer - now if me[0] else None)
                 self._busy = True
@@ -136,6 +139,17 @@ class WriteGate:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+
+    def begin_urgent(self) -> None:
+        """A run whose caller waits for its answer has started."""
+        with self._cond:
+            self._urgent_runs += 1
+
+    def end_urgent(self) -> None:
+        """That run has answered (or ended)."""
+        with self._cond:
+            self._urgent_runs -= 1
+            self._cond.notify_all()
 
 
 class _OneWriteAtATime(httpx.BaseTransport):
@@ -205,7 +219,7 @@ class BatchRunner:
         runtime.store.on_finished(self._batch_finished)
 
     def _batch_finished(self, batch_id: str) -> None:
-        self._prefect.answered = True  # in the thread that marked it: a sync run's own
+        self._answered()  # in the thread that marked it: a sync run's own
         waiter = self._final.get(batch_id)
         if waiter is not None:
             loop, event = waiter
@@ -229,6 +243,7 @@ class BatchRunner:
 
         mine = self._thread_prefect()
         mine.answered = False
+        self._write_gate.begin_urgent()
         # The flow engine takes the client of the SyncClientContext it finds in the context.
         token = SyncClientContext.__var__.set(
             SyncClientContext.model_construct(client=mine.client))
@@ -238,6 +253,14 @@ class BatchRunner:
                 _run_flow(mine, batch_id)
         finally:
             SyncClientContext.__var__.reset(token)
+            self._answered()
+
+    def _answered(self) -> None:
+        """This thread's run has answered its caller: its writes can wait."""
+        mine = self._prefect
+        if mine.run_settings is not None and not mine.answered:
+            mine.answered = True
+            self._write_gate.end_urgent()
 
     def _thread_prefect(self) -> _ThreadPrefect:
         """This thread's run settings, flow and open Prefect client, for the current

@@ -118,3 +118,24 @@ def test_a_write_that_can_wait_goes_after_max_defer_even_if_urgent_ones_keep_com
         for s in streams:
             s.result(timeout=10)
     assert waited < 5
+
+
+def test_a_write_that_can_wait_waits_while_a_run_has_not_answered() -> None:
+    gate = WriteGate(max_defer=5)
+    done = threading.Event()
+
+    def bookkeeping() -> None:
+        with gate.turn(False):
+            done.set()
+
+    gate.begin_urgent()  # the next caller's run has started
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        later = pool.submit(bookkeeping)
+        time.sleep(0.2)
+        assert not done.is_set()
+        with gate.turn(True):  # that run's own writes go meanwhile
+            pass
+        assert not done.is_set()
+        gate.end_urgent()  # it has answered
+        later.result(timeout=10)
+    assert done.is_set()
