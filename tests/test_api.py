@@ -210,25 +210,6 @@ def test_sync_batch_is_a_flow_run_with_its_chunk_task_run_and_artifacts_after_th
     assert any(a.type == "markdown" for a in artifacts)
 
 
-def test_sync_batch_runs_after_its_flow_was_deleted_in_the_prefect_ui(api: httpx.Client) -> None:
-    from prefect import get_client
-
-    first = api.post("/batches", json={"operations": [user(i) for i in range(1, 3)]})
-    assert first.status_code == 200, first.text
-    with get_client(sync_client=True) as client:
-        client.delete_flow(client.read_flow_by_name("process-batch").id)
-
-    again = api.post("/batches", json={"operations": [user(i) for i in range(3, 5)]})
-
-    assert again.status_code == 200, again.text
-    flow_run_id = uuid.UUID(
-        api.get(f"/batches/{again.json()['batch_id']}/status").json()["flow_run_id"])
-    with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(flow_run_id)
-        assert client.read_flow(flow_run.flow_id).name == "process-batch"
-    assert flow_run.name == f"batch-{again.json()['batch_id']}"
-
-
 def test_failed_items_answer_207_with_exact_per_item_results(start_api: Callable[..., httpx.Client],
                                                              tmp_path: Path) -> None:
     api = start_api(database_url=f"sqlite:///{tmp_path / 'store.db'}")
