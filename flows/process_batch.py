@@ -189,10 +189,10 @@ def process_batch(
     error = "; ".join(errors) or None
     # The batch is final in the store first (a sync answer leaves then), the last progress
     # update after it.
-    summary = finish_batch(batch_id, failed_chunks, error)
+    summary, status = finish_batch(batch_id, failed_chunks, error)
     if progress_id and shown != done_items:
         _show_progress(progress_id, batch_id, done_items, total)
-    report_batch(batch_id, failed_chunks, error)
+    report_batch(status, failed_chunks, error)
     if batch["callback"]:
         _send_callback(batch_id)
     if failed_chunks:

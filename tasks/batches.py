@@ -17,7 +17,14 @@ from batchops.callbacks import CallbackRecords
 from batchops.registration import register_batch
 from batchops.reporting import summary_markdown, table_rows
 from batchops.runtime import get_runtime
-from batchops.schemas import BatchState, BatchSummary, ChunkRef, ItemState, Operation
+from batchops.schemas import (
+    BatchState,
+    BatchStatus,
+    BatchSummary,
+    ChunkRef,
+    ItemState,
+    Operation,
+)
 
 __all__ = ["finish_batch", "load_batch", "register_operations", "report_batch"]
 
@@ -53,22 +60,23 @@ def load_batch(batch_id: str, flow_run_id: str | None,
 
 
 def finish_batch(batch_id: str, failed_chunks: list[ChunkRef],
-                 error: str | None) -> BatchSummary:
-    """The batch's final status in the store (a sync answer leaves then), and its summary."""
+                 error: str | None) -> tuple[BatchSummary, BatchStatus]:
+    """The batch's final status in the store (a sync answer leaves then): its summary, and the
+    status itself for :func:`report_batch`."""
     store = get_runtime().store
     state = BatchState.FAILED if failed_chunks else BatchState.COMPLETED
     store.mark_finished(batch_id, state, error)  # a cancelled batch stays cancelled
     status = store.status(batch_id)
     return BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed,
-                        skipped=status.skipped)
+                        skipped=status.skipped), status
 
 
-def report_batch(batch_id: str, failed_chunks: list[ChunkRef], error: str | None) -> None:
+def report_batch(status: BatchStatus, failed_chunks: list[ChunkRef], error: str | None) -> None:
     """The flow run's table artifact (every item, or failures first for a big batch) and
-    markdown summary."""
+    markdown summary, of a finished batch's ``status``."""
     runtime = get_runtime()
     store = runtime.store
-    status = store.status(batch_id)
+    batch_id = status.batch_id
     limit = runtime.settings.artifact_max_rows
     if status.total <= limit:
         items = list(store.iter_results(batch_id))
