@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -17,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner, Result
 
+from batchops.devtools import free_port
 from batchops.runtime import Runtime
 from cli.main import (
     EXIT_BAD_INPUT,
@@ -328,12 +328,6 @@ def health_server() -> Iterator[str]:
     server.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_a_prefect_server_that_answers_is_used(prefect_env: None, health_server: str) -> None:
     assert use_local_prefect_server(health_server) == health_server
     assert os.environ["PREFECT_API_URL"] == health_server
@@ -341,7 +335,7 @@ def test_a_prefect_server_that_answers_is_used(prefect_env: None, health_server:
 
 
 def test_without_a_server_prefect_runs_a_temporary_one(prefect_env: None) -> None:
-    assert use_local_prefect_server(f"http://127.0.0.1:{_free_port()}/api") is None
+    assert use_local_prefect_server(f"http://127.0.0.1:{free_port()}/api") is None
     assert "PREFECT_API_URL" not in os.environ
 
 

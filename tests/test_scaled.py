@@ -9,7 +9,6 @@ end, which restart the machine's PostgreSQL (a few seconds) and stop its Redis (
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from batchops.devtools import free_port
 from deployments.scaled import ScaledSystem, ScaledTopology, claim_empty_redis_database
 from tests.conftest import PG_ADMIN_URL
 from tests.services import ensure_redis, restart_postgres
@@ -34,12 +34,6 @@ BATCHES = 20
 ITEMS = 500
 FINAL = {"completed", "failed", "cancelled"}
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _empty_redis_database() -> int:
@@ -54,7 +48,7 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledSystem]:
     tag = uuid.uuid4().hex[:8]
     db = _empty_redis_database()
     topology = ScaledTopology(
-        prefect_ports=(_free_port(), _free_port()), api_ports=(_free_port(), _free_port()),
+        prefect_ports=(free_port(), free_port()), api_ports=(free_port(), free_port()),
         prefect_database=f"batchops_prefect_test_{tag}", store_database=f"batchops_test_{tag}",
         redis_url=f"redis://127.0.0.1:6379/{db}", data_dir=tmp_path_factory.mktemp("scaled"),
         stale_after_seconds=15, extra_env={"BATCHOPS_CHUNK_RETRIES": "4"})

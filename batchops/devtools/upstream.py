@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import threading
 import time
 from collections import Counter, deque
@@ -49,6 +48,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from batchops.devtools import free_port
 
 __all__ = ["RecordedRequest", "UpstreamConfig", "UpstreamState", "create_app", "running_upstream"]
 
@@ -299,19 +300,13 @@ def create_app(state: UpstreamState | None = None) -> ASGIApp:
 _SERVER: dict[str, Any] = {"loop": "uvloop", "http": "httptools", "access_log": False}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def running_upstream(config: UpstreamConfig | None = None, port: int | None = None,
                      ) -> Iterator[tuple[str, UpstreamState]]:
     """Serve the upstream on 127.0.0.1 in a thread; yields its base URL and its state."""
     state = UpstreamState()
     state.reset(config)
-    port = port or _free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="off", **_SERVER))
     thread = threading.Thread(target=server.run, name="upstream", daemon=True)
