@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     chunk_retry_backoff_seconds: float = Field(1.0, ge=0)
     idempotency_retention_hours: float = Field(24, gt=0)
     heartbeat_seconds: float = Field(5, gt=0, description="a running chunk's heartbeat period")
+    checkpoint_linger_seconds: float = Field(
+        0.05, ge=0, le=1, description="a chunk's checkpoint writer gathers item results this "
+        "long after the first before it commits them (0: commit what has queued up at once)")
     stale_after_seconds: float = Field(
         60, gt=0, description="a processing batch silent this long is re-run by the reaper; "
         "an idempotency key claimed by it may be taken over")
