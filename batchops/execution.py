@@ -261,6 +261,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
                               rerun=bool(recorded))
             store.release_claims(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
+            store.drop_checkpoints(conn, ref, generation)
     store.publish_status(ref.batch_id)  # committed: the Redis snapshot may move
     return _outcome(ref, results, executed=[r for r in executed if r.attempts],
                     already=len(kept), started=started)
@@ -365,7 +366,11 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
                 and not by_index[op.index].replayed]
     retention = timedelta(hours=runtime.settings.idempotency_retention_hours)
     runtime.store.idempotency_save(conn, scope, ref.batch_id, remember, retention)
-    # Items that ran out of retries; a re-run chunk's items replace their earlier ones.
-    record_dead_letters(conn, scope, ref.batch_id, [(op, by_index[op.index]) for op in to_run],
+    # Items that ran out of retries, in this run or in a run that checkpointed them before it
+    # died (answered from the checkpoint, not replayed); a re-run chunk's items replace their
+    # earlier ones.
+    own = {**{i: r for i, r in answered.items() if not r.replayed}, **by_index}
+    record_dead_letters(conn, scope, ref.batch_id,
+                        [(op, own[op.index]) for op in todo if op.index in own],
                         rerun=[op.index for op in todo] if rerun else ())
     return results

@@ -9,6 +9,7 @@ transaction. Reading results walks the chunks in order.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -249,6 +250,16 @@ def shared_engine(url: str) -> Engine:
         if engine is None:
             engine = _engines[url] = create_engine(url)
         return engine
+
+
+def _checkpoint_json(result: ItemResult) -> str:
+    """The item's result with its attempts' errors, which API answers leave out: a run that
+    resumes from the checkpoint records the item's dead letter from them."""
+    if not result.attempt_errors:
+        return result.model_dump_json()
+    data = result.model_dump(mode="json")
+    data["attempt_errors"] = [e.model_dump(mode="json") for e in result.attempt_errors]
+    return json.dumps(data)
 
 
 class Store:
@@ -647,7 +658,13 @@ class Store:
             now = utcnow()
             conn.execute(item_checkpoints.insert(), [
                 {"batch_id": batch_id, "generation": generation, "item_index": r.index,
-                 "result": r.model_dump_json(), "recorded_at": now} for r in results])
+                 "result": _checkpoint_json(r), "recorded_at": now} for r in results])
+
+    def drop_checkpoints(self, conn: Connection, ref: ChunkRef, generation: int) -> None:
+        """The chunk is recorded: its items' checkpoints have served their purpose."""
+        t = item_checkpoints
+        conn.execute(t.delete().where(t.c.batch_id == ref.batch_id, t.c.generation == generation,
+                                      t.c.item_index >= ref.start, t.c.item_index < ref.end))
 
     def checkpoints(self, conn: Connection, batch_id: str, generation: int,
                     indices: Sequence[int]) -> dict[int, ItemResult]:

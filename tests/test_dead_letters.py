@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 
+from batchops.checkpoints import CheckpointWriter
 from batchops.dead_letters import (
     DeadLetter,
     DeadLetterFilter,
@@ -25,7 +27,7 @@ from batchops.devtools.upstream import UpstreamConfig, UpstreamState, running_up
 from batchops.errors import DeadLetterNotFound, DeadLetterReplayed, EmptyReplayFilter
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
-from batchops.schemas import ItemState
+from batchops.schemas import AttemptError, ItemErrorBody, ItemResult, ItemState
 from flows.process_batch import process_batch
 from tests.conftest import _truncate_pg
 from tests.runner import serving_deployments
@@ -130,6 +132,37 @@ def test_dead_letters_filter_by_batch_target_resource_code_and_status(rt: Runtim
     assert [d.item_id for d in find(rt, "someone-else")] == ["c4"]
     page = DeadLetters(rt.store).find("default", after=find(rt)[1].id, limit=1)
     assert [(d.batch_id, d.item_id) for d in page] == [(two, "f")]
+
+
+def test_an_item_that_ran_out_of_retries_before_a_crash_still_becomes_a_dead_letter(
+        rt: Runtime, upstream: tuple[str, UpstreamState]) -> None:
+    """A run checkpointed c1's last failure and died before it recorded the chunk; the run that
+    resumes answers c1 from its checkpoint (no request) and records its dead letter."""
+    _, state = upstream
+    batch_id, _ = register_batch(rt, [contact(1), contact(2)])
+    [(ref, _)] = rt.store.chunk_plan(batch_id)
+    op1 = rt.store.chunk_operations(batch_id, ref.chunk_index)[0]
+    at = datetime.now(UTC)
+    errors = [AttemptError(attempt=n, at=at, status=503, code="upstream_unavailable",
+                           message="503 from upstream") for n in (1, 2, 3)]
+    with CheckpointWriter(rt, batch_id, 0, "default") as writer:
+        writer.put(op1, ItemResult(
+            id="c1", index=0, status=503, state=ItemState.FAILED, attempts=3,
+            attempt_errors=errors, error=ItemErrorBody(code="upstream_unavailable",
+                                                       message="gave up after 3 attempts")))
+    state.config = UpstreamConfig()  # healthy now: c2 succeeds
+
+    process_batch(batch_id=batch_id)
+
+    assert [r.key for r in state.requests] == [f"{batch_id}:1"]  # c1 was not sent again
+    results = {r.id: r for r in rt.store.iter_results(batch_id)}
+    assert (results["c1"].state, results["c1"].attempts) == (ItemState.FAILED, 3)
+    assert results["c2"].state is ItemState.SUCCEEDED
+    [dead] = find(rt, batch_id=batch_id)
+    assert (dead.item_id, dead.code, dead.attempts) == ("c1", "upstream_unavailable", 3)
+    assert [e.attempt for e in dead.attempt_errors] == [1, 2, 3]
+    with rt.store.read() as conn:  # the chunk is recorded: its checkpoints are gone
+        assert rt.store.checkpoints(conn, batch_id, 0, [0, 1]) == {}
 
 
 def test_replay_by_ids_and_by_filter_runs_a_new_batch_and_marks_them_replayed(
