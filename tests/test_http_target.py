@@ -192,11 +192,11 @@ def test_concurrency_halves_on_429_and_grows_back(
 
 def test_an_unreachable_upstream_fails_every_item_after_its_retries(
         configure: Any, database_url: str) -> None:
-    from batchops.devtools.upstream import _free_port
+    from batchops.devtools import free_port
 
     # Nothing listens there: every attempt is a connection error, and each attempt's
     # in-flight slot must come back, or the items behind the first two would wait forever.
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     runtime = configure(database_url=database_url,
                         upstreams=crm(url, retries=2, max_concurrency=2))
 
