@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from batchops.devtools import free_port
+from batchops.devtools.prefect_server import command as embedded_server
 
 
 def process_tree(pid: int) -> list[int]:
@@ -49,11 +45,19 @@ def proc_status_kb(pid: int, field: str) -> int:
 
 
 class PrefectServer:
-    """``prefect server start`` on a free port; ``api_url`` once healthy; ``stop()`` ends it."""
+    """``prefect server start`` on a free port; ``api_url`` once healthy; ``stop()`` ends it.
 
-    def __init__(self, home: Path, log_path: Path) -> None:
+    ``sqlite_writes``: ``"immediate"`` starts it the way ``make up`` does
+    (``batchops.devtools.prefect_server``: SQLite write transactions wait for the lock instead
+    of failing); ``"deferred"`` is Prefect's own ``prefect server start`` as shipped.
+    """
+
+    def __init__(self, home: Path, log_path: Path, sqlite_writes: str = "immediate") -> None:
+        if sqlite_writes not in ("immediate", "deferred"):
+            raise ValueError(f"sqlite_writes must be immediate or deferred, not {sqlite_writes!r}")
         self.home = home
         self.log_path = log_path
+        self.sqlite_writes = sqlite_writes
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -71,9 +75,11 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        command = (embedded_server("127.0.0.1", self.port) if self.sqlite_writes == "immediate"
+                   else [str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
+                         str(self.port)])
+        self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

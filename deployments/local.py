@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from batchops.devtools.prefect_server import command as embedded_server
 from deployments.processes import Supervisor, stop_on_signals, wait_http
 
 __all__ = ["run_local_system", "wait_for_prefect"]
@@ -52,8 +53,9 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
             console.print(f"Starting the Prefect server on 127.0.0.1:{port} (SQLite under "
                           f"{env['PREFECT_HOME']}) …")
             server = processes.start(
-                "prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
-                                   "127.0.0.1", "--port", str(port)], env,
+                # Prefect's `prefect server start`, with SQLite write transactions that wait
+                # for the lock instead of failing (see batchops.devtools.prefect_server).
+                "prefect-server", embedded_server("127.0.0.1", port), env,
                 stop_signal=signal.SIGTERM)
             if not wait_for_prefect(api_url):
                 console.print(f"[red]The Prefect server did not start; see {server.log_path}")
