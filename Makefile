@@ -27,9 +27,10 @@ up-scaled: $(STAMP)
 	$(BIN)/batchops up --scaled
 
 ## Run the whole test suite (starts PostgreSQL and Redis if they are stopped): three pytest
-## workers, then alone the tests that restart PostgreSQL or stop Redis.
+## workers, longest files first (tests/conftest.py), then alone the tests that restart
+## PostgreSQL or stop Redis.
 test: $(STAMP)
-	$(BIN)/pytest -q -n 3 --dist loadfile -m "not disruptive"
+	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not disruptive"
 	$(BIN)/pytest -q -m disruptive
 
 lint: $(STAMP)

@@ -64,7 +64,11 @@ def build_deployments(settings: Settings,
 
 
 def serve_deployments() -> None:
-    """Serve the deployments until interrupted."""
+    """Serve the deployments until interrupted: Ctrl-C or SIGTERM (a process manager's stop)
+    end the runner, also when it was started with SIGINT ignored (a background job)."""
+    from deployments.processes import stop_on_signals
+
+    stop_on_signals()
     serve(*build_deployments(get_settings()))
 
 

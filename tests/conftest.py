@@ -102,3 +102,18 @@ def configure(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 def runtime(configure, database_url: str):  # type: ignore[no-untyped-def]
     """The batchops runtime on the parametrized database (store migrated, demo tables made)."""
     return configure(database_url=database_url)
+
+
+# The longest test files (one module-scoped topology or many flow runs each), in the order
+# they should start. `make test` hands whole files to three workers (--dist loadfile) in
+# collection order; a long file collected last would run alone at the end.
+LONGEST_FIRST = ("test_scaled.py", "test_dead_letters.py", "test_flow.py",
+                 "test_sync_deployments.py", "test_http_target.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file stays
