@@ -28,7 +28,8 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,28 @@ def _postgres_pids() -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+
+@contextmanager
+def py_spy_attached(py_spy: str | None, out: Path | None) -> Iterator[None]:
+    """``py-spy record`` (raw, 100 Hz, non-blocking) of this process while the block runs."""
+    if not py_spy or not out:
+        yield
+        return
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(os.getpid()), "--rate", "100",
+                            "--format", "raw", "--nonblocking", "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2.0)  # let it attach
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output and exits
+        try:
+            spy.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
 
 
 class CpuMeter:
@@ -282,30 +305,17 @@ def _verify(runtime: Any, ds: Dataset, batch_id: str, summary: Any) -> list[str]
 def _measured_run(runtime: Any, process_batch: Any, ds: Dataset,
                   operations: list[dict[str, Any]], args: argparse.Namespace,
                   profiles: ThreadProfiles | None) -> dict[str, Any]:
-    spy = None
-    if args.py_spy and args.py_spy_out:
-        spy = subprocess.Popen([args.py_spy, "record", "--pid", str(os.getpid()), "--rate", "100",
-                                "--format", "raw", "--nonblocking", "--output",
-                                str(args.py_spy_out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(2.0)  # let it attach
-    TIMERS.reset()
-    TIMERS.enabled = True
-    if profiles is not None:
-        profiles.start()
-    with CpuMeter(args.server_pid) as cpu:
-        summary, batch_id, reg_s, flow_s = _flow_once(runtime, process_batch, operations,
-                                                      args.chunk_size)
-    if profiles is not None:
-        profiles.stop(args.cprofile)
-    TIMERS.enabled = False
-    if spy is not None:
-        spy.send_signal(signal.SIGINT)  # py-spy writes its output and exits
-        try:
-            spy.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait()
+    with py_spy_attached(args.py_spy, args.py_spy_out):
+        TIMERS.reset()
+        TIMERS.enabled = True
+        if profiles is not None:
+            profiles.start()
+        with CpuMeter(args.server_pid) as cpu:
+            summary, batch_id, reg_s, flow_s = _flow_once(runtime, process_batch, operations,
+                                                          args.chunk_size)
+        if profiles is not None:
+            profiles.stop(args.cprofile)
+        TIMERS.enabled = False
     chunk_seconds = [e - s for s, e in TIMERS.chunks]
     problems = _verify(runtime, ds, batch_id, summary)
     return {

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench._batchops_run import CpuMeter, _flow_once
+from bench._batchops_run import CpuMeter, _flow_once, py_spy_attached
 
 UPSTREAM = "crm"
 
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="UpstreamConfig JSON of the scenario")
     ap.add_argument("--server-pid", type=int, default=None)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--py-spy", default=None, help="py-spy executable: profile the measured run")
+    ap.add_argument("--py-spy-out", type=Path, default=None, help="its raw output")
     args = ap.parse_args(argv)
 
     from batchops.devtools.upstream import UpstreamConfig, configure_upstream
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_upstream(args.upstream, config)
 
     before = _metrics()
-    with CpuMeter(args.server_pid) as cpu:
+    with py_spy_attached(args.py_spy, args.py_spy_out), CpuMeter(args.server_pid) as cpu:
         summary, batch_id, reg_s, flow_s = _flow_once(runtime, process_batch,
                                                       contacts(args.size))
     after = _metrics()

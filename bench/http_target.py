@@ -155,6 +155,9 @@ def run_batchops(args: argparse.Namespace, scenario: Scenario, *, code_dir: Path
            "--config", json.dumps(scenario.upstream_config(args.latency_ms))]
     if server_pid:
         cmd += ["--server-pid", str(server_pid)]
+    if args.py_spy:
+        cmd += ["--py-spy", str(Path(args.py_spy).resolve()),
+                "--py-spy-out", str(args.py_spy_dir / f"{scenario.name}.raw")]
     run_env = dict(env, BATCHOPS_UPSTREAMS=json.dumps({"crm": spec}),
                    BATCHOPS_DEFAULT_CONCURRENCY=str(args.concurrency))
     with log_path.open("wb") as logf:
@@ -334,9 +337,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="wait up to this many seconds before each measurement for the machine "
                          "to be < 25%% busy")
     ap.add_argument("--name", default="http_target")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep the work directory (the runs' logs, the Prefect server's database)")
+    ap.add_argument("--py-spy", default=None,
+                    help="py-spy executable: profile batchops' measured runs (raw, 100 Hz)")
+    ap.add_argument("--py-spy-dir", type=Path, default=Path("/tmp/batchops-http-profiles"),
+                    help="where the raw profiles go, one per scenario")
     args = ap.parse_args(argv)
     scenarios = [SCENARIOS[s.strip()] for s in args.scenarios.split(",") if s.strip()]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.py_spy:
+        args.py_spy_dir.mkdir(parents=True, exist_ok=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="batchops-http-bench-"))
     log(f"work dir {workdir}")
@@ -408,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{args.name}-latest.json").write_text(text)
     (RESULTS / f"{args.name}-latest.md").write_text(markdown(report))
     log(f"wrote {RESULTS / f'{args.name}-{stamp}.json'}, {args.name}-latest.json/.md")
-    shutil.rmtree(workdir, ignore_errors=True)
+    if args.keep_work:
+        log(f"work directory kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
