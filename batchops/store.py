@@ -532,6 +532,7 @@ class Store:
             conn.execute(batch_chunks.update().where(
                 c.batch_id == batch_id, c.done.is_(True), (c.failed > 0) | (c.skipped > 0),
             ).values(done=False))
+            self._carry_checkpoints(conn, batch_id, int(batch["generation"]))
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
                 status=BatchState.QUEUED.value, generation=batches.c.generation + 1,
                 heartbeat_at=utcnow(),
@@ -542,6 +543,23 @@ class Store:
             ))
         self.publish_status(batch_id)
         return to_run
+
+    def _carry_checkpoints(self, conn: Connection, batch_id: str, generation: int) -> None:
+        """A retry's new generation keeps the successes that a chunk which could not finish
+        had checkpointed (they are not executed again); its other checkpoints go, so their
+        items run again, and so do any of older generations."""
+        t = item_checkpoints
+        rows = conn.execute(sa.select(t.c.item_index, t.c.result).where(
+            t.c.batch_id == batch_id, t.c.generation == generation)).all()
+        drop = [i for i, raw in rows
+                if ItemResult.model_validate_json(raw).state is not ItemState.SUCCEEDED]
+        conn.execute(t.delete().where(t.c.batch_id == batch_id, t.c.generation != generation))
+        for start in range(0, len(drop), 1000):
+            conn.execute(t.delete().where(t.c.batch_id == batch_id, t.c.generation == generation,
+                                          t.c.item_index.in_(drop[start:start + 1000])))
+        if len(drop) < len(rows):
+            conn.execute(t.update().where(t.c.batch_id == batch_id, t.c.generation == generation)
+                         .values(generation=generation + 1))
 
     def set_flow_run_id(self, batch_id: str, flow_run_id: str) -> None:
         """The flow run that will process a queued batch (so its UI link shows at once)."""

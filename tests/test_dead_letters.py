@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from batchops.checkpoints import CheckpointWriter
 from batchops.dead_letters import (
@@ -27,7 +28,8 @@ from batchops.devtools.upstream import UpstreamConfig, UpstreamState, running_up
 from batchops.errors import DeadLetterNotFound, DeadLetterReplayed, EmptyReplayFilter
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
-from batchops.schemas import AttemptError, ItemErrorBody, ItemResult, ItemState
+from batchops.schemas import AttemptError, BatchState, ItemErrorBody, ItemResult, ItemState
+from batchops.store import item_checkpoints
 from flows.process_batch import process_batch
 from tests.conftest import _truncate_pg
 from tests.runner import serving_deployments
@@ -163,6 +165,40 @@ def test_an_item_that_ran_out_of_retries_before_a_crash_still_becomes_a_dead_let
     assert [e.attempt for e in dead.attempt_errors] == [1, 2, 3]
     with rt.store.read() as conn:  # the chunk is recorded: its checkpoints are gone
         assert rt.store.checkpoints(conn, batch_id, 0, [0, 1]) == {}
+
+
+def test_a_retry_keeps_what_a_chunk_that_could_not_finish_had_checkpointed(
+        rt: Runtime, upstream: tuple[str, UpstreamState]) -> None:
+    """The chunk's run answered c1 (201) and c2 (503 three times), checkpointed both, and the
+    chunk then failed before it was recorded. ``POST /retry`` starts a new generation: c1 keeps
+    its checkpointed success (no second request), c2 runs again, and no checkpoint is left."""
+    _, state = upstream
+    batch_id, _ = register_batch(rt, [contact(1), contact(2)])
+    [(ref, _)] = rt.store.chunk_plan(batch_id)
+    op1, op2 = rt.store.chunk_operations(batch_id, ref.chunk_index)
+    rt.store.mark_started(batch_id, None)
+    with CheckpointWriter(rt, batch_id, 0, "default") as writer:
+        writer.put(op1, ItemResult(id="c1", index=0, status=201, state=ItemState.SUCCEEDED,
+                                   result={"id": "first-run"}))
+        writer.put(op2, ItemResult(id="c2", index=1, status=503, state=ItemState.FAILED,
+                                   attempts=3, error=ItemErrorBody(
+                                       code="upstream_unavailable", message="gave up")))
+    rt.store.mark_finished(batch_id, BatchState.FAILED, "chunk 0: OperationalError")
+    state.config = UpstreamConfig()  # healthy now
+
+    assert rt.store.prepare_retry(batch_id) == 2
+    process_batch(batch_id=batch_id)
+
+    assert [r.key for r in state.requests] == [f"{batch_id}:1"]  # only c2 was sent
+    results = {r.id: r for r in rt.store.iter_results(batch_id)}
+    assert (results["c1"].status, results["c1"].result) == (201, {"id": "first-run"})
+    assert (results["c2"].state, results["c2"].status) == (ItemState.SUCCEEDED, 201)
+    status = rt.store.status(batch_id)
+    assert (status.status, status.succeeded, status.failed) == (BatchState.COMPLETED, 2, 0)
+    with rt.store.read() as conn:
+        left = conn.execute(sa.select(sa.func.count()).select_from(item_checkpoints).where(
+            item_checkpoints.c.batch_id == batch_id)).scalar_one()
+    assert left == 0
 
 
 def test_replay_by_ids_and_by_filter_runs_a_new_batch_and_marks_them_replayed(

@@ -132,6 +132,18 @@ def _flow_runs(system: ScaledSystem, batch_ids: list[str]) -> list[Any]:
             name=FlowRunFilterName(any_=names)), limit=200))
 
 
+def _settled_flow_runs(system: ScaledSystem, batch_ids: list[str],
+                       timeout: float = 60) -> list[Any]:
+    """The batches' flow runs once each is in a final state (or ``timeout`` passed). A batch is
+    final in the store before its flow run is: the run writes its artifacts after that."""
+    deadline = time.monotonic() + timeout
+    runs = _flow_runs(system, batch_ids)
+    while not all(r.state.is_final() for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        runs = _flow_runs(system, batch_ids)
+    return runs
+
+
 def _store(system: ScaledSystem) -> sa.Engine:
     return sa.create_engine(system.topology.store_url, poolclass=sa.pool.NullPool)
 
@@ -178,8 +190,9 @@ def test_twenty_batches_through_both_apis_complete_on_both_workers(scaled: Scale
         created = conn.execute(sa.text("SELECT count(*) FROM users WHERE email LIKE :p"),
                                {"p": f"{tag}-%"}).scalar_one()
     assert created == BATCHES * ITEMS
-    runs = _flow_runs(scaled, batch_ids)
-    assert len(runs) == BATCHES and all(r.state.is_completed() for r in runs)
+    runs = _settled_flow_runs(scaled, batch_ids)
+    assert len(runs) == BATCHES
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
     assert {r.work_pool_name for r in runs} == {"batchops"}
     workers = [r.labels.get("prefect.worker.name") for r in runs]
     assert set(workers) == {"worker-1", "worker-2"}, workers
@@ -210,7 +223,7 @@ def test_batches_of_a_killed_worker_finish_on_the_other_once_per_key(
 
     assert {(s["status"], s["succeeded"], s["failed"]) for s in statuses.values()} == {
         ("completed", ITEMS, 0)}
-    runs = _flow_runs(scaled, batch_ids)
+    runs = _settled_flow_runs(scaled, batch_ids)
     for name in taken[victim]:  # its run crashed; a new run of the batch finished elsewhere
         of_batch = [r for r in runs if r.name == name]
         assert any(r.state.is_crashed() for r in of_batch), [r.state for r in of_batch]
