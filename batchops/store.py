@@ -736,6 +736,35 @@ class Store:
             return list(conn.execute(sa.select(limit_leases.c.lease_id).where(
                 limit_leases.c.batch_id == batch_id)).scalars())
 
+    def purge_expired(self, stale_after: timedelta, limit: int = 50_000) -> dict[str, int]:
+        """Delete idempotency records past their retention, and the claims of batches that
+        finished over ``stale_after`` ago (a run that died left them; they only ever get taken
+        over). At most ``limit`` rows of each, in transactions of 5,000; how many went."""
+        t, c, b = idempotency_records, item_claims, batches.c
+        finished = sa.select(b.id).where(
+            b.status.in_([s.value for s in BatchState if s.is_final]),
+            b.finished_at < utcnow() - stale_after)
+        now = utcnow()
+        # The condition is checked again by the delete: a row replaced meanwhile (an expired
+        # record saved anew) stays.
+        queries = {
+            "idempotency_records": (t, (t.c.scope, t.c.key), t.c.expires_at <= now),
+            "item_claims": (c, (c.c.scope, c.c.key), c.c.batch_id.in_(finished)),
+        }
+        purged: dict[str, int] = {}
+        for name, (table, key, condition) in queries.items():
+            purged[name] = 0
+            while purged[name] < limit:
+                batch = sa.select(*key).where(condition).limit(min(5_000, limit - purged[name]))
+                with self.engine.begin() as conn:
+                    rows = [tuple(r) for r in conn.execute(batch)]
+                    if rows:
+                        conn.execute(table.delete().where(sa.tuple_(*key).in_(rows), condition))
+                purged[name] += len(rows)
+                if len(rows) < 5_000:
+                    break
+        return purged
+
     def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta) -> bool:
         """Take a stale batch for a new run: refreshes its heartbeat and counts a recovery,
         unless it moved meanwhile (or another reaper took it first)."""

@@ -12,10 +12,11 @@ from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 from prefect.states import Crashed
 
+from batchops.batch_requests import BatchRequests
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState
 
-__all__ = ["restart_stale_batches"]
+__all__ = ["purge_expired", "restart_stale_batches"]
 
 # States of a flow run that a worker has taken (or that ended) without the batch starting.
 _TAKEN = {StateType.PENDING, StateType.RUNNING}
@@ -111,3 +112,20 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
                     new.id)
         restarted.append(batch_id)
     return restarted
+
+
+@task(name="purge-expired", cache_policy=NO_CACHE)
+def purge_expired(stale_after_seconds: float | None = None) -> dict[str, int]:
+    """Delete what has outlived its use: item idempotency records and batch-level
+    ``Idempotency-Key`` records past ``BATCHOPS_IDEMPOTENCY_RETENTION_HOURS`` (lookups ignore
+    them already), and the claims on idempotency keys of batches that finished over
+    ``stale_after_seconds`` ago. How many rows of each went."""
+    runtime = get_runtime()
+    settings = runtime.settings
+    stale_after = timedelta(seconds=stale_after_seconds or settings.stale_after_seconds)
+    purged = runtime.store.purge_expired(stale_after)
+    retention = timedelta(hours=settings.idempotency_retention_hours)
+    purged["batch_requests"] = BatchRequests(runtime.store, retention).purge_expired()
+    if any(purged.values()):
+        get_run_logger().info("purged %s", ", ".join(f"{n} {k}" for k, n in purged.items()))
+    return purged
