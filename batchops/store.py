@@ -745,8 +745,6 @@ class Store:
             b.status.in_([s.value for s in BatchState if s.is_final]),
             b.finished_at < utcnow() - stale_after)
         now = utcnow()
-        # The condition is checked again by the delete: a row replaced meanwhile (an expired
-        # record saved anew) stays.
         queries = {
             "idempotency_records": (t, (t.c.scope, t.c.key), t.c.expires_at <= now),
             "item_claims": (c, (c.c.scope, c.c.key), c.c.batch_id.in_(finished)),
@@ -755,13 +753,11 @@ class Store:
         for name, (table, key, condition) in queries.items():
             purged[name] = 0
             while purged[name] < limit:
-                batch = sa.select(*key).where(condition).limit(min(5_000, limit - purged[name]))
-                with self.engine.begin() as conn:
-                    rows = [tuple(r) for r in conn.execute(batch)]
-                    if rows:
-                        conn.execute(table.delete().where(sa.tuple_(*key).in_(rows), condition))
-                purged[name] += len(rows)
-                if len(rows) < 5_000:
+                some = sa.select(*key).where(condition).limit(min(5_000, limit - purged[name]))
+                with self.engine.begin() as conn:  # a semi-join on the primary key
+                    gone = conn.execute(table.delete().where(sa.tuple_(*key).in_(some))).rowcount
+                purged[name] += gone
+                if gone < 5_000:
                     break
         return purged
 
