@@ -144,6 +144,24 @@ def _settled_flow_runs(system: ScaledSystem, batch_ids: list[str],
     return runs
 
 
+def _whereabouts(system: ScaledSystem, batch_ids: list[str]) -> str:
+    """The batches' flow runs and the reaper's runs, with their states and workers."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    def show(runs: list[Any]) -> list[tuple[str, str, str, str]]:
+        return [(r.name, r.state_name, r.labels.get("prefect.worker.name", "-"),
+                 str(r.state.timestamp.time()) if r.state else "-") for r in runs]
+
+    try:
+        with SyncPrefectClient(system.topology.prefect_api_urls[1]) as client:
+            reapers = client.read_flow_runs(flow_filter=FlowFilter(
+                name=FlowFilterName(any_=["reap-stale-batches"])), limit=50)
+        return f"batch runs: {show(_flow_runs(system, batch_ids))}; reaper runs: {show(reapers)}"
+    except Exception as exc:  # the failure's own message matters more
+        return f"(runs not read: {exc!r})"
+
+
 def _store(system: ScaledSystem) -> sa.Engine:
     return sa.create_engine(system.topology.store_url, poolclass=sa.pool.NullPool)
 
@@ -218,6 +236,9 @@ def test_batches_of_a_killed_worker_finish_on_the_other_once_per_key(
     scaled.processes.get(f"worker-{victim}").kill()
     try:
         statuses = _wait_final(scaled, batch_ids, timeout=200)
+    except AssertionError as exc:  # say where they stopped: the runs and the reaper's runs
+        raise AssertionError(f"{exc}; killed worker-{victim}; {_whereabouts(scaled, batch_ids)}"
+                             ) from None
     finally:
         scaled.start_worker(victim)  # leave the system as the test found it
 
