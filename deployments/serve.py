@@ -53,11 +53,13 @@ def build_deployments(settings: Settings,
                    concurrency_limit=1),  # two runs of one sync would race for its watermark
         deployment(retry_failed, "retry-failed",
                    "Run a finished batch's failed items again (only those)."),
+        # No concurrency limit: a reaper run lost with its worker would hold the only slot
+        # until its lease expires (5 min), and nothing would re-run that worker's batches
+        # meanwhile. Two reapers at once are safe: taking a batch is a conditional UPDATE.
         deployment(reap_stale_batches, "reap-stale-batches",
                    "Run batches whose heartbeat stopped again, from their checkpoint; purge "
                    "expired idempotency records.",
-                   schedules=[Cron(settings.reaper_cron, timezone="UTC")],
-                   concurrency_limit=1),
+                   schedules=[Cron(settings.reaper_cron, timezone="UTC")]),
         deployment(replay_dead_letters, "replay-dead-letters",
                    "Run dead letters again as a new batch (ids, a filter, or all)."),
     ]
