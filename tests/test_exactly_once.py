@@ -140,15 +140,18 @@ def test_a_batch_survives_kill_9_of_its_runner_and_applies_every_key_once(
 
         # Every operation was applied upstream exactly once. Only what was in flight when the
         # runner died (the batch's concurrency, 10), or answered before its checkpoint was
-        # committed (the writer gathers answers for the linger time, 50 ms: at most 10 / 20 ms
-        # * 50 ms = 25 of them, and as many in the commit under way), was sent again, with its
-        # idempotency key, and the upstream answered it from its record.
+        # committed, was sent again, with its idempotency key, and the upstream answered it
+        # from its record. The writer gathers answers for the linger time (50 ms: at most
+        # 10 / 20 ms * 50 ms = 25 of them) while the previous group commits; on a loaded
+        # machine a commit takes longer than the linger (65 were resent in one CI run), so the
+        # bound allows three lingers' worth besides the group being gathered — still a fraction
+        # of the 500-item chunk a run without checkpoints would send again.
         keys = {f"{batch_id}:{i}" for i in range(2000)}
         assert set(state.executions) == keys
         assert set(state.executions.values()) == {1}
         resent = [k for k, n in Counter(r.key for r in state.requests).items() if n > 1]
         linger = runtime.settings.checkpoint_linger_seconds
-        assert len(resent) <= 10 + 2 * math.ceil(10 / 0.020 * linger)
+        assert len(resent) <= 10 + 4 * math.ceil(10 / 0.020 * linger)
         for key in resent:
             outcomes = [r.outcome for r in state.requests if r.key == key]
             assert outcomes[1:] == ["replayed"] * (len(outcomes) - 1), (key, outcomes)
