@@ -116,7 +116,8 @@ class BatchRequests:
             conn.execute(t.delete().where(t.c.scope == scope, t.c.key == key,
                                           t.c.batch_id == batch_id))
 
-    def purge_expired(self) -> int:
-        with self.store.engine.begin() as conn:
-            t = batch_requests
-            return conn.execute(t.delete().where(t.c.expires_at <= utcnow())).rowcount
+    def purge_expired(self, limit: int = 50_000) -> int:
+        """Delete claims past their expiry (at most ``limit``, in small transactions)."""
+        t = batch_requests
+        return self.store.delete_in_batches(t, (t.c.scope, t.c.key), t.c.expires_at <= utcnow(),
+                                            limit)

@@ -739,27 +739,33 @@ class Store:
     def purge_expired(self, stale_after: timedelta, limit: int = 50_000) -> dict[str, int]:
         """Delete idempotency records past their retention, and the claims of batches that
         finished over ``stale_after`` ago (a run that died left them; they only ever get taken
-        over). At most ``limit`` rows of each, in transactions of 5,000; how many went."""
+        over). At most ``limit`` rows of each; how many went."""
         t, c, b = idempotency_records, item_claims, batches.c
+        now = utcnow()
         finished = sa.select(b.id).where(
             b.status.in_([s.value for s in BatchState if s.is_final]),
-            b.finished_at < utcnow() - stale_after)
-        now = utcnow()
-        queries = {
-            "idempotency_records": (t, (t.c.scope, t.c.key), t.c.expires_at <= now),
-            "item_claims": (c, (c.c.scope, c.c.key), c.c.batch_id.in_(finished)),
+            b.finished_at < now - stale_after)
+        return {
+            "idempotency_records": self.delete_in_batches(
+                t, (t.c.scope, t.c.key), t.c.expires_at <= now, limit),
+            "item_claims": self.delete_in_batches(
+                c, (c.c.scope, c.c.key), c.c.batch_id.in_(finished), limit),
         }
-        purged: dict[str, int] = {}
-        for name, (table, key, condition) in queries.items():
-            purged[name] = 0
-            while purged[name] < limit:
-                some = sa.select(*key).where(condition).limit(min(5_000, limit - purged[name]))
-                with self.engine.begin() as conn:  # a semi-join on the primary key
-                    gone = conn.execute(table.delete().where(sa.tuple_(*key).in_(some))).rowcount
-                purged[name] += gone
-                if gone < 5_000:
-                    break
-        return purged
+
+    def delete_in_batches(self, table: sa.Table, key: Sequence[sa.ColumnElement[Any]],
+                          condition: sa.ColumnElement[bool], limit: int = 50_000,
+                          batch: int = 5_000) -> int:
+        """Delete ``table``'s rows matching ``condition``, at most ``limit``, in transactions
+        of ``batch`` rows (each a semi-join on the primary key ``key``); how many went."""
+        gone = 0
+        while gone < limit:
+            some = sa.select(*key).where(condition).limit(min(batch, limit - gone))
+            with self.engine.begin() as conn:
+                n = conn.execute(table.delete().where(sa.tuple_(*key).in_(some))).rowcount
+            gone += n
+            if n < batch:
+                break
+        return gone
 
     def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta) -> bool:
         """Take a stale batch for a new run: refreshes its heartbeat and counts a recovery,
