@@ -27,7 +27,7 @@ from batchops.errors import TransientError
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState
 
-__all__ = ["BatchRunner"]
+__all__ = ["BatchRunner", "SyncRun"]
 
 logger = logging.getLogger("api")
 
@@ -200,6 +200,40 @@ class _ThreadPrefect(threading.local):
     api_url: str | None = None
 
 
+class SyncRun:
+    """A sync batch handed to the API's thread pool: its future, and an event set once the
+    run has marked the batch final in the store or has ended (whichever comes first)."""
+
+    def __init__(self, batch_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.batch_id = batch_id
+        self.loop = loop
+        self.settled = asyncio.Event()
+        self.future: Future[None] = Future()
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the batch to be final or the run to end; ``True`` when
+        it is. A wait that times out never touches the run itself."""
+        if self.settled.is_set() or self.future.done():
+            return True
+        try:
+            await asyncio.wait_for(self.settled.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def take_back(self) -> bool:
+        """Withdraw the run if no thread has started it yet (they are all busy with other
+        batches); ``True`` when it will not run here, so the batch can go to the work pool."""
+        return self.future.cancel()
+
+    def error(self) -> BaseException | None:
+        """Why a run that ended without finishing its batch did (``None`` if it raised
+        nothing)."""
+        if self.future.cancelled():
+            return None
+        return self.future.exception()
+
+
 class BatchRunner:
     """Runs batches in this process (``workers`` at a time) or through a deployment."""
 
@@ -225,18 +259,24 @@ class BatchRunner:
             loop, event = waiter
             loop.call_soon_threadsafe(event.set)
 
-    def start_in_process(self, batch_id: str) -> Future[None]:
-        """Run the batch's flow in a worker thread; the future ends when the run has.
+    def start_in_process(self, batch_id: str) -> SyncRun:
+        """Run the batch's flow in a worker thread (see :class:`SyncRun`).
 
-        Called on the event loop: :meth:`wait` then also ends as soon as the run has marked
-        the batch final in the store, before the flow run's own end (artifacts, states).
+        Called on the event loop: :meth:`SyncRun.wait` then also ends as soon as the run has
+        marked the batch final in the store, before the flow run's own end (artifacts,
+        states).
         """
-        self._final[batch_id] = (asyncio.get_running_loop(), asyncio.Event())
+        run = SyncRun(batch_id, asyncio.get_running_loop())
+        self._final[batch_id] = (run.loop, run.settled)
         # The request's context travels with the run (Prefect settings live in context vars).
         context = contextvars.copy_context()
-        run = self._pool.submit(context.run, self._run_in_thread, batch_id)
-        run.add_done_callback(lambda _: self._final.pop(batch_id, None))
+        run.future = self._pool.submit(context.run, self._run_in_thread, batch_id)
+        run.future.add_done_callback(lambda _: self._run_ended(run))
         return run
+
+    def _run_ended(self, run: SyncRun) -> None:
+        self._final.pop(run.batch_id, None)
+        run.loop.call_soon_threadsafe(run.settled.set)
 
     def _run_in_thread(self, batch_id: str) -> None:
         from prefect.context import SettingsContext, SyncClientContext, get_settings_context
@@ -290,24 +330,6 @@ class BatchRunner:
                 self._clients.append(client)
             mine.client, mine.api_url, mine.flow_id = client, settings.api.url, None
         return mine
-
-    async def wait(self, run: Future[None], batch_id: str, seconds: float) -> bool:
-        """Wait up to ``seconds`` for an in-process run to mark its batch final or to end;
-        ``True`` when it has."""
-        waiter = self._final.get(batch_id)
-        final = waiter[1] if waiter is not None else None
-        if run.done() or (final is not None and final.is_set()):
-            return True
-        if seconds > 0:
-            waits: set[asyncio.Future[Any]] = {asyncio.wrap_future(run)}
-            if final is not None:
-                waits.add(asyncio.ensure_future(final.wait()))
-            done, pending = await asyncio.wait(waits, timeout=seconds,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            for future in pending:
-                future.cancel()
-            return bool(done)
-        return False
 
     async def start_deployment(self, runtime: Runtime, batch_id: str,
                                generation: int = 0) -> UUID:

@@ -18,7 +18,6 @@ import io
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from api.body import read_json
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
-from api.runs import BatchRunner
+from api.runs import SyncRun
 from batchops.batch_requests import (
     BatchRequest,
     BatchRequests,
@@ -255,8 +254,7 @@ async def _await_terminal(runtime: Runtime, batch_id: str, seconds: float) -> Ba
         delay = min(delay * 2, 0.5)
 
 
-async def _finished(runtime: Runtime, runner: BatchRunner, run: Future[None], batch_id: str,
-                    seconds: float) -> bool:
+async def _finished(runtime: Runtime, run: SyncRun, seconds: float) -> bool:
     """Wait until the batch is final in the store or its run has ended, at most ``seconds``.
 
     The run's thread says so as it marks the batch final (the store tells the runner): the
@@ -265,10 +263,9 @@ async def _finished(runtime: Runtime, runner: BatchRunner, run: Future[None], ba
     """
     deadline = time.monotonic() + seconds
     while True:
-        if await runner.wait(run, batch_id,
-                             min(_FINAL_POLL, max(deadline - time.monotonic(), 0))):
+        if await run.wait(min(_FINAL_POLL, max(deadline - time.monotonic(), 0))):
             return True
-        batch = await asyncio.to_thread(runtime.store.get_batch, batch_id)
+        batch = await asyncio.to_thread(runtime.store.get_batch, run.batch_id)
         if BatchState(batch.status).is_final:
             return True
         if time.monotonic() >= deadline:
@@ -404,7 +401,11 @@ async def create_batch(
     if mode == "async":
         return _accepted(request, batch_id, BatchState.QUEUED, headers)
     run = runner.start_in_process(batch_id)
-    if not await _finished(runtime, runner, run, batch_id, wait):
+    if not await _finished(runtime, run, wait):
+        if run.take_back():
+            # Every sync thread was busy for the whole wait: the batch goes to the work pool
+            # instead of waiting in this process, where nothing would follow it if it died.
+            await runner.start_deployment(runtime, batch_id)
         state = BatchState((await asyncio.to_thread(runtime.store.get_batch, batch_id)).status)
         return _accepted(request, batch_id, state, headers)
     code, body = await asyncio.to_thread(_outcome, runtime, batch_id)
@@ -413,10 +414,10 @@ async def create_batch(
     return JSONResponse(body, status_code=code, headers=headers)
 
 
-def _could_not_run(runtime: Runtime, batch_id: str, run: Future[None]) -> None:
+def _could_not_run(runtime: Runtime, batch_id: str, run: SyncRun) -> None:
     """A sync run ended without finishing its batch: the flow could not run at all (for
     example the Prefect API is unreachable). The batch is marked failed, so it can be retried."""
-    error = run.exception()
+    error = run.error()
     reason = f"{type(error).__name__}: {error}" if error else "the flow run did not finish"
     runtime.store.mark_finished(batch_id, BatchState.FAILED, f"could not run: {reason}")
     raise TransientError(f"batch {batch_id} could not run ({reason}); retry it")

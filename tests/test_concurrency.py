@@ -1,0 +1,130 @@
+"""A crowd of concurrent clients against a real uvicorn server: no 5xx, no batch left behind.
+
+The first user of a batch API is many clients at once. Each client here loops ``POST
+/batches`` (sync, 10 inserts with unique emails) for a bounded time; every answer must be a
+documented one (200/207 with every item's result, or 202 with a status URL), every batch must
+end final in the store, and the rows in the table must be exactly the items reported
+succeeded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from prefect import get_client
+
+from batchops.runtime import get_runtime
+from tests.conftest import _truncate_pg
+from tests.test_api import (  # noqa: F401 - fixtures
+    deployment_runner,
+    poll_until_finished,
+    start_api,
+    table_rows,
+)
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+CLIENTS = 8
+SECONDS = 12.0
+ITEMS = 10
+
+
+def _batch(numbers: itertools.count[int]) -> dict[str, Any]:
+    ops = []
+    for _ in range(ITEMS):
+        n = next(numbers)
+        ops.append({"id": f"u{n}", "method": "POST", "path": "/users",
+                    "body": {"email": f"crowd{n}@example.com", "name": f"Crowd {n}"}})
+    return {"mode": "sync", "operations": ops}
+
+
+def test_concurrent_sync_clients_get_documented_answers_and_leave_no_batch_behind(
+        start_api: Callable[..., httpx.Client], database_url: str) -> None:  # noqa: F811
+    api = start_api(database_url=database_url)
+    numbers = itertools.count(1)
+    lock = threading.Lock()
+    answers: list[httpx.Response] = []
+    failures: list[str] = []
+    stop_at = time.monotonic() + SECONDS
+
+    def client() -> None:
+        with httpx.Client(base_url=str(api.base_url), timeout=90) as http:
+            while time.monotonic() < stop_at:
+                with lock:
+                    body = _batch(numbers)
+                try:
+                    answer = http.post("/batches", json=body)
+                except httpx.HTTPError as exc:  # a reset connection is a failure too
+                    with lock:
+                        failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                with lock:
+                    answers.append(answer)
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    assert not failures, failures[:5]
+    codes = Counter(a.status_code for a in answers)
+    assert set(codes) <= {200, 207, 202}, (codes, [a.text for a in answers
+                                                   if a.status_code >= 300 and
+                                                   a.status_code != 207][:3])
+    assert len(answers) >= CLIENTS, codes
+
+    succeeded = 0
+    for answer in answers:
+        body = answer.json()
+        if answer.status_code == 202:
+            assert answer.headers["Location"] == body["status_url"]
+            final = poll_until_finished(api, body["status_url"])[-1]
+            assert final["status"] == "completed", final
+            succeeded += final["succeeded"]
+            continue
+        assert body["status"] == "completed", body
+        assert body["summary"]["total"] == ITEMS
+        assert len(body["results"]) == ITEMS
+        assert all(r["state"] in ("succeeded", "failed") for r in body["results"])
+        succeeded += body["summary"]["succeeded"]
+
+    runtime = get_runtime()
+    statuses = Counter(b["status"] for b in table_rows(runtime, "batches"))
+    assert statuses == {"completed": len(answers)}, statuses
+    assert len(table_rows(runtime, "users")) == succeeded == len(answers) * ITEMS
+
+
+def test_a_sync_batch_that_waited_for_a_busy_api_is_handed_to_the_work_pool(
+        start_api: Callable[..., httpx.Client],  # noqa: F811
+        deployment_runner: str) -> None:  # noqa: F811
+    _truncate_pg(deployment_runner)
+    api = start_api(database_url=deployment_runner, sync_workers=1)
+    slow = {"mode": "sync", "operations": [
+        {"id": "slow", "method": "POST", "path": "/emails",
+         "body": {"to": "a@example.com", "send_latency": 3}}]}
+    answers: dict[str, httpx.Response] = {}
+    busy = threading.Thread(target=lambda: answers.setdefault(
+        "slow", api.post("/batches", json=slow, headers={"Prefer": "wait=60"})))
+    busy.start()
+    time.sleep(1.0)  # the only sync thread is now busy with the slow batch
+    answer = api.post("/batches", headers={"Prefer": "wait=0.5"}, json={
+        "mode": "sync", "operations": [{"id": "u1", "method": "POST", "path": "/users",
+                                        "body": {"email": "waited@example.com"}}]})
+    busy.join(60)
+
+    assert answer.status_code == 202, answer.text
+    final = poll_until_finished(api, answer.json()["status_url"])[-1]
+    assert (final["status"], final["succeeded"]) == ("completed", 1)
+    assert answers["slow"].status_code == 200, answers["slow"].text
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(final["flow_run_id"])
+    assert run.deployment_id is not None  # it ran as a flow run of the deployment
+    assert [u["email"] for u in table_rows(get_runtime(), "users")] == ["waited@example.com"]
