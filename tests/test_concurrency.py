@@ -114,7 +114,11 @@ def test_a_sync_batch_that_waited_for_a_busy_api_is_handed_to_the_work_pool(
     busy = threading.Thread(target=lambda: answers.setdefault(
         "slow", api.post("/batches", json=slow, headers={"Prefer": "wait=60"})))
     busy.start()
-    time.sleep(1.0)  # the only sync thread is now busy with the slow batch
+    deadline = time.monotonic() + 60
+    while not any(b["status"] == "processing" for b in table_rows(get_runtime(), "batches")):
+        assert time.monotonic() < deadline, "the slow batch did not start"
+        time.sleep(0.05)
+    # the only sync thread is now busy with the slow batch (3 s)
     answer = api.post("/batches", headers={"Prefer": "wait=0.5"}, json={
         "mode": "sync", "operations": [{"id": "u1", "method": "POST", "path": "/users",
                                         "body": {"email": "waited@example.com"}}]})
