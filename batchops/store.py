@@ -704,20 +704,24 @@ class Store:
         conn.execute(batches.update().where(batches.c.id == batch_id)
                      .values(heartbeat_at=utcnow()))
 
-    def stale_batches(self, stale_after: timedelta,
+    def stale_batches(self, stale_after: timedelta, unstarted_after: timedelta | None = None,
                       limit: int = 100) -> list[tuple[str, str, str | None]]:
         """``(id, status, flow run id)`` of batches that may have lost their run: processing
-        with a heartbeat older than ``stale_after``, or queued (with a flow run) for longer.
-        A queued one is lost only if its flow run was taken and died: the caller asks Prefect."""
+        with a heartbeat older than ``stale_after``; queued with a flow run for longer (lost
+        only if that run was taken and died, or is gone: the caller asks Prefect); or queued
+        without any flow run for longer than ``unstarted_after`` (default ``stale_after``):
+        the process that registered it died before it started a run."""
         cutoff = utcnow() - stale_after
+        unstarted_cutoff = utcnow() - (unstarted_after or stale_after)
         b = batches.c
         last_sign = sa.func.coalesce(b.heartbeat_at, b.created_at)
         with self.read() as conn:
             rows = conn.execute(sa.select(b.id, b.status, b.flow_run_id).where(
-                sa.or_(b.status == BatchState.PROCESSING.value,
+                sa.or_(sa.and_(b.status == BatchState.PROCESSING.value, last_sign < cutoff),
                        sa.and_(b.status == BatchState.QUEUED.value,
-                               b.flow_run_id.is_not(None))),
-                last_sign < cutoff,
+                               b.flow_run_id.is_not(None), last_sign < cutoff),
+                       sa.and_(b.status == BatchState.QUEUED.value,
+                               b.flow_run_id.is_(None), last_sign < unstarted_cutoff)),
             ).order_by(b.created_at).limit(limit)).all()
         return [(r.id, r.status, r.flow_run_id) for r in rows]
 
@@ -767,14 +771,16 @@ class Store:
                 break
         return gone
 
-    def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta) -> bool:
+    def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta,
+                         flow_run_id: str | None = None) -> bool:
         """Take a stale batch for a new run: refreshes its heartbeat and counts a recovery,
-        unless it moved meanwhile (or another reaper took it first)."""
+        unless it moved meanwhile (another reaper took it, or its run started or changed)."""
         cutoff = utcnow() - stale_after
         b = batches.c
+        same_run = b.flow_run_id.is_(None) if flow_run_id is None else b.flow_run_id == flow_run_id
         with self.engine.begin() as conn:
             return conn.execute(batches.update().where(
-                b.id == batch_id, b.status == status,
+                b.id == batch_id, b.status == status, same_run,
                 sa.func.coalesce(b.heartbeat_at, b.created_at) < cutoff,
             ).values(heartbeat_at=utcnow(), recoveries=b.recoveries + 1)).rowcount == 1
 

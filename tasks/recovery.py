@@ -9,6 +9,7 @@ from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 from prefect.states import Crashed
 
@@ -24,21 +25,37 @@ _TAKEN = {StateType.PENDING, StateType.RUNNING}
 _ENDED = {StateType.CRASHED, StateType.FAILED, StateType.CANCELLED}
 
 
-def _read_flow_run(flow_run_id: str) -> FlowRun | None:
+class _Unknown:
+    """The flow run could not be read (Prefect did not answer): nothing is concluded."""
+
+
+UNKNOWN = _Unknown()
+
+
+def _read_flow_run(flow_run_id: str) -> FlowRun | _Unknown | None:
+    """The flow run; ``None`` when Prefect says it does not exist (deleted, or from a server
+    whose database was replaced), :data:`UNKNOWN` when Prefect cannot be asked."""
     with get_client(sync_client=True) as client:
         try:
             return client.read_flow_run(UUID(flow_run_id))
-        except Exception:
+        except ObjectNotFound:
             return None
+        except Exception:
+            return UNKNOWN
 
 
-def _lost(status: str, run: FlowRun | None, stale_after: timedelta) -> bool:
+def _lost(status: str, flow_run_id: str | None, run: FlowRun | None,
+          stale_after: timedelta) -> bool:
     """Whether a stale batch's flow run is gone. A processing batch whose chunks stopped
-    beating is; a queued one only when its run was taken by a worker long ago (or ended)
-    without starting it — a run still waiting for a worker is left to wait."""
+    beating is; a queued one when it has no flow run at all (its process died before it
+    started one), when its flow run no longer exists, or when its run was taken by a worker
+    long ago (or ended) without starting it — a run still waiting for a worker is left to
+    wait."""
     if status == BatchState.PROCESSING.value:
         return True
-    if run is None or run.state is None:
+    if flow_run_id is None or run is None:
+        return True
+    if run.state is None:
         return False
     if run.state.type in _ENDED:
         return True
@@ -75,18 +92,27 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
 
     A run is dead when its batch is processing without a heartbeat for ``stale_after_seconds``
     (default: settings), or queued while its flow run was taken by a worker that long ago
-    (the worker died before the run started) or has ended.
+    (the worker died before the run started), has ended or no longer exists; a batch queued
+    with no flow run at all (its API died before starting one) is started once it is older
+    than ``stale_after_seconds`` plus the longest sync wait.
     """
     runtime = get_runtime()
     settings = runtime.settings
     logger = get_run_logger()
     stale_after = timedelta(seconds=stale_after_seconds or settings.stale_after_seconds)
+    # A sync batch may wait in its API's thread pool for up to the longest sync wait before
+    # that API hands it to the work pool: only past that is a batch without a run lost.
+    unstarted_after = stale_after + timedelta(seconds=settings.max_sync_wait_seconds)
     restarted = []
-    for batch_id, status, flow_run_id in runtime.store.stale_batches(stale_after):
-        run = _read_flow_run(flow_run_id) if flow_run_id else None
-        if not _lost(status, run, stale_after):
+    for batch_id, status, flow_run_id in runtime.store.stale_batches(stale_after,
+                                                                     unstarted_after):
+        found = _read_flow_run(flow_run_id) if flow_run_id else None
+        if isinstance(found, _Unknown):
+            continue  # Prefect did not answer: ask again on the next round
+        run = found
+        if not _lost(status, flow_run_id, run, stale_after):
             continue
-        if not runtime.store.take_stale_batch(batch_id, status, stale_after):
+        if not runtime.store.take_stale_batch(batch_id, status, stale_after, flow_run_id):
             continue  # it moved meanwhile, or another reaper took it
         if run is not None:
             try:
