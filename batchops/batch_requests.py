@@ -1,11 +1,12 @@
 """Batch-level idempotency: one ``POST /batches`` per ``Idempotency-Key`` and scope.
 
 The first request with a key *claims* it — a row ``(scope, key)`` with the request's hash and
-the id its batch will have — before the batch is registered. A later request with the same
-key and the same body is answered from that batch (no second batch, no second run); with a
-different body it is refused (:class:`~batchops.errors.IdempotencyConflict`). If the first
-request fails before its batch exists (invalid operations), the claim is released, so the
-corrected request may use the key. Claims expire after the idempotency retention.
+its batch's id — in the transaction that registers the batch: the key and the batch exist
+together or not at all. A later request with the same key and the same body is answered from
+that batch (no second batch, no second run); with a different body it is refused
+(:class:`~batchops.errors.IdempotencyConflict`). A request that fails before its batch is
+stored (invalid operations, a process killed mid-request) leaves the key free, so the
+corrected or retried request may use it. Claims expire after the idempotency retention.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from batchops.errors import IdempotencyConflict
-from batchops.store import Store, metadata, utcnow
+from batchops.store import Store, batches, metadata, utcnow
 
 __all__ = [
     "BatchRequest",
     "BatchRequests",
-    "IdempotencyKeyInFlight",
     "batch_requests",
     "request_hash",
 ]
@@ -40,12 +41,6 @@ batch_requests = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
 )
-
-
-class IdempotencyKeyInFlight(IdempotencyConflict):
-    """The key's first request is still registering its batch (409); retry in a moment."""
-
-    code = "idempotency_key_in_flight"
 
 
 def request_hash(body: Any) -> str:
@@ -74,40 +69,59 @@ class BatchRequests:
         self.store = store
         self.retention = retention
 
-    def claim(self, scope: str, key: str, digest: str, batch_id: str,
-              mode: str) -> BatchRequest | None:
-        """Claim ``key`` for a new batch ``batch_id``; ``None`` when this request got it.
+    def find(self, scope: str, key: str, digest: str) -> BatchRequest | None:
+        """The earlier request that claimed ``key`` with this body; ``None`` when the key is
+        free (never used, or expired).
 
-        Returns the earlier request when the key is taken with the same body.
+        Raises:
+            IdempotencyConflict: the key was used with a different body.
+        """
+        with self.store.read() as conn:
+            return self._earlier(conn, scope, key, digest)
+
+    def claim(self, conn: Connection, scope: str, key: str, digest: str, batch_id: str,
+              mode: str) -> BatchRequest | None:
+        """Claim ``key`` for the batch ``batch_id`` in the caller's transaction, the one that
+        registers the batch, so a key is never claimed without its batch (a process that dies
+        mid-request leaves neither). ``None`` when this request got it; the earlier request
+        when the key is taken with the same body.
+
+        A concurrent first use of the key makes this insert wait for that transaction (or
+        fail with ``IntegrityError`` once it committed: the caller starts again and finds it).
 
         Raises:
             IdempotencyConflict: the key was used with a different body.
         """
         t = batch_requests
-        where = (t.c.scope == scope) & (t.c.key == key)
-        for _ in range(2):  # a lost insert race reads the winner's row
-            now = utcnow()
-            try:
-                with self.store.engine.begin() as conn:
-                    conn.execute(t.delete().where(where, t.c.expires_at <= now))
-                    row = conn.execute(sa.select(t).where(where)).mappings().first()
-                    if row is None:
-                        conn.execute(t.insert().values(
-                            scope=scope, key=key, request_hash=digest, batch_id=batch_id,
-                            mode=mode, created_at=now, expires_at=now + self.retention))
-                        return None
-            except sa.exc.IntegrityError:
-                continue
-            if row["request_hash"] != digest:
-                raise IdempotencyConflict(
-                    f"Idempotency-Key {key!r} was already used with a different request body "
-                    f"(batch {row['batch_id']})")
-            created = row["created_at"]
-            if created.tzinfo is None:  # SQLite hands back naive datetimes, written as UTC
-                created = created.replace(tzinfo=UTC)
-            return BatchRequest(scope, key, row["request_hash"], row["batch_id"], row["mode"],
-                                created)
-        raise IdempotencyConflict(f"Idempotency-Key {key!r} is being claimed by another request")
+        now = utcnow()
+        # An expired claim, or one whose batch is not there (left before claims and batches
+        # were stored together), frees the key.
+        conn.execute(t.delete().where(t.c.scope == scope, t.c.key == key, sa.or_(
+            t.c.expires_at <= now, ~sa.exists().where(batches.c.id == t.c.batch_id))))
+        earlier = self._earlier(conn, scope, key, digest)
+        if earlier is None:
+            conn.execute(t.insert().values(
+                scope=scope, key=key, request_hash=digest, batch_id=batch_id, mode=mode,
+                created_at=now, expires_at=now + self.retention))
+        return earlier
+
+    @staticmethod
+    def _earlier(conn: Connection, scope: str, key: str, digest: str) -> BatchRequest | None:
+        t = batch_requests
+        row = conn.execute(sa.select(t).where(
+            t.c.scope == scope, t.c.key == key, t.c.expires_at > utcnow(),
+            sa.exists().where(batches.c.id == t.c.batch_id))).mappings().first()
+        if row is None:
+            return None
+        if row["request_hash"] != digest:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {key!r} was already used with a different request body "
+                f"(batch {row['batch_id']})")
+        created = row["created_at"]
+        if created.tzinfo is None:  # SQLite hands back naive datetimes, written as UTC
+            created = created.replace(tzinfo=UTC)
+        return BatchRequest(scope, key, row["request_hash"], row["batch_id"], row["mode"],
+                            created)
 
     def release(self, scope: str, key: str, batch_id: str) -> None:
         """Forget a claim whose batch was never registered (the request failed)."""

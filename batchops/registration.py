@@ -7,14 +7,16 @@ from collections.abc import Iterable
 from contextlib import nullcontext
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from batchops.batch_requests import BatchRequest, BatchRequests
 from batchops.callbacks import CallbackRecords
 from batchops.planning import ChunkPlanner
 from batchops.runtime import Runtime
 from batchops.validation import OperationValidator
 
-__all__ = ["new_batch_id", "register_batch"]
+__all__ = ["new_batch_id", "register_batch", "register_batch_once"]
 
 
 def new_batch_id() -> str:
@@ -77,3 +79,38 @@ def register_batch(
         if callback_url is not None:
             CallbackRecords(store).add(tx, batch_id, callback_url, status_url)
     return batch_id, validator.count
+
+
+def register_batch_once(
+    runtime: Runtime,
+    operations: Iterable[Any],
+    *,
+    claims: BatchRequests,
+    key: str,
+    digest: str,
+    mode: str,
+    batch_id: str,
+    scope: str = "default",
+    **options: Any,
+) -> BatchRequest | None:
+    """Claim the batch-level ``Idempotency-Key`` and register the batch in one transaction
+    (see :func:`register_batch` for ``options``); ``None`` when this request registered it,
+    the earlier request of the key otherwise (nothing is stored then).
+
+    Raises:
+        IdempotencyConflict: the key was used with a different body.
+    """
+    try:
+        with runtime.store.engine.begin() as tx:
+            earlier = claims.claim(tx, scope, key, digest, batch_id, mode)
+            if earlier is None:
+                register_batch(runtime, operations, batch_id=batch_id, scope=scope, conn=tx,
+                               **options)
+            return earlier
+    except sa.exc.IntegrityError:
+        # A concurrent first use of the key committed while this one waited: that batch is
+        # the answer (this request stored nothing).
+        earlier = claims.find(scope, key, digest)
+        if earlier is None:
+            raise
+        return earlier

@@ -132,3 +132,32 @@ def test_a_sync_batch_that_waited_for_a_busy_api_is_handed_to_the_work_pool(
         run = client.read_flow_run(final["flow_run_id"])
     assert run.deployment_id is not None  # it ran as a flow run of the deployment
     assert [u["email"] for u in table_rows(get_runtime(), "users")] == ["waited@example.com"]
+
+
+def test_concurrent_requests_with_one_idempotency_key_make_one_batch(
+    start_api: Callable[..., httpx.Client],  # noqa: F811
+    database_url: str,
+) -> None:
+    api = start_api(database_url=database_url)
+    body = _batch(itertools.count(1))
+    answers: list[httpx.Response] = []
+    go = threading.Barrier(CLIENTS)
+
+    def client() -> None:
+        with httpx.Client(base_url=str(api.base_url), timeout=90) as http:
+            go.wait()
+            answers.append(http.post("/batches", json=body,
+                                     headers={"Idempotency-Key": "one-crowd-key"}))
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    assert sorted(a.status_code for a in answers) == [200] * CLIENTS, [a.text for a in answers]
+    assert len({a.json()["batch_id"] for a in answers}) == 1
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == CLIENTS - 1
+    runtime = get_runtime()
+    assert len(table_rows(runtime, "batches")) == 1
+    assert len(table_rows(runtime, "users")) == ITEMS

@@ -53,9 +53,10 @@ def test_the_reaper_purges_expired_records_and_claims_of_long_finished_batches(
             store.idempotency_save(conn, "default", done, [(op, ItemResult(
                 id=op.id, index=op.index, status=201, state=ItemState.SUCCEEDED))], retention)
     requests = BatchRequests(store, timedelta(hours=1))
-    assert requests.claim("default", "fresh-request", "h1", done, "async") is None
-    assert BatchRequests(store, timedelta(seconds=-1)).claim(
-        "default", "old-request", "h2", waiting, "async") is None
+    with store.engine.begin() as conn:
+        assert requests.claim(conn, "default", "fresh-request", "h1", done, "async") is None
+        assert BatchRequests(store, timedelta(seconds=-1)).claim(
+            conn, "default", "old-request", "h2", waiting, "async") is None
     time.sleep(0.2)
 
     assert reap_stale_batches(stale_after_seconds=0.1) == []

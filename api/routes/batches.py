@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import time
 from collections import Counter
@@ -32,7 +33,6 @@ from api.runs import SyncRun
 from batchops.batch_requests import (
     BatchRequest,
     BatchRequests,
-    IdempotencyKeyInFlight,
     request_hash,
 )
 from batchops.callback_urls import check_callback_url
@@ -46,7 +46,7 @@ from batchops.errors import (
     ValidationFailed,
 )
 from batchops.planning import chunk_operations
-from batchops.registration import new_batch_id, register_batch
+from batchops.registration import new_batch_id, register_batch, register_batch_once
 from batchops.runtime import Runtime
 from batchops.schemas import (
     BatchCreate,
@@ -56,15 +56,13 @@ from batchops.schemas import (
     ItemResult,
     ItemState,
 )
-from batchops.store import BatchRecord, utcnow
+from batchops.store import BatchRecord
 from batchops.validation import validate_operations
 
 __all__ = ["parse_prefer", "router"]
 
 router = APIRouter(tags=["batches"])
 
-# A claim whose batch never appeared this long after was left by a crashed request.
-_STALE_CLAIM = timedelta(seconds=60)
 _CSV_PAGE = 1000
 _FINAL_POLL = 0.25  # seconds between two looks at a sync batch's status (also told at once)
 BatchId = Annotated[str, Path(max_length=64, description="the batch's id")]
@@ -358,41 +356,36 @@ async def create_batch(
     batch_id = new_batch_id()
     claims = BatchRequests(runtime.store,
                            timedelta(hours=settings.idempotency_retention_hours))
+    digest = request_hash(raw) if idempotency_key is not None else ""
+    earlier: BatchRequest | None = None
     if idempotency_key is not None:
-        digest = request_hash(raw)
-        for _ in range(2):
-            earlier = await asyncio.to_thread(claims.claim, scope, idempotency_key, digest,
-                                              batch_id, mode)
-            if earlier is None:
-                break
-            try:
-                return await _replay(request, runtime, earlier, wait)
-            except BatchNotFound:
-                if utcnow() - earlier.created_at < _STALE_CLAIM:
-                    raise IdempotencyKeyInFlight(
-                        f"the first request with Idempotency-Key {idempotency_key!r} is still "
-                        "registering its batch; retry in a moment") from None
-                await asyncio.to_thread(claims.release, scope, idempotency_key,
-                                        earlier.batch_id)
-        else:
-            raise IdempotencyKeyInFlight(f"Idempotency-Key {idempotency_key!r} is in use")
+        earlier = await asyncio.to_thread(claims.find, scope, idempotency_key, digest)
+        if earlier is not None:
+            return await _replay(request, runtime, earlier, wait)
 
     charge: str | None = None
     try:
         charge = await quota.charge(scope, len(operations))
         status_url = (str(request.url_for("get_batch_status", batch_id=batch_id))
                       if envelope.callback_url is not None else None)
-        await asyncio.to_thread(register_batch, runtime, operations, batch_id=batch_id,
-                                concurrency=envelope.concurrency, scope=scope, source="api",
-                                callback_url=envelope.callback_url, status_url=status_url,
-                                deadline_seconds=envelope.deadline_seconds)
-        if mode == "async":
+        options: dict[str, Any] = {
+            "batch_id": batch_id, "concurrency": envelope.concurrency, "scope": scope,
+            "source": "api", "callback_url": envelope.callback_url, "status_url": status_url,
+            "deadline_seconds": envelope.deadline_seconds}
+        if idempotency_key is None:
+            await asyncio.to_thread(register_batch, runtime, operations, **options)
+        else:
+            earlier = await asyncio.to_thread(
+                functools.partial(register_batch_once, runtime, operations, claims=claims,
+                                  key=idempotency_key, digest=digest, mode=mode, **options))
+        if earlier is None and mode == "async":
             await runner.start_deployment(runtime, batch_id)
     except BaseException:
         await quota.refund(charge, len(operations))  # nothing of the batch ran
-        if idempotency_key is not None:
-            await asyncio.to_thread(claims.release, scope, idempotency_key, batch_id)
         raise
+    if earlier is not None:  # a concurrent first use of the key won: its batch is the answer
+        await quota.refund(charge, len(operations))
+        return await _replay(request, runtime, earlier, wait)
     metrics = request.app.state.metrics
     metrics.batches_submitted.labels(mode).inc()
     metrics.operations_submitted.inc(len(operations))
