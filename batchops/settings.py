@@ -182,7 +182,9 @@ class Settings(BaseSettings):
     max_recoveries: int = Field(
         5, ge=0, description="times the reaper re-runs one batch before marking it failed")
     reaper_cron: str = Field("* * * * *", description="schedule of the reaper deployment")
-    result_cache_hours: float = Field(24, gt=0)
+    result_cache_hours: float = Field(
+        24, gt=0, description="how long a completed chunk's cached result lets a re-run of its "
+        "batch skip it")
     artifact_max_rows: int = Field(
         1000, ge=1, description="rows of the item table artifact (failures first beyond it)")
     handler_modules: list[str] = ["batchops.demo.handlers"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -47,6 +48,7 @@ def _chunk_task(settings: Settings) -> Any:
         retries=settings.chunk_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
         cache_policy=chunk_cache_policy(settings.redis_url),
+        cache_expiration=timedelta(hours=settings.result_cache_hours),
     )
 
 
