@@ -15,8 +15,9 @@ itself failed. Errors of the :mod:`batchops.errors` tree become a message and an
 one place, :class:`_Commands`.
 
 Runs execute in this process. They report to the Prefect server named by ``PREFECT_API_URL``,
-else to one answering at ``http://127.0.0.1:4200`` (so they show in its UI), else to a
-temporary Prefect server started for the run.
+else to the one ``batchops up`` runs (``BATCHOPS_PREFECT_UI_URL``, default
+``http://127.0.0.1:4200``) when it answers, so they show in its UI, else to a temporary
+Prefect server started for the run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from itertools import chain
 from pathlib import Path
@@ -61,7 +64,7 @@ from batchops.errors import BadRequest, BatchopsError, ValidationFailed
 from batchops.registration import register_batch
 from batchops.runtime import Runtime, get_runtime
 from batchops.schemas import BatchState, BatchStatus, ItemState
-from batchops.settings import MAX_CHUNK_SIZE
+from batchops.settings import MAX_CHUNK_SIZE, get_settings
 from batchops.store import Store
 
 __all__ = [
@@ -69,8 +72,8 @@ __all__ = [
     "EXIT_ITEMS_FAILED",
     "EXIT_OK",
     "EXIT_RUN_FAILED",
-    "LOCAL_PREFECT_API_URL",
     "app",
+    "prefect_for_runs",
     "use_local_prefect_server",
 ]
 
@@ -80,7 +83,6 @@ EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 3
 EXIT_INTERRUPTED = 130
 
-LOCAL_PREFECT_API_URL = "http://127.0.0.1:4200/api"
 # Validation errors shown in the terminal; the message says how many there were in all.
 _SHOWN_ERRORS = 100
 _POLL_SECONDS = 0.25
@@ -125,22 +127,25 @@ class ResultFormat(StrEnum):
     JSON = "json"
 
 
-def use_local_prefect_server(api_url: str = LOCAL_PREFECT_API_URL,
-                             timeout: float = 0.5) -> str | None:
+def use_local_prefect_server(api_url: str | None = None, timeout: float = 0.5) -> str | None:
     """Choose the Prefect API for runs of this process; the URL, or ``None`` for a temporary one.
 
-    ``PREFECT_API_URL`` wins when set. Otherwise, when a Prefect server answers at ``api_url``,
-    it is exported as ``PREFECT_API_URL`` so runs appear in that server's UI. Prefect reads its
-    settings when first imported, so this runs before anything imports Prefect. The same place
-    keeps Prefect's console logs to warnings (the progress bar tells the rest; the UI still
-    receives every log) and gives a temporary server time to start.
+    ``PREFECT_API_URL`` wins when set. Otherwise, when a Prefect server answers at ``api_url``
+    (default: the API under ``BATCHOPS_PREFECT_UI_URL``, the server ``batchops up`` starts), it
+    is exported as ``PREFECT_API_URL``, so runs appear in that server's UI and processes
+    started from here use it too. The same place keeps Prefect's console logs to warnings (the
+    progress bar tells the rest; the UI still receives every log), keeps a temporary server's
+    telemetry off and gives it time to start.
     """
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     # A first temporary server migrates a new database; Prefect's 20 s is often too short.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
         return configured
+    if api_url is None:
+        api_url = get_settings().prefect_ui_url.rstrip("/") + "/api"
     try:
         answer = httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout)
     except httpx.HTTPError:
@@ -149,6 +154,24 @@ def use_local_prefect_server(api_url: str = LOCAL_PREFECT_API_URL,
         return None
     os.environ["PREFECT_API_URL"] = api_url
     return api_url
+
+
+@contextmanager
+def prefect_for_runs() -> Iterator[str | None]:
+    """Run the block against the Prefect API :func:`use_local_prefect_server` chooses.
+
+    Prefect reads its settings from the environment once, when it is first imported (the
+    http target imports it with the runtime), so the chosen URL is also applied through
+    Prefect's settings context for this process.
+    """
+    url = use_local_prefect_server()
+    if url is None:
+        yield None
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -316,7 +339,12 @@ def run(
     Exit code 0 when every item succeeded, 1 when some failed or were skipped, 2 when the
     input is invalid (nothing ran), 3 when the run itself failed.
     """
-    prefect_api = use_local_prefect_server()
+    with prefect_for_runs() as api_url:
+        _run_file(file, resource, method, concurrency, chunk_size, deadline, api_url)
+
+
+def _run_file(file: Path, resource: str | None, method: str | None, concurrency: int | None,
+              chunk_size: int | None, deadline: float | None, prefect_api: str | None) -> None:
     is_csv = resource is not None or method is not None
     input_format(file, csv=is_csv)
     if is_csv and (resource is None or method is None):
@@ -472,7 +500,14 @@ def dead_letters_replay(
     Choose them by id, by filter options, or --all (no choice is refused, never read as
     "everything"). Exit codes as for `run`.
     """
-    prefect_api = use_local_prefect_server()
+    with prefect_for_runs() as api_url:
+        _replay(ids, batch_id, target, resource, code, status, replay_all, include_replayed,
+                scope, api_url)
+
+
+def _replay(ids: list[int] | None, batch_id: str | None, target: str | None,
+            resource: str | None, code: str | None, status: int | None, replay_all: bool,
+            include_replayed: bool, scope: str, prefect_api: str | None) -> None:
     runtime = get_runtime()
     request = DeadLetterReplay(ids=ids or None, filter=_filter(batch_id, target, resource, code,
                                                                 status),
@@ -530,10 +565,10 @@ def deploy(
 @app.command()
 def serve() -> None:
     """Serve the deployments (process-batch, bulk-sync, retry-failed) as a Prefect runner."""
-    use_local_prefect_server()
-    from deployments.serve import serve_deployments
+    with prefect_for_runs():
+        from deployments.serve import serve_deployments
 
-    serve_deployments()
+        serve_deployments()
 
 
 
@@ -543,10 +578,10 @@ def api(
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
 ) -> None:
     """Serve the webhook API (FastAPI, uvicorn). Without API keys it binds to 127.0.0.1 only."""
-    use_local_prefect_server()
-    from api.main import run as run_api
+    with prefect_for_runs():
+        from api.main import run as run_api
 
-    run_api(host, port)
+        run_api(host, port)
 
 
 @app.command()

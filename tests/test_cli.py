@@ -343,3 +343,39 @@ def test_a_configured_prefect_api_url_wins(prefect_env: None, health_server: str
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFECT_API_URL", "http://prefect.internal:4200/api")
     assert use_local_prefect_server(health_server) == "http://prefect.internal:4200/api"
+
+
+def test_run_records_its_flow_run_on_the_running_server_and_links_to_it(
+        prefect_server: None, tmp_path: Path) -> None:
+    """With no PREFECT_API_URL, `batchops run` finds the server `batchops up` runs (at
+    BATCHOPS_PREFECT_UI_URL), records its flow run there, and prints a link to that run."""
+    import subprocess
+    import sys
+    import uuid
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = str(PREFECT_API_URL.value())
+    ops = tmp_path / "one.json"
+    ops.write_text(json.dumps([{"method": "POST", "path": "/users",
+                                "body": {"email": "linked@example.com"}}]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_HOME": str(tmp_path / "empty-prefect-home"),
+                "BATCHOPS_PREFECT_UI_URL": api_url.removesuffix("/api"),
+                "BATCHOPS_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
+                "COLUMNS": "250"})
+    done = subprocess.run([sys.executable, "-m", "cli", "run", str(ops)], env=env,
+                          cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=240)
+
+    output = done.stdout + done.stderr
+    assert done.returncode == EXIT_OK, output
+    assert "Traceback" not in output
+    assert "temporary Prefect server" not in output
+    [link] = [line.split()[-1] for line in done.stdout.splitlines()
+              if line.startswith("Prefect:")]
+    assert link.startswith(f"{api_url.removesuffix('/api')}/runs/flow-run/")
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(uuid.UUID(link.rsplit("/", 1)[1]))
+    assert run.name.startswith("batch-")
+    assert run.state is not None and run.state.is_completed()
