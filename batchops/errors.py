@@ -11,6 +11,7 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     │   └── MalformedInput        400  malformed_input   (unparseable CSV, files)
     │       └── MalformedJson     400  malformed_json    (a request body that is not JSON)
     ├── InvalidApiKey             401  unauthorized
+    ├── UnsupportedMediaType      415  unsupported_media_type (the body's Content-Type)
     ├── QuotaExceeded             429  quota_exceeded    (``retry_after`` seconds)
     ├── ValidationFailed          422  validation_failed (carries every FieldError)
     │   └── CallbackUrlNotAllowed 422  callback_url_not_allowed (scheme, userinfo, allowlist,
@@ -66,6 +67,7 @@ __all__ = [
     "QuotaExceeded",
     "SignatureVerificationError",
     "TransientError",
+    "UnsupportedMediaType",
     "ValidationFailed",
 ]
 
@@ -219,6 +221,23 @@ class QuotaExceeded(BatchopsError):
 
     def details(self) -> dict[str, Any]:
         return {"limit": self.limit, "retry_after": self.retry_after}
+
+
+class UnsupportedMediaType(BatchopsError):
+    """The request body's ``Content-Type`` is not one the route reads (415)."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+    def __init__(self, content_type: str | None, accepted: tuple[str, ...]) -> None:
+        self.content_type = content_type
+        self.accepted = accepted
+        given = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        super().__init__(f"this endpoint reads {' or '.join(accepted)}; the request has "
+                         f"{given}")
+
+    def details(self) -> dict[str, Any]:
+        return {"accepted": list(self.accepted)}
 
 
 class BodyTooLarge(BatchTooLarge):

@@ -323,7 +323,8 @@ def test_same_idempotency_key_and_body_replays_the_same_batch_without_a_second_r
     # the same body with its keys in another order is the same request
     again = api.post("/batches", content=json.dumps({"operations": [
         {"body": op["body"], "path": op["path"], "method": op["method"], "id": op["id"]}
-        for op in request["operations"]]}), headers=headers)
+        for op in request["operations"]]}),
+        headers={**headers, "Content-Type": "application/json"})
     other = api.post("/batches", json={"operations": [user(3)]}, headers=headers)
 
     assert first.status_code == 200, first.text
@@ -378,7 +379,8 @@ def test_malformed_json_answers_400(start_api: Callable[..., httpx.Client],
 
     assert_error(api.post("/batches", content=b'{"operations": [', headers={
         "Content-Type": "application/json"}), 400, "malformed_json")
-    assert_error(api.post("/batches", content=b"NaN"), 400, "malformed_json")
+    assert_error(api.post("/batches", content=b"NaN", headers={
+        "Content-Type": "application/json"}), 400, "malformed_json")
     assert_error(api.post("/batches", json=[user(1)]), 422, "validation_failed")
 
 
@@ -406,7 +408,7 @@ def test_body_over_the_size_limit_is_refused_while_it_streams(
             sent += len(piece)
             yield piece
 
-    answer = api.post("/batches", content=body())
+    answer = api.post("/batches", content=body(), headers={"Content-Type": "application/json"})
 
     error = assert_error(answer, 413, "batch_too_large")
     assert error["limit_bytes"] == 10 * 1024 * 1024

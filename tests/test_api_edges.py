@@ -39,6 +39,62 @@ def sqlite_api(start_api: StartApi, tmp_path: Path) -> Callable[..., httpx.Clien
     return start
 
 
+# -- item 4: Content-Type ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", [
+    None, "text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x", "application/xml", "application/json; charset=latin-1",
+])
+def test_a_batch_body_not_declared_json_is_a_415_and_nothing_runs(
+        sqlite_api: Callable[..., httpx.Client], content_type: str | None) -> None:
+    api = sqlite_api()
+    headers = {"Content-Type": content_type} if content_type else {}
+
+    answer = api.post("/batches", content=BATCH, headers=headers)
+
+    error = assert_error(answer, 415, "unsupported_media_type")
+    assert "application/json" in error["message"]
+    assert nothing_stored()
+
+
+def test_json_with_a_charset_or_a_json_suffix_type_runs(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    api = sqlite_api()
+
+    for i, content_type in enumerate(["application/json; charset=UTF-8",
+                                      "application/vnd.batch+json"], start=1):
+        answer = api.post("/batches", content=json.dumps({"operations": [user(i)]}),
+                          headers={"Content-Type": content_type})
+        assert answer.status_code == 200, answer.text
+
+    assert len(table_rows(get_runtime(), "users")) == 2
+
+
+def test_a_replay_body_not_declared_json_is_a_415(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    api = sqlite_api()
+
+    for headers in ({"Content-Type": "text/plain"}, {}):
+        answer = api.post("/dead-letters/replay", content=b'{"all": true}', headers=headers)
+        assert_error(answer, 415, "unsupported_media_type")
+    assert table_rows(get_runtime(), "batches") == []
+
+
+def test_a_csv_import_takes_a_csv_body_or_a_multipart_upload_only(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    api = sqlite_api()
+    rows = "id,email,name\n" + csv_rows(3)
+
+    for headers in ({}, {"Content-Type": "application/json"},
+                    {"Content-Type": "application/x-www-form-urlencoded"}):
+        answer = api.post("/batches/import", params={"resource": "users", "method": "POST"},
+                          content=rows, headers=headers)
+        error = assert_error(answer, 415, "unsupported_media_type")
+        assert error["accepted"] == ["text/csv", "multipart/form-data"]
+    assert nothing_stored()
+
+
 # -- item 11: list settings --------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.body import CSV_MEDIA_TYPES, require_media_type
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
 from api.routes.batches import BatchAccepted, BatchId, _accepted, _errors, _owned_batch, item_json
 from batchops.csvio import CsvImport, open_operations
@@ -99,14 +100,14 @@ def _recorded_after(runtime: Runtime, batch_id: str, after: int) -> list[ItemRes
     return list(runtime.store.iter_results(batch_id, after=after))
 
 
-async def _spool_upload(request: Request, limit: int) -> FilePath:
+async def _spool_upload(request: Request, limit: int, *, multipart: bool) -> FilePath:
     """The uploaded CSV (multipart ``file`` field or a ``text/csv`` body) in a temp file."""
     out = tempfile.NamedTemporaryFile(suffix=".csv", delete=False)  # noqa: SIM115
     path = FilePath(out.name)
     size = 0
     try:
         with out:
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            if multipart:
                 form = await request.form(max_files=1, max_fields=10)
                 upload = form.get("file")
                 if upload is None or isinstance(upload, str):
@@ -130,7 +131,7 @@ async def _spool_upload(request: Request, limit: int) -> FilePath:
 
 @router.post("/batches/import", name="import_batch", response_model=BatchAccepted,
              status_code=202, summary="Import a CSV file as a batch on one resource",
-             responses=_errors(400, 401, 413, 422, 429))
+             responses=_errors(400, 401, 413, 415, 422, 429))
 async def import_batch(
     request: Request, runtime: RuntimeDep, scope: ScopeDep, quota: QuotaDep, runner: RunnerDep,
     resource: Annotated[str, Query(description="the resource every row applies to")],
@@ -139,10 +140,14 @@ async def import_batch(
     """Each row becomes one operation (``POST /{resource}`` with the row as body, or
     ``{METHOD} /{resource}/{id}``); every row is validated first (422 lists each bad row's
     line), then the batch runs as a flow run of the deployment: ``202`` with the status URL.
-    Results (``format=csv``) carry each item's input line number in ``row``."""
+    Results (``format=csv``) carry each item's input line number in ``row``.
+
+    The body is ``text/csv`` or ``multipart/form-data`` with the file in ``file`` (else 415)."""
     settings = runtime.settings
+    media = require_media_type(request, CSV_MEDIA_TYPES)
     spec = CsvImport.for_route(runtime.router, resource, method)
-    path = await _spool_upload(request, settings.max_import_bytes)
+    path = await _spool_upload(request, settings.max_import_bytes,
+                               multipart=media == "multipart/form-data")
     try:
         def register() -> tuple[str, int]:
             with open_operations(path, csv=spec) as operations:
