@@ -16,10 +16,11 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api.errors import install_error_handlers
+from api.host_check import HostCheckMiddleware
 from api.metrics import ApiMetrics
 from api.routes import batch_actions, batches, dead_letters, health
 from api.runs import BatchRunner
-from batchops.auth import ApiKeyring, check_bind
+from batchops.auth import ApiKeyring, HostAllowlist, check_bind
 from batchops.quota import build_quota
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchCreate
@@ -36,6 +37,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not ApiKeyring.from_settings(settings).enabled:
         logger.warning("no API keys are configured: every caller is trusted (scope 'default'); "
                        "serve on 127.0.0.1 only")
+    app.state.host_allowlist = HostAllowlist.from_settings(settings)
     await asyncio.to_thread(get_runtime)  # builds the runtime and migrates the store
     app.state.quota = build_quota(settings)
     app.state.runner = BatchRunner(settings.sync_workers, settings.process_batch_deployment,
@@ -74,6 +76,7 @@ def create_app() -> FastAPI:
         lifespan=_lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(HostCheckMiddleware)
     app.include_router(batch_actions.router)  # before batches: /batches/import is literal
     app.include_router(batches.router)
     app.include_router(dead_letters.router)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httpx
 
 from batchops.errors import CallbackHostUnresolvable, CallbackUrlNotAllowed
+from batchops.hosts import host_allowed
 from batchops.settings import Settings
 
 __all__ = ["MAX_CALLBACK_URL_LENGTH", "CallbackTarget", "check_callback_url", "host_allowed"]
@@ -32,17 +33,6 @@ class CallbackTarget:
     url: httpx.URL
     host: str
     addresses: tuple[str, ...]
-
-
-def host_allowed(host: str, allowed: list[str]) -> bool:
-    """``host`` matches an entry: the same name, ``*.example.com`` (any subdomain, not the
-    domain itself), or ``*`` (any host)."""
-    for entry in allowed:
-        if entry == "*" or entry == host:
-            return True
-        if entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1:
-            return True
-    return False
 
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits

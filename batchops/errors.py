@@ -11,7 +11,9 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     │   └── MalformedInput        400  malformed_input   (unparseable CSV, files)
     │       └── MalformedJson     400  malformed_json    (a request body that is not JSON)
     ├── InvalidApiKey             401  unauthorized
+    ├── OriginNotAllowed          403  origin_not_allowed (no API keys: a foreign web page)
     ├── UnsupportedMediaType      415  unsupported_media_type (the body's Content-Type)
+    ├── HostNotAllowed            421  host_not_allowed  (a Host the settings do not allow)
     ├── QuotaExceeded             429  quota_exceeded    (``retry_after`` seconds)
     ├── ValidationFailed          422  validation_failed (carries every FieldError)
     │   └── CallbackUrlNotAllowed 422  callback_url_not_allowed (scheme, userinfo, allowlist,
@@ -58,12 +60,14 @@ __all__ = [
     "DeadLetterReplayed",
     "EmptyReplayFilter",
     "FieldError",
+    "HostNotAllowed",
     "IdempotencyConflict",
     "InvalidApiKey",
     "ItemError",
     "MalformedInput",
     "MalformedJson",
     "NotFound",
+    "OriginNotAllowed",
     "QuotaExceeded",
     "SignatureVerificationError",
     "TransientError",
@@ -238,6 +242,22 @@ class UnsupportedMediaType(BatchopsError):
 
     def details(self) -> dict[str, Any]:
         return {"accepted": list(self.accepted)}
+
+
+class HostNotAllowed(BatchopsError):
+    """The request's ``Host`` is not one this API answers for (421): without API keys only
+    loopback names, else ``settings.allowed_hosts`` (DNS rebinding)."""
+
+    code = "host_not_allowed"
+    http_status = 421
+
+
+class OriginNotAllowed(BatchopsError):
+    """Without API keys, a request sent by a web page of another host (its ``Origin``) is
+    refused (403): any page a developer opens could otherwise run batches on localhost."""
+
+    code = "origin_not_allowed"
+    http_status = 403
 
 
 class BodyTooLarge(BatchTooLarge):

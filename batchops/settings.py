@@ -230,6 +230,10 @@ class Settings(BaseSettings):
     # The HTTP API
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
+    allowed_hosts: Annotated[list[str] | None, NoDecode,
+                             BeforeValidator(_json_or_comma_list)] = Field(
+        None, description="Host header values the API answers (names or addresses, any port; "
+        "'*.example.com', '*'); unset: loopback names without API keys, any host with them")
     sync_threshold: int = Field(100, ge=0, description="mode auto: up to this many ops run sync")
     sync_wait_seconds: float = Field(10, ge=0, description="sync wait before answering 202")
     max_sync_wait_seconds: float = Field(60, ge=0, description="cap on Prefer: wait=N")
@@ -265,6 +269,15 @@ class Settings(BaseSettings):
     @classmethod
     def _normalize_hosts(cls, hosts: list[str]) -> list[str]:
         return [h.strip().lower().rstrip(".") for h in hosts if h.strip()]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _normalize_allowed_hosts(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        names = [h.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+                 for h in hosts if h.strip()]
+        return names or None  # empty: the default
 
     @model_validator(mode="after")
     def _callbacks_are_signed(self) -> Settings:

@@ -416,7 +416,8 @@ def test_body_over_the_size_limit_is_refused_while_it_streams(
     assert sent < total, "the server read the whole upload"
     # a declared length over the limit is refused before any of the body is sent
     with socket.create_connection(("127.0.0.1", api.base_url.port or 80), timeout=10) as sock:
-        sock.sendall(b"POST /batches HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+        sock.sendall(b"POST /batches HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json"
                      b"\r\nContent-Length: 1073741824\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 413 ")
 

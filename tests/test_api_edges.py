@@ -95,6 +95,67 @@ def test_a_csv_import_takes_a_csv_body_or_a_multipart_upload_only(
     assert nothing_stored()
 
 
+# -- item 4: Host and Origin -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.nip.io",
+                                  "localhost.evil.example", "10.0.0.5", "[::2]:80"])
+def test_without_api_keys_a_request_for_another_host_is_refused(
+        sqlite_api: Callable[..., httpx.Client], host: str) -> None:
+    api = sqlite_api()
+
+    for method, path in (("POST", "/batches"), ("GET", "/healthz"), ("GET", "/docs"),
+                         ("GET", "/nothing-here")):
+        answer = api.request(method, path, content=BATCH,
+                             headers={"Host": host, "Content-Type": "application/json"})
+        error = assert_error(answer, 421, "host_not_allowed")
+        assert "localhost" in error["message"]
+    assert nothing_stored()
+
+
+def test_without_api_keys_loopback_hosts_are_answered_on_any_port(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    api = sqlite_api()
+
+    for host in ("localhost", "LOCALHOST:1234", "127.0.0.1", "127.0.0.1:8000", "[::1]",
+                 "[::1]:8000", "localhost."):
+        answer = api.get("/healthz", headers={"Host": host})
+        assert answer.status_code == 200, (host, answer.text)
+
+
+def test_allowed_hosts_setting_names_the_hosts_answered_with_or_without_keys(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+    keyed = sqlite_api(api_keys=json.dumps([key]))
+    # With API keys and no allowed_hosts, any Host is answered.
+    assert keyed.get("/healthz", headers={"Host": "api.example.com"}).status_code == 200
+
+    api = sqlite_api(allowed_hosts="api.example.com, *.internal.test", api_keys=key)
+    auth = {"X-API-Key": key}
+    for host in ("api.example.com", "api.example.com:443", "batch.internal.test"):
+        assert api.get("/healthz", headers={"Host": host, **auth}).status_code == 200, host
+    for host in ("127.0.0.1", "internal.test", "evil.example"):
+        assert_error(api.get("/healthz", headers={"Host": host, **auth}),
+                     421, "host_not_allowed")
+
+
+def test_without_api_keys_a_page_of_another_host_cannot_post_a_form(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    api = sqlite_api()
+    upload = {"file": ("users.csv", "id,email,name\n" + csv_rows(2), "text/csv")}
+    params = {"resource": "users", "method": "POST"}
+
+    for origin in ("http://evil.example", "https://127.0.0.1.evil.example", "null"):
+        answer = api.post("/batches/import", params=params, files=upload,
+                          headers={"Origin": origin})
+        assert_error(answer, 403, "origin_not_allowed")
+    assert nothing_stored()
+    # A page served from this machine may (the API's own /docs, a local tool).
+    answer = api.post("/batches", content=BATCH, headers={
+        "Origin": "http://localhost:3000", "Content-Type": "application/json"})
+    assert answer.status_code == 200, answer.text
+
+
 # -- item 11: list settings --------------------------------------------------------------------
 
 
