@@ -39,6 +39,7 @@ __all__ = [
     "RESULT_COLUMNS",
     "CsvImport",
     "InputFormat",
+    "count_operations",
     "detect_format",
     "escape_formula",
     "input_format",
@@ -381,6 +382,16 @@ def open_operations(path: Path, *, csv: CsvImport | None = None,
             yield read(fh, path.name)
         except UnicodeDecodeError as exc:  # decoding happens as the operations are read
             raise MalformedInput(f"{path.name}: not UTF-8 text: {exc}") from None
+
+
+def count_operations(path: Path, *, csv: CsvImport | None = None, stop_after: int) -> int:
+    """The operations in ``path`` (as :func:`open_operations` reads them), counting no further
+    than ``stop_after + 1``: a file over a limit is known to be so without reading it all.
+
+    Raises what :func:`open_operations` raises for a file it cannot read.
+    """
+    with open_operations(path, csv=csv) as operations:
+        return sum(1 for _ in islice(operations, stop_after + 1))
 
 
 # -- results -----------------------------------------------------------------------------------

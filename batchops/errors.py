@@ -15,6 +15,8 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     ├── UnsupportedMediaType      415  unsupported_media_type (the body's Content-Type)
     ├── HostNotAllowed            421  host_not_allowed  (a Host the settings do not allow)
     ├── QuotaExceeded             429  quota_exceeded    (``retry_after`` seconds)
+    ├── BatchExceedsQuota         413  batch_exceeds_quota (more operations than the quota
+    │                                                       allows in any one minute)
     ├── ValidationFailed          422  validation_failed (carries every FieldError)
     │   └── CallbackUrlNotAllowed 422  callback_url_not_allowed (scheme, userinfo, allowlist,
     │       │                                                    private address)
@@ -46,6 +48,7 @@ from typing import Any
 
 __all__ = [
     "BadRequest",
+    "BatchExceedsQuota",
     "BatchFinished",
     "BatchInProgress",
     "BatchNotFound",
@@ -225,6 +228,30 @@ class QuotaExceeded(BatchopsError):
 
     def details(self) -> dict[str, Any]:
         return {"limit": self.limit, "retry_after": self.retry_after}
+
+
+class BatchExceedsQuota(BatchopsError):
+    """The batch has more operations than the quota allows in a whole minute (413): no retry
+    can ever pass, unlike :class:`QuotaExceeded`, so there is no ``Retry-After``.
+
+    ``at_least``: counting stopped once it was over the quota (a file import), so
+    ``operations`` is a lower bound.
+    """
+
+    code = "batch_exceeds_quota"
+    http_status = 413
+
+    def __init__(self, operations: int, limit: int, *, at_least: bool = False) -> None:
+        self.operations = operations
+        self.limit = limit
+        self.at_least = at_least
+        count = f"more than {limit}" if at_least else str(operations)
+        super().__init__(
+            f"the batch has {count} operations and the quota allows {limit} operations per "
+            f"minute, so it can never run; split it into batches of at most {limit}")
+
+    def details(self) -> dict[str, Any]:
+        return {"limit": self.limit, "operations": self.operations, "at_least": self.at_least}
 
 
 class UnsupportedMediaType(BatchopsError):

@@ -156,6 +156,67 @@ def test_without_api_keys_a_page_of_another_host_cannot_post_a_form(
     assert answer.status_code == 200, answer.text
 
 
+# -- item 7: quota refusals --------------------------------------------------------------------
+
+
+def test_a_batch_larger_than_the_quota_is_413_not_a_retryable_429_and_stores_nothing(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    api = sqlite_api(quota_ops_per_minute=5)
+
+    answer = api.post("/batches", json={"operations": [user(i) for i in range(1, 7)]})
+
+    error = assert_error(answer, 413, "batch_exceeds_quota")
+    assert (error["limit"], error["operations"], error["at_least"]) == (5, 6, False)
+    assert "Retry-After" not in answer.headers
+    assert nothing_stored()
+    # A batch that fits the quota but not what is left of this minute: 429, stores nothing.
+    assert api.post("/batches", json={"operations": [user(i) for i in range(1, 5)]}
+                    ).status_code == 200
+    late = api.post("/batches", json={"operations": [user(i) for i in range(5, 7)]},
+                    headers={"Idempotency-Key": "late"})
+    assert_error(late, 429, "quota_exceeded")
+    assert 1 <= int(late.headers["Retry-After"]) <= 60
+    assert len(table_rows(get_runtime(), "batches")) == 1
+    assert len(table_rows(get_runtime(), "users")) == 4
+
+
+def test_a_csv_import_larger_than_the_quota_is_413_before_the_file_is_read_and_stores_nothing(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    api = sqlite_api(quota_ops_per_minute=100)
+    params = {"resource": "users", "method": "POST"}
+    header = "id,email,name\n"
+    big = header + csv_rows(30_000)
+    # Rows past the first pages a parser reads that would fail it: counting must stop first.
+    broken_tail = header + csv_rows(25_000) + '7,"unterminated\n' + csv_rows(10, 25_001)
+
+    for body in (big, broken_tail):
+        answer = api.post("/batches/import", params=params, content=body,
+                          headers={"Content-Type": "text/csv"})
+        error = assert_error(answer, 413, "batch_exceeds_quota")
+        assert (error["limit"], error["at_least"]) == (100, True)
+        assert "more than 100" in error["message"]
+        assert "Retry-After" not in answer.headers
+    assert nothing_stored()
+
+
+def test_a_csv_import_over_what_is_left_of_the_minute_is_429_and_stores_nothing(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    api = sqlite_api(quota_ops_per_minute=10)
+    assert api.post("/batches", json={"operations": [user(i) for i in range(1, 7)]}
+                    ).status_code == 200
+
+    answer = api.post("/batches/import", params={"resource": "users", "method": "POST"},
+                      content="id,email,name\n" + csv_rows(5, 100),
+                      headers={"Content-Type": "text/csv"})
+
+    assert_error(answer, 429, "quota_exceeded")
+    assert 1 <= int(answer.headers["Retry-After"]) <= 60
+    assert len(table_rows(get_runtime(), "batches")) == 1  # only the first batch
+    # The refused import was not counted: 4 more operations fit.
+    assert api.post("/batches", json={"operations": [user(i) for i in range(7, 11)]}
+                    ).status_code == 200
+
+
 # -- item 11: list settings --------------------------------------------------------------------
 
 

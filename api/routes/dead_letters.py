@@ -95,7 +95,7 @@ def get_dead_letter(
     summary="Run dead letters again, as a new batch",
     dependencies=[Depends(require_json)],  # 415 for a body that is not declared JSON
     responses={200: {"model": DeadLettersReplayed, "description": "nothing matched"},
-               **_errors(401, 404, 409, 415, 422, 429, 503)},
+               **_errors(401, 404, 409, 413, 415, 422, 429, 503)},
 )
 async def replay(request: Request, body: DeadLetterReplay, runtime: RuntimeDep, scope: ScopeDep,
                  quota: QuotaDep, runner: RunnerDep) -> JSONResponse:
