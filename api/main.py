@@ -1,7 +1,10 @@
 """The FastAPI application: ``create_app()``, the module-level ``app``, and ``run()``.
 
-``uvicorn api.main:app`` serves it; :func:`run` does too, after refusing to listen beyond
-127.0.0.1 when no API keys are configured (:func:`batchops.auth.check_bind`).
+:func:`run` serves it with uvicorn, after refusing to listen beyond 127.0.0.1 when no API keys
+are configured (:func:`batchops.auth.check_bind`). Wherever the API is served, uvicorn gets
+:func:`server_options`: its h11 parser, which refuses a request line and headers larger than
+``settings.max_header_bytes`` as they arrive (httptools, uvicorn's other parser, has no such
+limit: it reads a 64 MB header line whole before the app sees the request).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from batchops.auth import ApiKeyring, HostAllowlist, check_bind
 from batchops.quota import build_quota
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchCreate
-from batchops.settings import get_settings
+from batchops.settings import Settings, get_settings
 
-__all__ = ["app", "create_app", "run"]
+__all__ = ["app", "create_app", "run", "server_options"]
 
 logger = logging.getLogger("api")
 
@@ -88,11 +91,18 @@ def create_app() -> FastAPI:
 app = create_app()
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn settings the API is served with (``uvicorn.Config`` keywords)."""
+    return {"http": "h11", "h11_max_incomplete_event_size": settings.max_header_bytes,
+            "proxy_headers": False}
+
+
 def run(host: str | None = None, port: int | None = None) -> None:
     """Serve the API with uvicorn (defaults: ``settings.api_host``/``api_port``).
 
     Raises:
-        ConfigurationError: no API keys are configured and ``host`` is not loopback.
+        ConfigurationError: a setting is invalid, or no API keys are configured and ``host``
+            is not loopback.
     """
     import uvicorn
 
@@ -100,4 +110,4 @@ def run(host: str | None = None, port: int | None = None) -> None:
     host = host or settings.api_host
     check_bind(host, settings)
     uvicorn.run(app, host=host, port=settings.api_port if port is None else port,
-                proxy_headers=False)
+                **server_options(settings))

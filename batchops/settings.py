@@ -234,6 +234,9 @@ class Settings(BaseSettings):
                              BeforeValidator(_json_or_comma_list)] = Field(
         None, description="Host header values the API answers (names or addresses, any port; "
         "'*.example.com', '*'); unset: loopback names without API keys, any host with them")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="a request's line and headers, together; a larger "
+        "head is refused before it is read on")
     sync_threshold: int = Field(100, ge=0, description="mode auto: up to this many ops run sync")
     sync_wait_seconds: float = Field(10, ge=0, description="sync wait before answering 202")
     max_sync_wait_seconds: float = Field(60, ge=0, description="cap on Prefer: wait=N")

@@ -26,12 +26,12 @@ import pytest
 import sqlalchemy as sa
 import uvicorn
 
-from api.main import create_app
+from api.main import create_app, server_options
 from batchops.auth import ApiKeyring, check_bind, hash_key
 from batchops.errors import ConfigurationError
 from batchops.quota import LocalCounter, OperationsQuota, QuotaExceeded, RedisCounter
 from batchops.runtime import Runtime, get_runtime
-from batchops.settings import Settings
+from batchops.settings import Settings, get_settings
 from tests.runner import serving_deployments
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -50,7 +50,9 @@ class ApiServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(), log_level="warning", lifespan="on")
+        # Served as `batchops api` serves it (its HTTP parser and limits).
+        config = uvicorn.Config(create_app(), log_level="warning", lifespan="on",
+                                **server_options(get_settings()))
         self._server = uvicorn.Server(config)
         # The test's context (its Prefect settings) goes with the server thread.
         context = contextvars.copy_context()

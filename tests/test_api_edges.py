@@ -4,7 +4,10 @@ SQLite store; every refusal is checked for what it leaves behind: nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -215,6 +218,44 @@ def test_a_csv_import_over_what_is_left_of_the_minute_is_429_and_stores_nothing(
     # The refused import was not counted: 4 more operations fit.
     assert api.post("/batches", json={"operations": [user(i) for i in range(7, 11)]}
                     ).status_code == 200
+
+
+# -- item 9: header size -----------------------------------------------------------------------
+
+
+def _read_status(sock: socket.socket) -> bytes:
+    received = b""
+    try:
+        while b"\r\n" not in received:
+            part = sock.recv(65536)
+            if not part:
+                break
+            received += part
+    except ConnectionResetError:
+        pass
+    return received.split(b"\r\n", 1)[0]
+
+
+def test_a_request_head_over_the_header_limit_is_refused_quickly_and_the_server_answers_on(
+        sqlite_api: Callable[..., httpx.Client]) -> None:
+    api = sqlite_api()
+    port = api.base_url.port
+    assert port is not None
+    line = b"X-Padding: " + b"a" * (1 << 20) + b"\r\n"
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # The server may refuse (and close) before the whole line is sent.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line + b"\r\n")
+        status = _read_status(sock)
+    seconds = time.monotonic() - started
+
+    assert status.startswith(b"HTTP/1.1 4"), status
+    assert seconds < 5, f"{seconds:.1f} s to refuse"
+    assert api.get("/healthz").status_code == 200
+    # A head within the limit (a long token, say) is answered.
+    assert api.get("/healthz", headers={"X-Padding": "a" * 8000}).status_code == 200
 
 
 # -- item 11: list settings --------------------------------------------------------------------
