@@ -44,10 +44,8 @@ def port_in_use(host: str, port: int) -> bool:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return True
-            raise
+        except OSError as exc:  # any other problem is the server's to report
+            return exc.errno == errno.EADDRINUSE
     return False
 
 
