@@ -4,18 +4,74 @@ A ``Content-Length`` over the limit is refused before a byte of the body is read
 without one (chunked) is read chunk by chunk and refused as soon as it passes the limit, so
 a 1 GB upload costs at most the limit in memory. The ``413`` says ``Connection: close`` and
 the server closes the connection, so the rest of the upload is not read either.
+
+A body is read only with a ``Content-Type`` the route reads (415 ``unsupported_media_type``
+before any of it is read): ``application/json`` or ``application/*+json``, UTF-8, for JSON;
+an HTML form's types (``text/plain``, form-urlencoded, multipart) are never read as JSON, so
+a web page cannot post a batch without a CORS preflight.
 """
 
 from __future__ import annotations
 
 import json
+from email.message import Message
 from typing import Any
 
 from starlette.requests import Request
 
-from batchops.errors import BadRequest, BodyTooLarge, MalformedJson
+from batchops.errors import BadRequest, BodyTooLarge, MalformedJson, UnsupportedMediaType
 
-__all__ = ["BodyTooLarge", "MalformedJson", "read_body", "read_json"]
+__all__ = [
+    "CSV_MEDIA_TYPES",
+    "JSON_MEDIA_TYPES",
+    "BodyTooLarge",
+    "MalformedJson",
+    "media_type",
+    "read_body",
+    "read_json",
+    "require_json",
+    "require_media_type",
+]
+
+JSON_MEDIA_TYPES = ("application/json", "application/*+json")
+CSV_MEDIA_TYPES = ("text/csv", "multipart/form-data")
+
+
+def media_type(request: Request) -> str | None:
+    """The request's media type, lowercase and without parameters; ``None`` without one."""
+    value = request.headers.get("content-type")
+    if value is None or not value.strip():
+        return None
+    message = Message()
+    message["content-type"] = value
+    return message.get_content_type()
+
+
+def _matches(media: str, accepted: str) -> bool:
+    kind, _, subtype = accepted.partition("/")
+    if subtype.startswith("*+"):  # application/*+json
+        return media.startswith(f"{kind}/") and media.endswith(subtype[1:])
+    return media == accepted
+
+
+def require_media_type(request: Request, accepted: tuple[str, ...]) -> str:
+    """The request's media type when it is one of ``accepted``; else
+    :class:`UnsupportedMediaType` (also for a request without ``Content-Type``)."""
+    media = media_type(request)
+    if media is None or not any(_matches(media, a) for a in accepted):
+        raise UnsupportedMediaType(request.headers.get("content-type"), accepted)
+    return media
+
+
+def require_json(request: Request) -> None:
+    """The body is declared JSON, in UTF-8 (the only encoding of JSON, RFC 8259)."""
+    require_media_type(request, JSON_MEDIA_TYPES)
+    message = Message()
+    message["content-type"] = request.headers["content-type"]
+    charset = message.get_param("charset")
+    if isinstance(charset, str) and charset.lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(request.headers["content-type"],
+                                   ("application/json; charset=utf-8",))
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -41,7 +97,9 @@ def _reject_constant(name: str) -> Any:
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The body parsed as JSON (within ``limit`` bytes); :class:`MalformedJson` if it is not."""
+    """The body parsed as JSON (within ``limit`` bytes); :class:`UnsupportedMediaType` if it
+    is not declared JSON, :class:`MalformedJson` if it is not JSON."""
+    require_json(request)
     raw = await read_body(request, limit)
     if not raw.strip():
         raise MalformedJson("the request body is empty; expected a JSON object")

@@ -1,7 +1,8 @@
 """The one place errors become HTTP responses: ``{"error": {"code", "message", ...}}``.
 
 * a :class:`~batchops.errors.BatchopsError` → its ``http_status``, ``code``, ``message`` and
-  details (``Retry-After`` when it carries ``retry_after``);
+  details (``Retry-After`` when it carries ``retry_after``), also when middleware refuses a
+  request (:func:`batchops_error_response`);
 * FastAPI's request validation (query, headers, path) → 422 ``validation_failed`` with
   ``errors: [{index, id, field, message}]``, the shape batch validation uses;
 * Starlette's HTTP errors (unknown route, wrong method) → their status, a code from it;
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchops.errors import BatchopsError
 
-__all__ = ["error_response", "install_error_handlers"]
+__all__ = ["batchops_error_response", "error_response", "install_error_handlers"]
 
 logger = logging.getLogger("api")
 
@@ -35,18 +36,23 @@ def error_response(status: int, code: str, message: str, *,
                         status_code=status, headers=headers)
 
 
-async def _batchops_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, BatchopsError)
+def batchops_error_response(exc: BatchopsError) -> JSONResponse:
+    """The response for ``exc`` (also for middleware, which runs outside the handlers)."""
     headers = {}
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     if getattr(exc, "close_connection", False):  # the request body was left unread
         headers["Connection"] = "close"
-    if exc.http_status >= 500:
-        logger.error("%s %s: %s: %s", request.method, request.url.path, exc.code, exc.message)
     return JSONResponse({"error": exc.as_dict()}, status_code=exc.http_status,
                         headers=headers or None)
+
+
+async def _batchops_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BatchopsError)
+    if exc.http_status >= 500:
+        logger.error("%s %s: %s: %s", request.method, request.url.path, exc.code, exc.message)
+    return batchops_error_response(exc)
 
 
 def _field(loc: tuple[Any, ...]) -> str:

@@ -1,7 +1,10 @@
 """The FastAPI application: ``create_app()``, the module-level ``app``, and ``run()``.
 
-``uvicorn api.main:app`` serves it; :func:`run` does too, after refusing to listen beyond
-127.0.0.1 when no API keys are configured (:func:`batchops.auth.check_bind`).
+:func:`run` serves it with uvicorn, after refusing to listen beyond 127.0.0.1 when no API keys
+are configured (:func:`batchops.auth.check_bind`). Wherever the API is served, uvicorn gets
+:func:`server_options`: its h11 parser, which refuses a request line and headers larger than
+``settings.max_header_bytes`` as they arrive (httptools, uvicorn's other parser, has no such
+limit: it reads a 64 MB header line whole before the app sees the request).
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api.errors import install_error_handlers
+from api.host_check import HostCheckMiddleware
 from api.metrics import ApiMetrics
 from api.routes import batch_actions, batches, dead_letters, health
 from api.runs import BatchRunner
-from batchops.auth import ApiKeyring, check_bind
+from batchops.auth import ApiKeyring, HostAllowlist, check_bind
 from batchops.quota import build_quota
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchCreate
-from batchops.settings import get_settings
+from batchops.settings import Settings, get_settings
 
-__all__ = ["app", "create_app", "run"]
+__all__ = ["app", "create_app", "run", "server_options"]
 
 logger = logging.getLogger("api")
 
@@ -36,6 +40,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not ApiKeyring.from_settings(settings).enabled:
         logger.warning("no API keys are configured: every caller is trusted (scope 'default'); "
                        "serve on 127.0.0.1 only")
+    app.state.host_allowlist = HostAllowlist.from_settings(settings)
     await asyncio.to_thread(get_runtime)  # builds the runtime and migrates the store
     app.state.quota = build_quota(settings)
     app.state.runner = BatchRunner(settings.sync_workers, settings.process_batch_deployment,
@@ -74,6 +79,7 @@ def create_app() -> FastAPI:
         lifespan=_lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(HostCheckMiddleware)
     app.include_router(batch_actions.router)  # before batches: /batches/import is literal
     app.include_router(batches.router)
     app.include_router(dead_letters.router)
@@ -85,11 +91,18 @@ def create_app() -> FastAPI:
 app = create_app()
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn settings the API is served with (``uvicorn.Config`` keywords)."""
+    return {"http": "h11", "h11_max_incomplete_event_size": settings.max_header_bytes,
+            "proxy_headers": False}
+
+
 def run(host: str | None = None, port: int | None = None) -> None:
     """Serve the API with uvicorn (defaults: ``settings.api_host``/``api_port``).
 
     Raises:
-        ConfigurationError: no API keys are configured and ``host`` is not loopback.
+        ConfigurationError: a setting is invalid, or no API keys are configured and ``host``
+            is not loopback.
     """
     import uvicorn
 
@@ -97,4 +110,4 @@ def run(host: str | None = None, port: int | None = None) -> None:
     host = host or settings.api_host
     check_bind(host, settings)
     uvicorn.run(app, host=host, port=settings.api_port if port is None else port,
-                proxy_headers=False)
+                **server_options(settings))

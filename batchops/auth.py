@@ -8,7 +8,10 @@ live under — is a short id derived from its hash (``key-1a2b3c4d5e6f``), never
 
 With no keys configured authentication is off, every caller shares the scope ``"default"``
 and the server may only listen on the loopback interface (:func:`check_bind`; the API also
-refuses requests that arrive on another interface).
+refuses requests that arrive on another interface). Then a web page the developer opens is
+the threat: :class:`HostAllowlist` answers only requests whose ``Host`` is a loopback name (a
+page on a rebound DNS name sends its own), and none sent by a page of another host (its
+``Origin``; a form may post a CSV upload without any preflight).
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import hmac
 import ipaddress
 from dataclasses import dataclass
 
-from batchops.errors import ConfigurationError, InvalidApiKey
+from batchops.errors import ConfigurationError, HostNotAllowed, InvalidApiKey, OriginNotAllowed
+from batchops.hosts import canonical_host, host_allowed, host_of_header, host_of_origin
 from batchops.settings import Settings
 
 __all__ = [
     "DEFAULT_SCOPE",
     "LOOPBACK_HOSTS",
     "ApiKeyring",
+    "HostAllowlist",
     "InvalidApiKey",
     "check_bind",
     "hash_key",
@@ -81,6 +86,49 @@ class ApiKeyring:
         if match is None:
             raise InvalidApiKey("the API key is not valid")
         return f"key-{match[:_SCOPE_ID_CHARS]}"
+
+
+@dataclass(frozen=True)
+class HostAllowlist:
+    """Which ``Host`` values the API answers, and whether a request's ``Origin`` must be one
+    of them too.
+
+    ``settings.allowed_hosts`` when set; otherwise the loopback names without API keys and
+    any host with them (a key is not sent by a page the developer happens to open). The
+    ``Origin`` is checked without API keys only.
+    """
+
+    hosts: tuple[str, ...] | None  # None: any host
+    check_origin: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HostAllowlist:
+        keyless = not ApiKeyring.from_settings(settings).enabled
+        if settings.allowed_hosts is not None:
+            configured = [canonical_host(h) for h in settings.allowed_hosts]
+        elif keyless:
+            configured = sorted(canonical_host(h) for h in LOOPBACK_HOSTS)
+        else:
+            configured = ["*"]
+        hosts = None if "*" in configured else tuple(configured)
+        return cls(hosts, check_origin=keyless and hosts is not None)
+
+    def check(self, host: str | None, origin: str | None) -> None:
+        """Raises :class:`HostNotAllowed` or :class:`OriginNotAllowed` for a refused request."""
+        if self.hosts is None:
+            return
+        allowed = list(self.hosts)
+        name = host_of_header(host) if host is not None else None
+        if name is None or not host_allowed(name, allowed):
+            shown = "no Host header" if host is None else f"Host {host[:100]!r}"
+            raise HostNotAllowed(f"this API answers only for the hosts {', '.join(allowed)} "
+                                 f"(BATCHOPS_ALLOWED_HOSTS); the request has {shown}")
+        if self.check_origin and origin is not None:
+            source = host_of_origin(origin)
+            if source is None or not host_allowed(source, allowed):
+                raise OriginNotAllowed(
+                    f"no API keys are configured, so requests from web pages of other hosts "
+                    f"are refused; the request comes from Origin {origin[:100]!r}")
 
 
 def check_bind(host: str, settings: Settings) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httpx
 
 from batchops.errors import CallbackHostUnresolvable, CallbackUrlNotAllowed
+from batchops.hosts import host_allowed
 from batchops.settings import Settings
 
 __all__ = ["MAX_CALLBACK_URL_LENGTH", "CallbackTarget", "check_callback_url", "host_allowed"]
@@ -34,20 +35,42 @@ class CallbackTarget:
     addresses: tuple[str, ...]
 
 
-def host_allowed(host: str, allowed: list[str]) -> bool:
-    """``host`` matches an entry: the same name, ``*.example.com`` (any subdomain, not the
-    domain itself), or ``*`` (any host)."""
-    for entry in allowed:
-        if entry == "*" or entry == host:
-            return True
-        if entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1:
-            return True
-    return False
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: local use, any prefix length
+_TRANSLATED = 0xFFFF0000  # ::ffff:0:a.b.c.d, RFC 2765
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    """The IPv4 address an IPv6 address stands for, and the form: a packet to it may reach
+    that IPv4 address (through a relay, a NAT64 gateway or the host's own dual stack)."""
+    if ip.ipv4_mapped is not None:
+        return "an IPv4-mapped address", ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return "a 6to4 address", ip.sixtofour
+    if ip.teredo is not None:
+        return "a Teredo address", ip.teredo[1]  # the client, de-obfuscated
+    value = int(ip)
+    if ip in _NAT64:
+        return "a NAT64 address", ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    high = value >> 32
+    if high == _TRANSLATED:
+        return "an IPv4-translated address", ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if high == 0 and value > 1:  # not :: or ::1
+        return "an IPv4-compatible address", ipaddress.IPv4Address(value)
+    return None
 
 
 def _address_problem(ip: IPAddress, allow_private: bool) -> str | None:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            form, ipv4 = embedded
+            problem = _address_problem(ipv4, allow_private)
+            if problem:
+                return f"{form} of {problem} ({ipv4})"
+        if ip in _LOCAL_NAT64 and not allow_private:
+            # Where the IPv4 address sits depends on the operator's prefix: refused whole.
+            return "a local-use NAT64 address"
     if ip.is_unspecified or ip.is_multicast:
         return "an unspecified or multicast address"
     if allow_private or (ip.is_global and not ip.is_reserved):

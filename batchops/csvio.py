@@ -39,6 +39,7 @@ __all__ = [
     "RESULT_COLUMNS",
     "CsvImport",
     "InputFormat",
+    "count_operations",
     "detect_format",
     "escape_formula",
     "input_format",
@@ -307,8 +308,9 @@ def _next_chunk(reader: Any, name: str) -> pd.DataFrame | None:
 
 
 @contextmanager
-def _csv_operations(path: Path, spec: CsvImport,
-                    chunk_rows: int) -> Iterator[Iterator[dict[str, Any]]]:
+def _csv_chunks(path: Path, spec: CsvImport,
+                chunk_rows: int) -> Iterator[tuple[list[str], Iterator[pd.DataFrame]]]:
+    """The file's header as written and its rows in pandas chunks; the header is checked."""
     name = path.name
     try:
         reader = pd.read_csv(path, chunksize=chunk_rows, dtype=str, keep_default_na=False,
@@ -321,22 +323,35 @@ def _csv_operations(path: Path, spec: CsvImport,
     with reader:
         first = _next_chunk(reader, name)  # a header-only file gives an empty first chunk
         raw_header = [str(c) for c in first.columns] if first is not None else []
+        spec.check_header([c.strip() for c in raw_header], name)
+
+        def chunks() -> Iterator[pd.DataFrame]:
+            chunk = first
+            while chunk is not None:
+                yield chunk
+                chunk = _next_chunk(reader, name)
+
+        yield raw_header, chunks()
+
+
+@contextmanager
+def _csv_operations(path: Path, spec: CsvImport,
+                    chunk_rows: int) -> Iterator[Iterator[dict[str, Any]]]:
+    name = path.name
+    with _csv_chunks(path, spec, chunk_rows) as (raw_header, chunks):
         header = [c.strip() for c in raw_header]
-        spec.check_header(header, name)
 
         def rows() -> Iterator[dict[str, Any]]:
             # Count physical lines, so a quoted cell spanning lines or a blank line does not
             # shift the line numbers of the rows after it.
             line = 1 + sum(c.count("\n") for c in raw_header)
-            chunk = first
-            while chunk is not None:
+            for chunk in chunks:
                 for values in chunk.itertuples(index=False, name=None):
                     line += 1
                     cells = [str(v) for v in values]
                     if any(cells):
                         yield spec.operation(line, dict(zip(header, cells, strict=True)), name)
                     line += sum(c.count("\n") for c in cells)
-                chunk = _next_chunk(reader, name)
 
         yield rows()
 
@@ -381,6 +396,29 @@ def open_operations(path: Path, *, csv: CsvImport | None = None,
             yield read(fh, path.name)
         except UnicodeDecodeError as exc:  # decoding happens as the operations are read
             raise MalformedInput(f"{path.name}: not UTF-8 text: {exc}") from None
+
+
+def count_operations(path: Path, *, csv: CsvImport | None = None, stop_after: int,
+                     chunk_rows: int = 10_000) -> int:
+    """The operations in ``path`` (as :func:`open_operations` reads them), counting no further
+    than ``stop_after + 1``: a file over a limit is known to be so without reading it all.
+
+    CSV rows are counted a pandas chunk at a time (the rows with a non-empty cell, as
+    :func:`open_operations` makes operations of), not turned into operations.
+
+    Raises what :func:`open_operations` raises for a file it cannot read.
+    """
+    if csv is None:
+        with open_operations(path) as operations:
+            return sum(1 for _ in islice(operations, stop_after + 1))
+    input_format(path, csv=True)
+    count = 0
+    with _csv_chunks(path, csv, chunk_rows) as (_, chunks):
+        for chunk in chunks:
+            count += int((chunk != "").any(axis=1).sum())
+            if count > stop_after:
+                return stop_after + 1
+    return count
 
 
 # -- results -----------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     │   └── MalformedInput        400  malformed_input   (unparseable CSV, files)
     │       └── MalformedJson     400  malformed_json    (a request body that is not JSON)
     ├── InvalidApiKey             401  unauthorized
+    ├── OriginNotAllowed          403  origin_not_allowed (no API keys: a foreign web page)
+    ├── UnsupportedMediaType      415  unsupported_media_type (the body's Content-Type)
+    ├── HostNotAllowed            421  host_not_allowed  (a Host the settings do not allow)
     ├── QuotaExceeded             429  quota_exceeded    (``retry_after`` seconds)
+    ├── BatchExceedsQuota         413  batch_exceeds_quota (more operations than the quota
+    │                                                       allows in any one minute)
     ├── ValidationFailed          422  validation_failed (carries every FieldError)
     │   └── CallbackUrlNotAllowed 422  callback_url_not_allowed (scheme, userinfo, allowlist,
     │       │                                                    private address)
@@ -43,6 +48,7 @@ from typing import Any
 
 __all__ = [
     "BadRequest",
+    "BatchExceedsQuota",
     "BatchFinished",
     "BatchInProgress",
     "BatchNotFound",
@@ -57,15 +63,18 @@ __all__ = [
     "DeadLetterReplayed",
     "EmptyReplayFilter",
     "FieldError",
+    "HostNotAllowed",
     "IdempotencyConflict",
     "InvalidApiKey",
     "ItemError",
     "MalformedInput",
     "MalformedJson",
     "NotFound",
+    "OriginNotAllowed",
     "QuotaExceeded",
     "SignatureVerificationError",
     "TransientError",
+    "UnsupportedMediaType",
     "ValidationFailed",
 ]
 
@@ -219,6 +228,63 @@ class QuotaExceeded(BatchopsError):
 
     def details(self) -> dict[str, Any]:
         return {"limit": self.limit, "retry_after": self.retry_after}
+
+
+class BatchExceedsQuota(BatchopsError):
+    """The batch has more operations than the quota allows in a whole minute (413): no retry
+    can ever pass, unlike :class:`QuotaExceeded`, so there is no ``Retry-After``.
+
+    ``at_least``: counting stopped once it was over the quota (a file import), so
+    ``operations`` is a lower bound.
+    """
+
+    code = "batch_exceeds_quota"
+    http_status = 413
+
+    def __init__(self, operations: int, limit: int, *, at_least: bool = False) -> None:
+        self.operations = operations
+        self.limit = limit
+        self.at_least = at_least
+        count = f"more than {limit}" if at_least else str(operations)
+        super().__init__(
+            f"the batch has {count} operations and the quota allows {limit} operations per "
+            f"minute, so it can never run; split it into batches of at most {limit}")
+
+    def details(self) -> dict[str, Any]:
+        return {"limit": self.limit, "operations": self.operations, "at_least": self.at_least}
+
+
+class UnsupportedMediaType(BatchopsError):
+    """The request body's ``Content-Type`` is not one the route reads (415)."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+    def __init__(self, content_type: str | None, accepted: tuple[str, ...]) -> None:
+        self.content_type = content_type
+        self.accepted = accepted
+        given = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        super().__init__(f"this endpoint reads {' or '.join(accepted)}; the request has "
+                         f"{given}")
+
+    def details(self) -> dict[str, Any]:
+        return {"accepted": list(self.accepted)}
+
+
+class HostNotAllowed(BatchopsError):
+    """The request's ``Host`` is not one this API answers for (421): without API keys only
+    loopback names, else ``settings.allowed_hosts`` (DNS rebinding)."""
+
+    code = "host_not_allowed"
+    http_status = 421
+
+
+class OriginNotAllowed(BatchopsError):
+    """Without API keys, a request sent by a web page of another host (its ``Origin``) is
+    refused (403): any page a developer opens could otherwise run batches on localhost."""
+
+    code = "origin_not_allowed"
+    http_status = 403
 
 
 class BodyTooLarge(BatchTooLarge):

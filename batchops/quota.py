@@ -2,9 +2,10 @@
 
 A fixed one-minute window: a request for ``n`` operations adds ``n`` to its scope's counter
 for the current minute; past the limit it is refused (and its ``n`` taken back), with the
-seconds until the window ends as ``Retry-After``. The counter lives in Redis (``INCRBY`` with
-an expiry) when ``settings.redis_url`` is set, so every API process shares it; otherwise in
-this process.
+seconds until the window ends as ``Retry-After``. A request for more than the limit could
+never pass: it is refused as :class:`BatchExceedsQuota` without counting anything. The
+counter lives in Redis (``INCRBY`` with an expiry) when ``settings.redis_url`` is set, so
+every API process shares it; otherwise in this process.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from batchops.errors import QuotaExceeded
+from batchops.errors import BatchExceedsQuota, QuotaExceeded
 from batchops.settings import Settings
 
 __all__ = [
+    "BatchExceedsQuota",
     "LocalCounter",
     "OperationsQuota",
     "QuotaExceeded",
@@ -96,12 +98,15 @@ class OperationsQuota:
         return f"batchops:quota:{scope}:{window}", retry_after
 
     async def charge(self, scope: str, operations: int) -> str | None:
-        """Count ``operations`` for ``scope``; :class:`QuotaExceeded` (nothing counted) if over.
+        """Count ``operations`` for ``scope``; :class:`QuotaExceeded` (nothing counted) if over
+        this minute's quota, :class:`BatchExceedsQuota` if over any minute's.
 
         Returns the window's key, for :meth:`refund`; ``None`` when nothing was counted.
         """
         if not self.limit or operations <= 0:
             return None
+        if operations > self.limit:
+            raise BatchExceedsQuota(operations, self.limit)
         key, retry_after = self._window(scope)
         count = await self.counter.add(key, operations, WINDOW_SECONDS * 2)
         if count > self.limit:

@@ -1,30 +1,65 @@
 """Settings: one pydantic-settings class, ``BATCHOPS_`` prefix, read once via ``get_settings()``.
 
 Sources, highest priority first: init arguments, environment (``BATCHOPS_*``; nested values as
-JSON, e.g. ``BATCHOPS_RESOURCES='{...}'``), a ``.env`` file, then ``batchops.toml`` in the
-working directory (or the file named by ``BATCHOPS_CONFIG_FILE``).
+JSON, e.g. ``BATCHOPS_RESOURCES='{...}'``; lists of names as JSON or comma-separated,
+``BATCHOPS_API_KEYS=k1,k2``), a ``.env`` file, then ``batchops.toml`` in the working directory
+(or the file named by ``BATCHOPS_CONFIG_FILE``). A setting that does not validate makes
+:func:`get_settings` raise one :class:`~batchops.errors.ConfigurationError` naming it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
+
+from batchops.errors import ConfigurationError
 
 __all__ = ["ColumnSpec", "ResourceSpec", "Settings", "SyncSpec", "UpstreamSpec", "get_settings"]
 
 ColumnType = Literal["integer", "text", "numeric", "float", "boolean", "timestamp", "date", "json"]
 
 MAX_CHUNK_SIZE = 500
+
+
+def _json_or_comma_list(value: Any) -> Any:
+    """A list given as text (the environment): a JSON list, or values separated by commas."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a valid JSON list ({exc.msg}); or write a,b,c") from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# A list setting: a JSON list or ``a,b,c`` in the environment, a list in batchops.toml.
+NameList = Annotated[list[str], NoDecode, BeforeValidator(_json_or_comma_list)]
+SecretList = Annotated[list[SecretStr], NoDecode, BeforeValidator(_json_or_comma_list)]
 
 
 class ColumnSpec(BaseModel):
@@ -187,15 +222,23 @@ class Settings(BaseSettings):
         "batch skip it")
     artifact_max_rows: int = Field(
         1000, ge=1, description="rows of the item table artifact (failures first beyond it)")
-    handler_modules: list[str] = ["batchops.demo.handlers"]
+    handler_modules: NameList = ["batchops.demo.handlers"]
     resources: dict[str, ResourceSpec] = Field(default_factory=_demo_resources)
     upstreams: dict[str, UpstreamSpec] = Field(
         default_factory=dict, description="http targets: name → upstream API")
-    api_keys: list[SecretStr] = []
+    api_keys: SecretList = Field(
+        [], description="API keys (or 'sha256:<hex>' of one): a JSON list or k1,k2")
 
     # The HTTP API
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
+    allowed_hosts: Annotated[list[str] | None, NoDecode,
+                             BeforeValidator(_json_or_comma_list)] = Field(
+        None, description="Host header values the API answers (names or addresses, any port; "
+        "'*.example.com', '*'); unset: loopback names without API keys, any host with them")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="a request's line and headers, together; a larger "
+        "head is refused before it is read on")
     sync_threshold: int = Field(100, ge=0, description="mode auto: up to this many ops run sync")
     sync_wait_seconds: float = Field(10, ge=0, description="sync wait before answering 202")
     max_sync_wait_seconds: float = Field(60, ge=0, description="cap on Prefer: wait=N")
@@ -218,7 +261,7 @@ class Settings(BaseSettings):
     # Refused unless the host is on the allowlist (empty: no callbacks accepted at all).
     callback_secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key of the Batchops-Signature header")
-    callback_allowed_hosts: list[str] = Field(
+    callback_allowed_hosts: NameList = Field(
         [], description="hosts callbacks may go to: exact, '*.example.com' or '*' (any host)")
     callback_allow_private: bool = Field(
         False, description="allow loopback, private and link-local callback addresses")
@@ -231,6 +274,15 @@ class Settings(BaseSettings):
     @classmethod
     def _normalize_hosts(cls, hosts: list[str]) -> list[str]:
         return [h.strip().lower().rstrip(".") for h in hosts if h.strip()]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _normalize_allowed_hosts(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        names = [h.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+                 for h in hosts if h.strip()]
+        return names or None  # empty: the default
 
     @model_validator(mode="after")
     def _callbacks_are_signed(self) -> Settings:
@@ -259,7 +311,41 @@ class Settings(BaseSettings):
         )
 
 
+def _env_name(field: object) -> str:
+    return f"BATCHOPS_{str(field).upper()}"
+
+
+def _describe(exc: ValidationError) -> str:
+    """Every problem on one line, named by its environment variable (values not shown: some
+    are secrets)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = error["loc"]
+        if not loc:  # a rule across settings
+            problems.append(f"invalid settings: {error['msg']}")
+            continue
+        where = _env_name(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                                            for p in loc[1:])
+        problems.append(f"invalid setting {where}: {error['msg']}")
+    return "; ".join(problems)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read once. Tests call ``get_settings.cache_clear()``."""
-    return Settings()
+    """The process's settings, read once. Tests call ``get_settings.cache_clear()``.
+
+    Raises:
+        ConfigurationError: a setting is invalid (one line naming each bad setting).
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
+    except SettingsError as exc:  # a value the environment source could not decode
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = _env_name(field.group(1)) if field else "a setting"
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigurationError(f"invalid setting {name}: cannot decode its value{cause}"
+                                 ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"the settings file is not valid TOML: {exc}") from None

@@ -80,11 +80,14 @@ def http_ok(url: str) -> Callable[[], bool]:
 
 def uvicorn_app(name: str, factory: str, *, cwd: Path, env: dict[str, str],
                 log_path: Path) -> tuple[ManagedProcess, str]:
-    """``uvicorn --factory FACTORY`` on a free 127.0.0.1 port (one worker, no access log);
-    the process (not started) and its base URL."""
+    """``uvicorn --factory FACTORY`` on a free 127.0.0.1 port (one worker, no access log),
+    with the HTTP parser and header limit ``api.main.server_options`` serves the API with
+    (both sides alike); the process (not started) and its base URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
-           "--port", str(port), "--no-access-log", "--log-level", "warning"]
+           "--port", str(port), "--no-access-log", "--log-level", "warning",
+           "--http", "h11", "--h11-max-incomplete-event-size", str(64 * 1024),
+           "--no-proxy-headers"]
     return ManagedProcess(name, cmd, cwd=cwd, env=env, log_path=log_path), \
         f"http://127.0.0.1:{port}"
 

@@ -180,8 +180,8 @@ def prefect_for_runs() -> Iterator[str | None]:
 def _print_error(exc: BatchopsError) -> None:
     if isinstance(exc, ValidationFailed):
         _print_validation_errors(exc)
-    else:
-        _err.print(f"[bold red]error:[/] {escape(exc.message)}")
+    else:  # one line, whatever the terminal's width
+        _err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
 
 
 def _print_validation_errors(exc: ValidationFailed) -> None:
@@ -535,18 +535,23 @@ def up(
     scaled: Annotated[bool, typer.Option(
         help="Production backends on this machine: 2 Prefect API servers and the services on "
              "PostgreSQL with prefect-redis, 2 workers on the 'batchops' work pool, 2 APIs "
-             "(:8000, :8001). See docs/scaling.md.")] = False,
+             "(BATCHOPS_API_PORT and the next, :8000 and :8001). See docs/scaling.md.")
+    ] = False,
 ) -> None:
     """Start the system on the embedded default: a Prefect server (SQLite under .data/),
-    then the demo batch through this CLI. Ctrl-C stops everything."""
+    the API on BATCHOPS_API_PORT (8000), then the demo batch through this CLI. Ctrl-C stops
+    everything."""
+    settings = get_settings()  # a bad setting stops here, before anything starts
     demo_file = demo if demo and demo.exists() else None
     if scaled:
         from deployments.scaled import ScaledTopology, run_scaled_system
 
-        raise typer.Exit(run_scaled_system(ScaledTopology(), demo_file, stay=stay))
+        topology = ScaledTopology(api_ports=(settings.api_port, settings.api_port + 1))
+        raise typer.Exit(run_scaled_system(topology, demo_file, stay=stay))
     from deployments.local import run_local_system
 
-    raise typer.Exit(run_local_system(demo_file, port=port, stay=stay))
+    raise typer.Exit(run_local_system(demo_file, port=port, api_port=settings.api_port,
+                                      api_host=settings.api_host, stay=stay))
 
 
 @app.command()
@@ -575,7 +580,8 @@ def serve() -> None:
 @app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    port: Annotated[int | None, typer.Option(
+        help="Port (default BATCHOPS_API_PORT, 8000).")] = None,
 ) -> None:
     """Serve the webhook API (FastAPI, uvicorn). Without API keys it binds to 127.0.0.1 only."""
     with prefect_for_runs():
@@ -588,7 +594,8 @@ def api(
 def submit(
     file: Annotated[Path, typer.Argument(help="Operations (.json/.jsonl) or rows (.csv).",
                                          metavar="FILE", show_default=False)],
-    url: Annotated[str, typer.Option(help="The batchops API.")] = "http://127.0.0.1:8000",
+    url: Annotated[str | None, typer.Option(
+        help="The batchops API (default http://127.0.0.1:BATCHOPS_API_PORT).")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="BATCHOPS_API_KEY",
                                                 help="API key (or BATCHOPS_API_KEY).")] = None,
     resource: Annotated[str | None, typer.Option(help="CSV only: the resource.")] = None,
@@ -602,6 +609,7 @@ def submit(
     """
     from cli.submit import SubmitFailed, submit_file, validation_errors
 
+    url = url or f"http://127.0.0.1:{get_settings().api_port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=120) as client:

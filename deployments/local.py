@@ -1,5 +1,5 @@
 """The embedded system on one machine: a standing Prefect server (SQLite), the runner serving
-the deployments, the webhook API on :8000, then the demo batch.
+the deployments, the webhook API (on ``BATCHOPS_API_PORT``, 8000), then the demo batch.
 
 ``batchops up`` (and ``make up``) calls :func:`run_local_system`. Everything lives under
 ``.data/``: the Prefect server's database and results, the batchops store, the logs.
@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from batchops.devtools.prefect_server import command as embedded_server
-from deployments.processes import Supervisor, stop_on_signals, wait_http
+from deployments.processes import Supervisor, port_in_use, stop_on_signals, wait_http
 
 __all__ = ["run_local_system", "wait_for_prefect"]
 
@@ -36,11 +36,23 @@ def _prefect_env(data_dir: Path, port: int) -> dict[str, str]:
     return env
 
 
+def _url_host(host: str) -> str:
+    """``host`` as it goes in a URL that this machine can open."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int = 8000,
-                     data_dir: Path = Path(".data"), stay: bool = True) -> int:
+                     api_host: str = "127.0.0.1", data_dir: Path = Path(".data"),
+                     stay: bool = True) -> int:
     """Start the Prefect server, the runner and the API, run the demo batch, keep serving
     until Ctrl-C, then stop every process."""
     stop_on_signals()
+    if port_in_use(api_host, api_port):  # known now, not after starting everything else
+        console.print(f"[red]Port {api_port} on {api_host} is in use, so the API cannot "
+                      "listen there; stop what listens on it or set BATCHOPS_API_PORT.")
+        return 1
     data_dir.mkdir(parents=True, exist_ok=True)
     env = _prefect_env(data_dir.resolve(), port)
     env.setdefault("BATCHOPS_PREFECT_UI_URL", f"http://127.0.0.1:{port}")
@@ -64,8 +76,9 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
         console.print(f"[green]Prefect server ready[/]: UI {ui}  API {api_url}")
         subprocess.check_call([sys.executable, "-m", "cli", "db", "upgrade"], env=env)
         processes.start("runner", [sys.executable, "-m", "cli", "serve"], env)
-        processes.start("api", [sys.executable, "-m", "cli", "api", "--port", str(api_port)], env)
-        webhook = f"http://127.0.0.1:{api_port}"
+        processes.start("api", [sys.executable, "-m", "cli", "api", "--host", api_host,
+                                "--port", str(api_port)], env)
+        webhook = f"http://{_url_host(api_host)}:{api_port}"
         if not wait_http(f"{webhook}/healthz"):
             console.print(f"[red]The API did not start; see {data_dir / 'api.log'}")
             return 1

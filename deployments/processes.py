@@ -9,8 +9,10 @@ stops them in reverse order — SIGINT first, so runners and uvicorn finish what
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["Child", "Supervisor", "stop_on_signals", "wait_http"]
+__all__ = ["Child", "Supervisor", "port_in_use", "stop_on_signals", "wait_http"]
 
 
 def wait_http(url: str, timeout: float = 60) -> bool:
@@ -31,6 +33,19 @@ def wait_http(url: str, timeout: float = 60) -> bool:
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
+    return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` already (a server started there would fail
+    to bind). Binds the way uvicorn does, with ``SO_REUSEADDR``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:  # any other problem is the server's to report
+            return exc.errno == errno.EADDRINUSE
     return False
 
 

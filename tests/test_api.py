@@ -26,12 +26,12 @@ import pytest
 import sqlalchemy as sa
 import uvicorn
 
-from api.main import create_app
+from api.main import create_app, server_options
 from batchops.auth import ApiKeyring, check_bind, hash_key
 from batchops.errors import ConfigurationError
 from batchops.quota import LocalCounter, OperationsQuota, QuotaExceeded, RedisCounter
 from batchops.runtime import Runtime, get_runtime
-from batchops.settings import Settings
+from batchops.settings import Settings, get_settings
 from tests.runner import serving_deployments
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -50,7 +50,9 @@ class ApiServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(), log_level="warning", lifespan="on")
+        # Served as `batchops api` serves it (its HTTP parser and limits).
+        config = uvicorn.Config(create_app(), log_level="warning", lifespan="on",
+                                **server_options(get_settings()))
         self._server = uvicorn.Server(config)
         # The test's context (its Prefect settings) goes with the server thread.
         context = contextvars.copy_context()
@@ -323,7 +325,8 @@ def test_same_idempotency_key_and_body_replays_the_same_batch_without_a_second_r
     # the same body with its keys in another order is the same request
     again = api.post("/batches", content=json.dumps({"operations": [
         {"body": op["body"], "path": op["path"], "method": op["method"], "id": op["id"]}
-        for op in request["operations"]]}), headers=headers)
+        for op in request["operations"]]}),
+        headers={**headers, "Content-Type": "application/json"})
     other = api.post("/batches", json={"operations": [user(3)]}, headers=headers)
 
     assert first.status_code == 200, first.text
@@ -378,7 +381,8 @@ def test_malformed_json_answers_400(start_api: Callable[..., httpx.Client],
 
     assert_error(api.post("/batches", content=b'{"operations": [', headers={
         "Content-Type": "application/json"}), 400, "malformed_json")
-    assert_error(api.post("/batches", content=b"NaN"), 400, "malformed_json")
+    assert_error(api.post("/batches", content=b"NaN", headers={
+        "Content-Type": "application/json"}), 400, "malformed_json")
     assert_error(api.post("/batches", json=[user(1)]), 422, "validation_failed")
 
 
@@ -406,7 +410,7 @@ def test_body_over_the_size_limit_is_refused_while_it_streams(
             sent += len(piece)
             yield piece
 
-    answer = api.post("/batches", content=body())
+    answer = api.post("/batches", content=body(), headers={"Content-Type": "application/json"})
 
     error = assert_error(answer, 413, "batch_too_large")
     assert error["limit_bytes"] == 10 * 1024 * 1024
@@ -414,7 +418,8 @@ def test_body_over_the_size_limit_is_refused_while_it_streams(
     assert sent < total, "the server read the whole upload"
     # a declared length over the limit is refused before any of the body is sent
     with socket.create_connection(("127.0.0.1", api.base_url.port or 80), timeout=10) as sock:
-        sock.sendall(b"POST /batches HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+        sock.sendall(b"POST /batches HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json"
                      b"\r\nContent-Length: 1073741824\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 413 ")
 

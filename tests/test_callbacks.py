@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -356,6 +357,31 @@ def test_private_callback_address_is_refused_unless_allowed(
     body = json.loads(hook.requests[0].body)
     assert (body["batch_id"], body["status_url"], body["summary"]) == (
         batch_id, status_url, {"total": 1, "succeeded": 1, "failed": 0, "skipped": 0})
+
+
+def test_ipv6_forms_of_private_ipv4_addresses_are_refused(
+        serve_api: Callable[..., httpx.Client], tmp_path: Path) -> None:
+    api = serve_api(database_url=f"sqlite:///{tmp_path / 'store.db'}", callback_secret=SECRET,
+                    callback_allowed_hosts='["*"]')
+    refused = {
+        "2002:7f00:1::": "6to4 address of a loopback address (127.0.0.1)",
+        "2002:c0a8:101::": "6to4 address of a private address (192.168.1.1)",
+        "2002:a9fe:a9fe::1": "6to4 address of a link-local address (169.254.169.254)",
+        "2001:0:4136:e378:8000:63bf:80ff:fffe": "Teredo address of a loopback address",
+        "64:ff9b::7f00:1": "NAT64 address of a loopback address (127.0.0.1)",
+        "64:ff9b::a00:1": "NAT64 address of a private address (10.0.0.1)",
+        "64:ff9b:1::a00:1": "local-use NAT64 address",
+        "::ffff:7f00:1": "IPv4-mapped address of a loopback address",
+        "::ffff:0:a9fe:a9fe": "IPv4-translated address of a link-local address",
+        "::7f00:1": "IPv4-compatible address of a loopback address",
+    }
+
+    for address, reason in refused.items():
+        answer = api.post("/batches", json={"operations": [user(1)],
+                                            "callback_url": f"http://[{address}]/hook"})
+        assert reason in assert_error(answer, 422, "callback_url_not_allowed")["message"], (
+            address)
+    assert table_rows(get_runtime(), "batches") == []
 
 
 # -- the signature, as a receiver checks it ------------------------------------------------------

@@ -6,6 +6,10 @@ import csv
 import io
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -379,3 +383,57 @@ def test_run_records_its_flow_run_on_the_running_server_and_links_to_it(
         run = client.read_flow_run(uuid.UUID(link.rsplit("/", 1)[1]))
     assert run.name.startswith("batch-")
     assert run.state is not None and run.state.is_completed()
+
+
+# -- start-up ------------------------------------------------------------------------------------
+
+
+def start(args: list[str], cwd: Path, **env: str) -> tuple[int, str, str]:
+    """``batchops ARGS`` in a process of its own: exit code, stdout, stderr. A command still
+    running after 60 s is stopped (SIGTERM: it stops what it started) and fails the test."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", *args], cwd=cwd, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent),
+                                     "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
+                                     **env})
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"batchops {' '.join(args)} still ran after 60 s:\n{out}\n{err}")
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize(("command", "name", "value"), [
+    ("api", "BATCHOPS_API_PORT", "eighty"),
+    ("up", "BATCHOPS_API_KEYS", '["unclosed'),
+])
+def test_a_bad_setting_stops_start_up_with_one_line_naming_it(
+        tmp_path: Path, command: str, name: str, value: str) -> None:
+    # Free ports all the same: a start-up that went on would not take anyone's.
+    args = [command, "--port", str(free_port())] + (["--no-stay"] if command == "up" else [])
+    code, out, err = start(args, tmp_path, **{"BATCHOPS_API_PORT": str(free_port()),
+                                              name: value})
+
+    assert code == EXIT_RUN_FAILED, (out, err)
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: invalid setting {name}: ")
+    assert value not in lines[0]  # values are not shown: some are secrets
+    assert not (tmp_path / ".data").exists()  # nothing started
+
+
+def test_up_uses_the_api_port_setting_and_says_at_once_when_it_is_busy(tmp_path: Path) -> None:
+    with socket.socket() as taken:  # the port the setting names is busy: up says so at once
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        code, out, err = start(["up", "--no-stay", "--port", str(free_port())], tmp_path,
+                               BATCHOPS_API_PORT=str(port))
+
+    assert code == 1, (out, err)
+    assert f"Port {port} on 127.0.0.1 is in use" in out
+    assert "Starting the Prefect server" not in out

@@ -13,10 +13,18 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.body import CSV_MEDIA_TYPES, require_media_type
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
 from api.routes.batches import BatchAccepted, BatchId, _accepted, _errors, _owned_batch, item_json
-from batchops.csvio import CsvImport, open_operations
-from batchops.errors import BadRequest, BatchFinished, BodyTooLarge, QuotaExceeded
+from batchops.csvio import CsvImport, count_operations, open_operations
+from batchops.errors import (
+    BadRequest,
+    BatchExceedsQuota,
+    BatchFinished,
+    BatchTooLarge,
+    BodyTooLarge,
+)
+from batchops.quota import OperationsQuota
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, BatchStatus, ItemResult, Method
@@ -99,14 +107,14 @@ def _recorded_after(runtime: Runtime, batch_id: str, after: int) -> list[ItemRes
     return list(runtime.store.iter_results(batch_id, after=after))
 
 
-async def _spool_upload(request: Request, limit: int) -> FilePath:
+async def _spool_upload(request: Request, limit: int, *, multipart: bool) -> FilePath:
     """The uploaded CSV (multipart ``file`` field or a ``text/csv`` body) in a temp file."""
     out = tempfile.NamedTemporaryFile(suffix=".csv", delete=False)  # noqa: SIM115
     path = FilePath(out.name)
     size = 0
     try:
         with out:
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            if multipart:
                 form = await request.form(max_files=1, max_fields=10)
                 upload = form.get("file")
                 if upload is None or isinstance(upload, str):
@@ -128,9 +136,22 @@ async def _spool_upload(request: Request, limit: int) -> FilePath:
     return path
 
 
+def _count_rows(path: FilePath, spec: CsvImport, quota: OperationsQuota,
+                max_rows: int) -> int:
+    """The file's operations, counted only as far as the quota or the row limit allows:
+    :class:`BatchExceedsQuota` or :class:`BatchTooLarge` as soon as it is over one."""
+    stop_after = min(quota.limit, max_rows)
+    count = count_operations(path, csv=spec, stop_after=stop_after)
+    if count > max_rows:
+        raise BatchTooLarge(count, max_rows)
+    if count > quota.limit:
+        raise BatchExceedsQuota(count, quota.limit, at_least=True)
+    return count
+
+
 @router.post("/batches/import", name="import_batch", response_model=BatchAccepted,
              status_code=202, summary="Import a CSV file as a batch on one resource",
-             responses=_errors(400, 401, 413, 422, 429))
+             responses=_errors(400, 401, 413, 415, 422, 429))
 async def import_batch(
     request: Request, runtime: RuntimeDep, scope: ScopeDep, quota: QuotaDep, runner: RunnerDep,
     resource: Annotated[str, Query(description="the resource every row applies to")],
@@ -139,24 +160,35 @@ async def import_batch(
     """Each row becomes one operation (``POST /{resource}`` with the row as body, or
     ``{METHOD} /{resource}/{id}``); every row is validated first (422 lists each bad row's
     line), then the batch runs as a flow run of the deployment: ``202`` with the status URL.
-    Results (``format=csv``) carry each item's input line number in ``row``."""
+    Results (``format=csv``) carry each item's input line number in ``row``.
+
+    The body is ``text/csv`` or ``multipart/form-data`` with the file in ``file`` (else 415).
+    The rows are counted against the caller's quota before anything is stored: more rows
+    than it allows in a minute is 413 ``batch_exceeds_quota`` (counting stops there), more
+    than it has left this minute 429 ``quota_exceeded`` with ``Retry-After``."""
     settings = runtime.settings
+    media = require_media_type(request, CSV_MEDIA_TYPES)
     spec = CsvImport.for_route(runtime.router, resource, method)
-    path = await _spool_upload(request, settings.max_import_bytes)
+    path = await _spool_upload(request, settings.max_import_bytes,
+                               multipart=media == "multipart/form-data")
+    charge: str | None = None
+    counted = 0
     try:
+        if quota.limit:
+            counted = await asyncio.to_thread(_count_rows, path, spec, quota,
+                                              settings.max_import_rows)
+            charge = await quota.charge(scope, counted)
+
         def register() -> tuple[str, int]:
             with open_operations(path, csv=spec) as operations:
                 return register_batch(runtime, operations, scope=scope, source="import",
                                       max_operations=settings.max_import_rows)
 
-        batch_id, total = await asyncio.to_thread(register)
+        batch_id, _ = await asyncio.to_thread(register)
+        await runner.start_deployment(runtime, batch_id)
+    except BaseException:
+        await quota.refund(charge, counted)  # nothing of the batch ran
+        raise
     finally:
         path.unlink(missing_ok=True)
-    try:
-        await quota.charge(scope, total)
-    except QuotaExceeded:
-        # The file was too big for this minute's quota: the stored batch never runs.
-        await asyncio.to_thread(runtime.store.cancel, batch_id)
-        raise
-    await runner.start_deployment(runtime, batch_id)
     return _accepted(request, batch_id, BatchState.QUEUED)

@@ -1,6 +1,7 @@
 """``/batches``: submit a batch (sync or async), read its status and its results.
 
-``POST /batches`` reads the body within the size limit, checks the envelope, then:
+``POST /batches`` reads the body (declared JSON, within the size limit), checks the envelope,
+then:
 
 1. a batch-level ``Idempotency-Key`` already used with this body → that batch's answer;
 2. the caller's operations-per-minute quota is charged;
@@ -303,7 +304,7 @@ _BATCH_CREATE_BODY = {
         200: {"model": BatchOutcome, "description": "sync: every item succeeded"},
         202: {"model": BatchAccepted, "description": "async, or the sync wait is over"},
         207: {"model": BatchOutcome, "description": "sync: some or all items failed"},
-        **_errors(400, 401, 409, 413, 422, 429, 503),
+        **_errors(400, 401, 409, 413, 415, 422, 429, 503),
     },
 )
 async def create_batch(

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from api.body import require_json
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
 from api.routes.batches import _errors
 from batchops.dead_letters import (
@@ -92,8 +93,9 @@ def get_dead_letter(
     status_code=202,
     response_model=DeadLettersReplayed,
     summary="Run dead letters again, as a new batch",
+    dependencies=[Depends(require_json)],  # 415 for a body that is not declared JSON
     responses={200: {"model": DeadLettersReplayed, "description": "nothing matched"},
-               **_errors(401, 404, 409, 422, 429, 503)},
+               **_errors(401, 404, 409, 413, 415, 422, 429, 503)},
 )
 async def replay(request: Request, body: DeadLetterReplay, runtime: RuntimeDep, scope: ScopeDep,
                  quota: QuotaDep, runner: RunnerDep) -> JSONResponse:
