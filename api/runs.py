@@ -26,6 +26,7 @@ import httpx
 from batchops.errors import TransientError
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState
+from batchops.store import Store
 
 __all__ = ["BatchRunner", "SyncRun"]
 
@@ -208,7 +209,7 @@ class SyncRun:
         self.batch_id = batch_id
         self.loop = loop
         self.settled = asyncio.Event()
-        self.future: Future[None] = Future()
+        self.future: Future[bool] = Future()
 
     async def wait(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for the batch to be final or the run to end; ``True`` when
@@ -221,10 +222,11 @@ class SyncRun:
             return False
         return True
 
-    def take_back(self) -> bool:
-        """Withdraw the run if no thread has started it yet (they are all busy with other
-        batches); ``True`` when it will not run here, so the batch can go to the work pool."""
-        return self.future.cancel()
+    def ran_elsewhere(self) -> bool:
+        """The run ended without running the batch here: by the time a thread was free, the
+        reaper had given the batch a flow run of its own (see :meth:`BatchRunner.attach`)."""
+        return (self.future.done() and not self.future.cancelled()
+                and self.future.exception() is None and self.future.result() is False)
 
     def error(self) -> BaseException | None:
         """Why a run that ended without finishing its batch did (``None`` if it raised
@@ -247,9 +249,17 @@ class BatchRunner:
         self._serial_writes = serial_writes
         # batch id → (loop, event) of a sync run started here; set once the batch is final
         self._final: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        self._store: Store | None = None
 
     def attach(self, runtime: Runtime) -> None:
-        """Hear from the store when a batch run here is final (see :meth:`wait`)."""
+        """Hear from the store when a batch run here is final (see :meth:`SyncRun.wait`), and
+        take each batch in the store before running it here.
+
+        A sync batch waits in this process until one of its threads is free. The reaper starts
+        a batch that stays queued without a flow run for long (its API may have died): taking
+        it is a conditional update on each side, so exactly one of them runs it.
+        """
+        self._store = runtime.store
         runtime.store.on_finished(self._batch_finished)
 
     def _batch_finished(self, batch_id: str) -> None:
@@ -278,9 +288,12 @@ class BatchRunner:
         self._final.pop(run.batch_id, None)
         run.loop.call_soon_threadsafe(run.settled.set)
 
-    def _run_in_thread(self, batch_id: str) -> None:
+    def _run_in_thread(self, batch_id: str) -> bool:
         from prefect.context import SettingsContext, SyncClientContext, get_settings_context
 
+        if self._store is not None and not self._store.take_queued_batch(batch_id):
+            logger.info("batch %s: the reaper gave it a flow run while it waited here", batch_id)
+            return False
         mine = self._thread_prefect()
         mine.answered = False
         self._write_gate.begin_urgent()
@@ -294,6 +307,7 @@ class BatchRunner:
         finally:
             SyncClientContext.__var__.reset(token)
             self._answered()
+        return True
 
     def _answered(self) -> None:
         """This thread's run has answered its caller: its writes can wait."""

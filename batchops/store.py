@@ -771,6 +771,17 @@ class Store:
                 break
         return gone
 
+    def take_queued_batch(self, batch_id: str) -> bool:
+        """Take a new batch for a run in this process: ``False`` when it is no longer queued
+        without a flow run (the reaper started one for it, or it was cancelled). Refreshes
+        its heartbeat, so the reaper sees it alive until the run marks it started."""
+        b = batches.c
+        with self.engine.begin() as conn:
+            return conn.execute(batches.update().where(
+                b.id == batch_id, b.status == BatchState.QUEUED.value, b.flow_run_id.is_(None),
+                b.recoveries == 0,
+            ).values(heartbeat_at=utcnow())).rowcount == 1
+
     def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta,
                          flow_run_id: str | None = None) -> bool:
         """Take a stale batch for a new run: refreshes its heartbeat and counts a recovery,

@@ -14,16 +14,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-from prefect import get_client
 
-from batchops.runtime import get_runtime
-from tests.conftest import _truncate_pg
+from batchops.registration import register_batch
+from batchops.runtime import Runtime, get_runtime
+from batchops.store import batches, utcnow
 from tests.test_api import (  # noqa: F401 - fixtures
-    deployment_runner,
     poll_until_finished,
     start_api,
     table_rows,
@@ -102,11 +102,11 @@ def test_concurrent_sync_clients_get_documented_answers_and_leave_no_batch_behin
     assert len(table_rows(runtime, "users")) == succeeded == len(answers) * ITEMS
 
 
-def test_a_sync_batch_that_waited_for_a_busy_api_is_handed_to_the_work_pool(
-        start_api: Callable[..., httpx.Client],  # noqa: F811
-        deployment_runner: str) -> None:  # noqa: F811
-    _truncate_pg(deployment_runner)
-    api = start_api(database_url=deployment_runner, sync_workers=1)
+def test_a_sync_batch_that_waits_for_a_busy_api_answers_202_and_runs_when_a_thread_frees(
+    start_api: Callable[..., httpx.Client],  # noqa: F811
+    database_url: str,
+) -> None:
+    api = start_api(database_url=database_url, sync_workers=1)
     slow = {"mode": "sync", "operations": [
         {"id": "slow", "method": "POST", "path": "/emails",
          "body": {"to": "a@example.com", "send_latency": 3}}]}
@@ -125,13 +125,30 @@ def test_a_sync_batch_that_waited_for_a_busy_api_is_handed_to_the_work_pool(
     busy.join(60)
 
     assert answer.status_code == 202, answer.text
+    assert answer.json()["status"] == "queued"
     final = poll_until_finished(api, answer.json()["status_url"])[-1]
     assert (final["status"], final["succeeded"]) == ("completed", 1)
     assert answers["slow"].status_code == 200, answers["slow"].text
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(final["flow_run_id"])
-    assert run.deployment_id is not None  # it ran as a flow run of the deployment
     assert [u["email"] for u in table_rows(get_runtime(), "users")] == ["waited@example.com"]
+
+
+def test_a_batch_waiting_for_a_thread_runs_once_when_the_reaper_also_wants_it(
+        runtime: Runtime) -> None:
+    """The API's thread and the reaper each take a queued batch by a conditional update:
+    whichever comes first runs it, the other leaves it."""
+    store = runtime.store
+    for reaper_first in (True, False):
+        batch_id, _ = register_batch(runtime, [{"method": "POST", "path": "/users",
+                                                "body": {"email": f"{reaper_first}@x.org"}}])
+        with store.engine.begin() as conn:  # registered long ago: stale for the reaper
+            conn.execute(batches.update().where(batches.c.id == batch_id)
+                         .values(created_at=utcnow() - timedelta(hours=1)))
+        if reaper_first:
+            assert store.take_stale_batch(batch_id, "queued", timedelta(seconds=60))
+            assert not store.take_queued_batch(batch_id)
+        else:
+            assert store.take_queued_batch(batch_id)
+            assert not store.take_stale_batch(batch_id, "queued", timedelta(seconds=60))
 
 
 def test_concurrent_requests_with_one_idempotency_key_make_one_batch(

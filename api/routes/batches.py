@@ -395,11 +395,8 @@ async def create_batch(
     if mode == "async":
         return _accepted(request, batch_id, BatchState.QUEUED, headers)
     run = runner.start_in_process(batch_id)
-    if not await _finished(runtime, run, wait):
-        if run.take_back():
-            # Every sync thread was busy for the whole wait: the batch goes to the work pool
-            # instead of waiting in this process, where nothing would follow it if it died.
-            await runner.start_deployment(runtime, batch_id)
+    if not await _finished(runtime, run, wait) or run.ran_elsewhere():
+        # The run goes on (in this process, or in the flow run the reaper gave it).
         state = BatchState((await asyncio.to_thread(runtime.store.get_batch, batch_id)).status)
         return _accepted(request, batch_id, state, headers)
     code, body = await asyncio.to_thread(_outcome, runtime, batch_id)
