@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
-from batchops.errors import BatchInProgress, BatchNotFound
+from batchops.errors import BatchFinished, BatchInProgress, BatchNotFound
 from batchops.progress import RedisProgress
 from batchops.schemas import (
     BatchState,
@@ -331,6 +331,15 @@ class Store:
             data[name] = _aware(data[name])
         return BatchRecord(**data)
 
+    def batch_status(self, batch_id: str) -> str:
+        """The batch's status column alone (a running chunk asks twice a second)."""
+        with self.read() as conn:
+            status = conn.execute(sa.select(batches.c.status).where(
+                batches.c.id == batch_id)).scalar()
+        if status is None:
+            raise BatchNotFound(batch_id)
+        return str(status)
+
     def status(self, batch_id: str, ui_url: str | None = None) -> BatchStatus:
         """The batch's status: from the Redis snapshot when there is one, else the database."""
         current = self.progress.read(batch_id) if self.progress is not None else None
@@ -364,6 +373,15 @@ class Store:
             rows = conn.execute(query.order_by(c.chunk_index)).all()
         return [(ChunkRef(batch_id=batch_id, chunk_index=r.chunk_index, start=r.start, end=r.end,
                           cache_token=r.cache_token), list(r.depends_on)) for r in rows]
+
+    def unrecorded_chunks(self, batch_id: str) -> list[ChunkRef]:
+        """The batch's chunks that have no results yet, in order."""
+        c = batch_chunks.c
+        with self.read() as conn:
+            rows = conn.execute(sa.select(c.chunk_index, c.start, c.end, c.cache_token).where(
+                c.batch_id == batch_id, c.done.is_(False)).order_by(c.chunk_index)).all()
+        return [ChunkRef(batch_id=batch_id, chunk_index=r.chunk_index, start=r.start, end=r.end,
+                         cache_token=r.cache_token) for r in rows]
 
     def chunk_operations(self, batch_id: str, chunk_index: int) -> list[PlannedOperation]:
         with self.read() as conn:
@@ -485,25 +503,48 @@ class Store:
         return started
 
     def mark_finished(self, batch_id: str, state: BatchState, error: str | None = None) -> None:
-        """Final status; a cancelled batch stays cancelled."""
+        """Final status, when every item has its result. A cancelled batch stays cancelled:
+        it gets its ``finished_at``, as its items have their results now too."""
+        b = batches.c
         with self.engine.begin() as conn:
             conn.execute(batches.update().where(
-                batches.c.id == batch_id, batches.c.status != BatchState.CANCELLED.value,
+                b.id == batch_id, b.status != BatchState.CANCELLED.value,
             ).values(status=state.value, finished_at=utcnow(), error=error))
+            conn.execute(batches.update().where(
+                b.id == batch_id, b.status == BatchState.CANCELLED.value,
+                b.finished_at.is_(None)).values(finished_at=utcnow()))
         for listener in self._finish_listeners:
             listener(batch_id)
         self.publish_status(batch_id)
 
-    def cancel(self, batch_id: str) -> BatchRecord:
-        """Stop scheduling new chunks: queued or processing → cancelled. Chunks already
-        recorded keep their results; a terminal batch is left as it is."""
+    def note_error(self, batch_id: str, error: str) -> None:
+        """Why the batch's run could not finish, on a batch left for the reaper to resume."""
         with self.engine.begin() as conn:
-            conn.execute(batches.update().where(
-                batches.c.id == batch_id,
-                batches.c.status.in_([BatchState.QUEUED.value, BatchState.PROCESSING.value]),
-            ).values(status=BatchState.CANCELLED.value, finished_at=utcnow()))
+            conn.execute(batches.update().where(batches.c.id == batch_id).values(error=error))
         self.publish_status(batch_id)
-        return self.get_batch(batch_id)
+
+    def cancel(self, batch_id: str) -> str:
+        """Queued or processing → cancelled, in one conditional update (a batch finishing
+        meanwhile is not cancelled); the status it had. Cancelling a cancelled batch changes
+        nothing; a batch that has completed or failed cannot be cancelled (:class:`BatchFinished`).
+
+        Its items that have no result yet get one (``skipped``, ``cancelled``) from whoever
+        stops its run — ``finished_at`` is set then (see :mod:`batchops.cancellation`).
+        """
+        b = batches.c
+        active = [BatchState.QUEUED.value, BatchState.PROCESSING.value]
+        with self.engine.begin() as conn:
+            was = conn.execute(sa.select(b.status).where(b.id == batch_id)
+                               .with_for_update()).scalar()
+            if was is None:
+                raise BatchNotFound(batch_id)
+            if was in active:
+                conn.execute(batches.update().where(b.id == batch_id, b.status.in_(active))
+                             .values(status=BatchState.CANCELLED.value))
+        if was in (BatchState.COMPLETED.value, BatchState.FAILED.value):
+            raise BatchFinished(f"batch {batch_id} has already {was}")
+        self.publish_status(batch_id)
+        return str(was)
 
     def prepare_retry(self, batch_id: str) -> int:
         """Open the batch's failed, skipped (and never-run) items for another run; how many.

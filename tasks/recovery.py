@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
@@ -13,6 +14,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Crashed
 
 from batchops.batch_requests import BatchRequests
+from batchops.execution import chunk_not_run, settle_chunks
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState
 
@@ -97,9 +99,10 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
         _release_leases(batch_id)
         batch = runtime.store.get_batch(batch_id)
         if batch.recoveries > settings.max_recoveries:
-            runtime.store.mark_finished(
-                batch_id, BatchState.FAILED,
-                f"its run died {batch.recoveries} times; not run again (retry it once fixed)")
+            why = f"its run died {batch.recoveries} times; not run again (retry it once fixed)"
+            # Every item gets a result: the ones no run recorded fail (chunk_failed).
+            asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(why)))
+            runtime.store.mark_finished(batch_id, BatchState.FAILED, why)
             logger.error("batch %s: its run died %d times; marked failed", batch_id,
                          batch.recoveries)
             continue
