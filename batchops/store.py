@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
-from batchops.errors import BatchFinished, BatchInProgress, BatchNotFound
+from batchops.errors import BatchFinished, BatchInProgress, BatchNotFound, TransientError
 from batchops.progress import RedisProgress
 from batchops.schemas import (
     BatchState,
@@ -158,6 +158,9 @@ def _count(results: Sequence[ItemResult], *states: ItemState) -> tuple[int, ...]
     return tuple(sum(1 for r in results if r.state is state) for state in states)
 
 
+_SQLITE_BUSY_TIMEOUT_MS = 60_000  # a SQLite writer waits this long for the lock
+
+
 def create_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with the settings batchops needs for the dialect (SQLite: threads, WAL)."""
     if url.startswith("sqlite"):
@@ -176,7 +179,7 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across app crashes
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
             cur.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -280,6 +283,33 @@ class Store:
     def read(self) -> Connection:
         """A connection for reads (on SQLite it does not take the write lock)."""
         return self.engine.connect().execution_options(read_only=True)
+
+    def check_writable(self) -> None:
+        """Raise :class:`TransientError` unless the store accepts writes now: an update that
+        matches no row, rolled back. A read-only database (a replica, a failover under way,
+        ``default_transaction_read_only``) or file refuses it; ``SELECT 1`` would not tell.
+        On SQLite a writer holding the lock shows the file is writable: that is ready."""
+        try:
+            with self.engine.connect() as conn:
+                sqlite = conn.dialect.name == "sqlite"
+                if sqlite:  # for the lock, a second rather than the writers' minute
+                    conn.exec_driver_sql("PRAGMA busy_timeout = 1000")
+                try:
+                    with conn.begin() as tx:
+                        if not sqlite:
+                            conn.exec_driver_sql("SET LOCAL lock_timeout = '1s'")
+                        conn.execute(batches.update().where(sa.false())
+                                     .values(status=batches.c.status))
+                        tx.rollback()
+                except sa.exc.OperationalError as exc:
+                    if not (sqlite and "database is locked" in str(exc.orig)):
+                        raise
+                finally:
+                    if sqlite:
+                        conn.exec_driver_sql(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+        except sa.exc.DBAPIError as exc:
+            message = (str(exc.orig).strip().splitlines() or [""])[0]
+            raise TransientError(f"the store refuses writes: {message}") from exc
 
     # -- schema -------------------------------------------------------------------------
 

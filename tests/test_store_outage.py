@@ -1,8 +1,10 @@
-"""A store that refuses writes for a while: batches recover by themselves.
+"""A store that refuses writes for a while: readiness says so, batches recover by themselves.
 
-The outage is statement triggers that answer every write of the store's tables with
-PostgreSQL's read-only error (tests.faults) — the SQLSTATE of a replica or a failover,
-without killing the connections of the run under test.
+The outage is a real read-only PostgreSQL database (``default_transaction_read_only`` on the
+test's own database, its sessions ended so new ones are read-only) for readiness, and, for
+the batches, statement triggers that answer every write of the store's tables with
+PostgreSQL's read-only error (tests.faults) — the same SQLSTATE, without killing the
+connections of the run under test.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from prefect import get_client
@@ -21,11 +24,12 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, ItemState
+from batchops.store import shared_engine
 from flows.process_batch import process_batch
 from flows.reaper import reap_stale_batches
-from tests.conftest import _truncate_pg
+from tests.conftest import PG_ADMIN_URL, _truncate_pg
 from tests.faults import allow_writes, refuse_writes, refused_writes, remove_write_refusal
-from tests.test_api import deployment_runner  # noqa: F401 (fixtures)
+from tests.test_api import assert_error, deployment_runner, start_api  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -190,3 +194,58 @@ def test_a_chunk_that_fails_for_good_records_its_items_failed_and_a_retry_runs_t
     assert runtime.store.prepare_retry(batch_id) == 100
     assert process_batch(batch_id=batch_id, return_state=True).is_completed()
     _assert_every_user_written_once(runtime, batch_id, 300)
+
+
+@pytest.fixture
+def read_only_database(pg_database: str) -> Iterator[Callable[[bool], None]]:
+    """``read_only(True)``: the test's own database becomes read-only for new sessions and
+    its sessions are ended (as in a failover to a replica); ``read_only(False)`` undoes it."""
+    name = pg_database.rsplit("/", 1)[1]
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def read_only(on: bool) -> None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" '
+                                 + ("SET default_transaction_read_only = on" if on
+                                    else "RESET default_transaction_read_only"))
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE datname = :name AND pid <> pg_backend_pid()"),
+                         {"name": name})
+
+    yield read_only
+    read_only(False)
+    admin.dispose()
+    shared_engine(pg_database).dispose()  # its connections were ended: the next test's are new
+
+
+def test_readiness_fails_while_the_store_is_read_only(
+        start_api: Callable[..., httpx.Client],  # noqa: F811
+        read_only_database: Callable[[bool], None], pg_database: str) -> None:
+    _truncate_pg(pg_database)
+    api = start_api(database_url=pg_database)
+    assert api.get("/readyz").status_code == 200
+
+    read_only_database(True)
+    try:
+        # The first probe may meet a connection ended with the sessions; then the read-only one.
+        error = _ready_until(api, lambda r: "read-only" in r.text, 503)
+        assert_error(error, 503, "not_ready")
+        body = error.json()["error"]
+        assert "store" in body["message"] and body["checks"]["prefect"] == "ok"
+        assert "read-only transaction" in body["checks"]["store"]
+        assert api.get("/healthz").status_code == 200  # alive: it is the store that is not
+    finally:
+        read_only_database(False)
+    ready = _ready_until(api, lambda r: r.status_code == 200, 200)
+    assert ready.json()["status"] == "ready"
+
+
+def _ready_until(api: httpx.Client, done: Callable[[httpx.Response], bool],
+                 status: int) -> httpx.Response:
+    deadline = time.monotonic() + 20
+    while True:
+        answer = api.get("/readyz")
+        if done(answer) or time.monotonic() > deadline:
+            assert answer.status_code == status, answer.text
+            return answer
+        time.sleep(0.1)
