@@ -370,6 +370,13 @@ class Store:
             raise BatchNotFound(batch_id)
         return str(status)
 
+    def batch_of_flow_run(self, flow_run_id: str) -> str | None:
+        """The batch a flow run is (or was last) processing."""
+        with self.read() as conn:
+            found = conn.execute(sa.select(batches.c.id).where(
+                batches.c.flow_run_id == flow_run_id).limit(1)).scalar()
+        return None if found is None else str(found)
+
     def status(self, batch_id: str, ui_url: str | None = None) -> BatchStatus:
         """The batch's status: from the Redis snapshot when there is one, else the database."""
         current = self.progress.read(batch_id) if self.progress is not None else None
@@ -779,7 +786,8 @@ class Store:
                       limit: int = 100) -> list[tuple[str, str, str | None]]:
         """``(id, status, flow run id)`` of batches that may have lost their run: processing
         with a heartbeat older than ``stale_after``, or queued (with a flow run) for longer.
-        A queued one is lost only if its flow run was taken and died: the caller asks Prefect."""
+        A queued one is lost only if its flow run was taken and died: the caller asks Prefect.
+        Also cancelled ones whose run died before it recorded every item (no ``finished_at``)."""
         cutoff = utcnow() - stale_after
         b = batches.c
         last_sign = sa.func.coalesce(b.heartbeat_at, b.created_at)
@@ -787,7 +795,9 @@ class Store:
             rows = conn.execute(sa.select(b.id, b.status, b.flow_run_id).where(
                 sa.or_(b.status == BatchState.PROCESSING.value,
                        sa.and_(b.status == BatchState.QUEUED.value,
-                               b.flow_run_id.is_not(None))),
+                               b.flow_run_id.is_not(None)),
+                       sa.and_(b.status == BatchState.CANCELLED.value,
+                               b.finished_at.is_(None))),
                 last_sign < cutoff,
             ).order_by(b.created_at).limit(limit)).all()
         return [(r.id, r.status, r.flow_run_id) for r in rows]

@@ -10,16 +10,19 @@ from uuid import UUID
 
 from prefect import flow, get_client, runtime, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
 from prefect.exceptions import CancelledRun
 from prefect.futures import PrefectFuture, as_completed
-from prefect.logging import get_run_logger
-from prefect.states import Cancelled
+from prefect.logging import get_logger, get_run_logger
+from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from batchops.execution import ChunkOutcome
 from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
 from batchops.settings import Settings, get_settings
 from tasks.batches import (
+    cancel_for_flow_run,
     failure_message,
     finish_batch,
     load_batch,
@@ -121,11 +124,25 @@ def _show_progress(progress_id: UUID, batch_id: str, done: int, total: int) -> N
                              description=f"batch {batch_id}: {done}/{total} items")
 
 
+def _cancelled_in_prefect(flow: Any, flow_run: FlowRun, state: State) -> None:
+    """``on_cancellation``: the flow run was cancelled in Prefect (the UI, ``prefect
+    flow-run cancel``), so its batch is cancelled too and the reaper leaves it. Run by the
+    runner or worker once it has stopped the run's process, the items get their results here;
+    run inside the flow's own process (no runner), the batch's chunks are stopping and the
+    reaper records them."""
+    stopped = FlowRunContext.get() is None  # not this run's own process
+    batch_id = cancel_for_flow_run(str(flow_run.id), run_stopped=stopped)
+    if batch_id is not None:
+        get_logger("batchops.flows").info("flow run %s was cancelled: batch %s cancelled",
+                                          flow_run.id, batch_id)
+
+
 @flow(
     name="process-batch",
     flow_run_name=_flow_run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=get_settings().chunk_workers),  # type: ignore[arg-type]
     log_prints=True,
+    on_cancellation=[_cancelled_in_prefect],
 )
 def process_batch(
     batch_id: str | None = None,

@@ -16,8 +16,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import UnfinishedRun
 
 from batchops.callbacks import CallbackRecords
-from batchops.cancellation import settle_cancelled
-from batchops.errors import is_transient
+from batchops.cancellation import cancel_batch, settle_cancelled
+from batchops.errors import BatchFinished, is_transient
 from batchops.execution import chunk_not_run, settle_chunks
 from batchops.registration import register_batch
 from batchops.reporting import summary_markdown, table_rows
@@ -31,8 +31,8 @@ from batchops.schemas import (
     Operation,
 )
 
-__all__ = ["failure_message", "finish_batch", "load_batch", "register_operations",
-           "report_batch"]
+__all__ = ["cancel_for_flow_run", "failure_message", "finish_batch", "load_batch",
+           "register_operations", "report_batch"]
 
 
 @task(name="register-batch")
@@ -63,6 +63,23 @@ def load_batch(batch_id: str, flow_run_id: str | None,
             "generation": batch.generation, "chunks": plan if started else [],
             "cancelled": not started,
             "callback": CallbackRecords(store).get(batch_id) is not None}
+
+
+def cancel_for_flow_run(flow_run_id: str, *, run_stopped: bool) -> str | None:
+    """The batch a flow run cancelled in Prefect was processing is cancelled too, so the
+    reaper does not run it again; its id. With ``run_stopped`` (the run's process is gone)
+    its items get their results now; otherwise its own run (or the reaper) records them."""
+    runtime = get_runtime()
+    batch_id = runtime.store.batch_of_flow_run(flow_run_id)
+    if batch_id is None:
+        return None
+    try:
+        cancel_batch(runtime, batch_id)
+    except BatchFinished:
+        return batch_id  # it had finished: nothing to stop
+    if run_stopped:
+        settle_cancelled(runtime, batch_id, run_stopped=True)
+    return batch_id
 
 
 def finish_batch(batch_id: str, failures: list[tuple[ChunkRef, BaseException]],

@@ -14,6 +14,8 @@ from prefect.logging import get_run_logger
 from prefect.states import Crashed
 
 from batchops.batch_requests import BatchRequests
+from batchops.cancellation import settle_cancelled
+from batchops.errors import BatchFinished
 from batchops.execution import chunk_not_run, settle_chunks
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState
@@ -70,6 +72,17 @@ def _release_leases(batch_id: str) -> None:
             store.drop_lease(lease_id)
 
 
+def _end_cancelled(batch_id: str) -> None:
+    """A batch cancelled (here, or its flow run in Prefect) whose run is gone: cancelled for
+    good, and the items its run did not record get their results (``cancelled``)."""
+    runtime = get_runtime()
+    try:
+        was = runtime.store.cancel(batch_id)  # nothing changes for one cancelled already
+    except BatchFinished:
+        return
+    settle_cancelled(runtime, batch_id, run_stopped=was != BatchState.QUEUED.value)
+
+
 @task(name="restart-stale-batches", cache_policy=NO_CACHE)
 def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]:
     """Batches whose run died get a new ``process-batch`` flow run; completed chunks and
@@ -77,7 +90,9 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
 
     A run is dead when its batch is processing without a heartbeat for ``stale_after_seconds``
     (default: settings), or queued while its flow run was taken by a worker that long ago
-    (the worker died before the run started) or has ended.
+    (the worker died before the run started) or has ended. A batch whose flow run was
+    cancelled in Prefect, or that was cancelled while its run died, is not run again: it ends
+    cancelled, its unrecorded items ``cancelled``.
     """
     runtime = get_runtime()
     settings = runtime.settings
@@ -86,6 +101,15 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
     restarted = []
     for batch_id, status, flow_run_id in runtime.store.stale_batches(stale_after):
         run = _read_flow_run(flow_run_id) if flow_run_id else None
+        cancelled_run = run is not None and run.state is not None and run.state.is_cancelled()
+        if status == BatchState.CANCELLED.value or cancelled_run:
+            # Cancelled (here or in Prefect) and its run gone: it is not run again; the items
+            # its run did not record get their results (cancelled).
+            if runtime.store.take_stale_batch(batch_id, status, stale_after):
+                _end_cancelled(batch_id)
+                logger.info("batch %s: cancelled and its run is gone; not run again",
+                            batch_id)
+            continue
         if not _lost(status, run, stale_after):
             continue
         if not runtime.store.take_stale_batch(batch_id, status, stale_after):

@@ -72,6 +72,46 @@ def test_cancel_mid_run_stops_starting_items_and_every_item_gets_a_result(
     assert _flow_run_state(final["flow_run_id"]) == "CANCELLED"
 
 
+def test_a_flow_run_cancelled_in_prefect_cancels_its_batch_for_good(
+        pg_api: httpx.Client) -> None:
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    from flows.reaper import reap_stale_batches
+
+    answer = pg_api.post("/batches", json={"operations": [email(i, 0.01) for i in range(600)],
+                                           "concurrency": 2, "mode": "async"})
+    assert answer.status_code == 202, answer.text
+    status_url = answer.json()["status_url"]
+    deadline = time.monotonic() + 60
+    while pg_api.get(status_url).json()["completed"] < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    flow_run_id = pg_api.get(status_url).json()["flow_run_id"]
+
+    # What `prefect flow-run cancel` and Cancel in the UI do: the runner stops the run.
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(UUID(flow_run_id), Cancelling(message="cancelled in the UI"))
+    final = _until_finished_at_is_set(pg_api, status_url)
+
+    assert final["status"] == "cancelled"
+    assert (final["completed"], final["succeeded"] + final["skipped"]) == (600, 600)
+    assert 50 <= final["succeeded"] < 600
+    items = pg_api.get(f"/batches/{final['batch_id']}/results",
+                       params={"limit": 1000}).json()["items"]
+    assert [i["index"] for i in items] == list(range(600))
+    assert {(i["state"], (i.get("error") or {}).get("code")) for i in items
+            if i["state"] != "succeeded"} == {("skipped", "cancelled")}
+    assert _flow_run_state(flow_run_id) == "CANCELLED"
+    # The run was killed: the sends in flight, and those whose outcome was still on its way
+    # to the store, may have happened without a recorded success (their results say so).
+    sent = count("outbox")
+    assert final["succeeded"] <= sent <= final["succeeded"] + 20
+    time.sleep(0.3)
+    assert reap_stale_batches(stale_after_seconds=0.2) == []  # the reaper leaves it cancelled
+    assert pg_api.get(status_url).json()["status"] == "cancelled"
+    assert count("outbox") == sent  # nothing ran after the run was stopped
+
+
 def _until_finished_at_is_set(client: httpx.Client, status_url: str) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -172,3 +172,30 @@ def test_cancel_stops_requests_to_the_upstream_within_a_second(
         run = client.read_flow_run(UUID(status.flow_run_id or ""))
     assert run.state is not None and run.state.is_cancelled()
 
+
+def test_a_run_cancelled_in_prefect_is_not_run_again_by_the_reaper(runtime: Runtime) -> None:
+    from prefect.states import Cancelled
+
+    from flows.reaper import reap_stale_batches
+
+    batch_id, _ = register_batch(runtime, [{"method": "POST", "path": "/users",
+                                            "body": {"id": i, "email": f"u{i}@x.io"}}
+                                           for i in range(3)])
+    with get_client(sync_client=True) as client:
+        # Its run was cancelled in Prefect where nothing could tell the batch (the worker died
+        # with it, or the run was cancelled before a worker took it).
+        run = client.create_flow_run(process_batch, parameters={"batch_id": batch_id},
+                                     state=Cancelled(message="cancelled in the UI"))
+    assert runtime.store.mark_started(batch_id, str(run.id))
+    time.sleep(0.3)
+
+    assert reap_stale_batches(stale_after_seconds=0.2) == []
+
+    status = runtime.store.status(batch_id)
+    assert (status.status, status.completed, status.skipped) == (BatchState.CANCELLED, 3, 3)
+    assert status.finished_at is not None
+    assert {r.error.code for r in runtime.store.iter_results(batch_id) if r.error} == {
+        "cancelled"}
+    with runtime.store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM users")).scalar() == 0
+    assert reap_stale_batches(stale_after_seconds=0.2) == []  # and it stays so
