@@ -34,9 +34,10 @@ _UPLOAD_PART = 1 << 16
              summary="Stop a batch: no further item starts", responses=_errors(401, 404, 409))
 def cancel_batch(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) -> BatchStatus:
     """The status becomes ``cancelled`` at once and no further item starts (a running chunk
-    notices within about half a second); items already started finish and keep their
-    results. Every item not started gets a result, ``skipped`` with error code ``cancelled``;
-    ``finished_at`` is set once they all have one, and the flow run ends ``Cancelled``.
+    notices within about half a second; a sql chunk on the store's database, one
+    transaction, finishes); items already started finish and keep their results. Every item
+    not started gets a result, ``skipped`` with error code ``cancelled``; ``finished_at`` is
+    set once they all have one, and the flow run ends ``Cancelled``.
     Cancelling a cancelled batch answers its status again; a batch that has completed or
     failed cannot be cancelled (409 ``batch_finished``)."""
     _owned_batch(runtime, batch_id, scope)
