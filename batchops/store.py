@@ -292,8 +292,10 @@ class Store:
         try:
             with self.engine.connect() as conn:
                 sqlite = conn.dialect.name == "sqlite"
+                # On the driver's connection: through SQLAlchemy it would begin a transaction.
+                raw: Any = conn.connection.driver_connection
                 if sqlite:  # for the lock, a second rather than the writers' minute
-                    conn.exec_driver_sql("PRAGMA busy_timeout = 1000")
+                    raw.execute("PRAGMA busy_timeout = 1000")
                 try:
                     with conn.begin() as tx:
                         if not sqlite:
@@ -306,7 +308,7 @@ class Store:
                         raise
                 finally:
                     if sqlite:
-                        conn.exec_driver_sql(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+                        raw.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
         except sa.exc.DBAPIError as exc:
             message = (str(exc.orig).strip().splitlines() or [""])[0]
             raise TransientError(f"the store refuses writes: {message}") from exc

@@ -249,3 +249,25 @@ def _ready_until(api: httpx.Client, done: Callable[[httpx.Response], bool],
             assert answer.status_code == status, answer.text
             return answer
         time.sleep(0.1)
+
+
+def test_the_readiness_probe_refuses_a_read_only_sqlite_file_but_not_a_busy_one(
+        tmp_path: Any) -> None:
+    from batchops.errors import TransientError
+    from batchops.store import Store, create_engine
+
+    path = tmp_path / "store.db"
+    store = Store(f"sqlite:///{path}", engine=create_engine(f"sqlite:///{path}"))
+    store.migrate()
+    store.check_writable()
+    # Another writer holds the lock: the file is writable, so the store is ready (in ~1 s).
+    with store.engine.begin() as busy:
+        busy.exec_driver_sql("UPDATE batches SET status = status")
+        started = time.monotonic()
+        store.check_writable()
+        assert 0.9 < time.monotonic() - started < 5  # it waited for the lock, then said ready
+    read_only = sa.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    with pytest.raises(TransientError, match="refuses writes: attempt to write a readonly"):
+        Store(f"sqlite:///{path}", engine=read_only).check_writable()
+    read_only.dispose()
+    store.engine.dispose()
