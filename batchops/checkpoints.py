@@ -7,7 +7,9 @@ of the first): the items' checkpoints, the idempotency records of keyed
 successes, and the release of their claims, so a batch waiting for one of these keys can
 replay it at once. While the chunk runs it also beats the batch's heartbeat, which the reaper
 watches: once a period (``BATCHOPS_HEARTBEAT_SECONDS``), with the checkpoints when they flow,
-not with every group of them (the batch's row is the one row all its writers would update).
+not with every group of them (the batch's row is the one row all its writers would update);
+and it reads the batch's status every :data:`CANCEL_POLL_SECONDS`, so the chunk starts no
+item more than about that long after the batch was cancelled (:meth:`CheckpointWriter.cancelled`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from datetime import timedelta
 from types import TracebackType
 
 from batchops.runtime import Runtime
-from batchops.schemas import ItemResult, ItemState, PlannedOperation
+from batchops.schemas import BatchState, ItemResult, ItemState, PlannedOperation
 
-__all__ = ["CheckpointWriter"]
+__all__ = ["CANCEL_POLL_SECONDS", "CheckpointWriter"]
+
+CANCEL_POLL_SECONDS = 0.5  # a running chunk reads its batch's status this often
 
 logger = logging.getLogger("batchops.checkpoints")
 
@@ -40,11 +44,18 @@ class CheckpointWriter:
         self.scope = scope
         self._queue: queue.Queue[object] = queue.Queue()
         self._beaten_at = -float("inf")  # time.monotonic() of the last heartbeat written
+        self._looked_at = time.monotonic()  # the chunk task has just read the status
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"checkpoints-{batch_id}",
                                         daemon=True)
 
     def put(self, op: PlannedOperation, result: ItemResult) -> None:
         self._queue.put((op, result))
+
+    def cancelled(self) -> bool:
+        """Whether the batch was cancelled, as of its last status reading (at most
+        :data:`CANCEL_POLL_SECONDS` ago)."""
+        return self._cancelled.is_set()
 
     def __enter__(self) -> CheckpointWriter:
         self._thread.start()
@@ -56,19 +67,38 @@ class CheckpointWriter:
         self._thread.join()
 
     def _run(self) -> None:
-        period = self.runtime.settings.heartbeat_seconds
         stopping = False
         while not stopping:
             try:
-                first = self._queue.get(timeout=period)
+                first = self._queue.get(timeout=CANCEL_POLL_SECONDS)
             except queue.Empty:
-                self._beat()
-                continue
-            items = self._gather(first)
-            stopping = any(item is _STOP for item in items)
-            entries = [item for item in items if item is not _STOP]
-            if entries:
-                self._write(entries)  # type: ignore[arg-type]
+                pass
+            else:
+                items = self._gather(first)
+                stopping = any(item is _STOP for item in items)
+                entries = [item for item in items if item is not _STOP]
+                if entries:
+                    self._write(entries)  # type: ignore[arg-type]
+            if not stopping:
+                self._watch()
+
+    def _watch(self) -> None:
+        """The heartbeat when one is due (checkpoints carry it while they flow); the batch's
+        status every :data:`CANCEL_POLL_SECONDS`."""
+        now = time.monotonic()
+        if now - self._beaten_at >= self.runtime.settings.heartbeat_seconds:
+            self._beat()
+        if not self._cancelled.is_set() and now - self._looked_at >= CANCEL_POLL_SECONDS:
+            self._looked_at = now
+            try:
+                status = self.runtime.store.batch_status(self.batch_id)
+            except Exception as exc:  # the next reading may work; the chunk goes on meanwhile
+                logger.debug("batch %s: status not read: %s", self.batch_id, exc)
+                return
+            if status == BatchState.CANCELLED.value:
+                logger.info("batch %s was cancelled: its chunk starts no more items",
+                            self.batch_id)
+                self._cancelled.set()
 
     def _gather(self, first: object) -> list[object]:
         """``first`` and what else arrives within the linger time (or has queued up): one
@@ -86,9 +116,11 @@ class CheckpointWriter:
         return items
 
     def _beat(self) -> None:
+        # Tried once a period, written or not (a store refusing writes is not asked 20 times a
+        # second).
+        self._beaten_at = time.monotonic()
         try:
             self.runtime.store.heartbeat(self.batch_id)
-            self._beaten_at = time.monotonic()
         except Exception as exc:  # a missed beat is not fatal; the next one may work
             logger.warning("batch %s: heartbeat not written: %s", self.batch_id, exc)
 

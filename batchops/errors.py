@@ -39,12 +39,17 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
 Item-level outcomes are not exceptions of this tree: a failed item is an
 :class:`~batchops.schemas.ItemResult` with ``state="failed"`` and an ``error`` code.
 Handlers may raise :class:`ItemError` (or a subclass) to choose their item's status/code.
+
+:func:`is_transient` says which failures are worth retrying: :class:`TransientError`, and the
+database errors of a store that is unreachable, busy or refusing writes for now.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import sqlalchemy as sa
 
 __all__ = [
     "BadRequest",
@@ -76,6 +81,7 @@ __all__ = [
     "TransientError",
     "UnsupportedMediaType",
     "ValidationFailed",
+    "is_transient",
 ]
 
 
@@ -187,6 +193,33 @@ class TransientError(BatchopsError):
 
     code = "transient_error"
     http_status = 503
+
+
+# PostgreSQL SQLSTATEs that pass: a read-only database (a replica, a failover under way,
+# ``default_transaction_read_only``), serialization failures and deadlocks, too many
+# connections or out of resources, a server shutting down or starting. Connection errors
+# (class 08) arrive as ``OperationalError`` already.
+_TRANSIENT_SQLSTATES = ("25006", "40001", "40P01", "53", "55P03", "57P01", "57P02", "57P03")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` may pass if the work is tried again a little later.
+
+    :class:`TransientError`, connection errors and timeouts; from a database, a lost or
+    refused connection (``OperationalError``, ``InterfaceError``: SQLite's "database is
+    locked" and "attempt to write a readonly database" among them) and PostgreSQL's
+    read-only, serialization, resource and shutdown errors. A constraint violation, bad data
+    or a bug is not transient.
+    """
+    if isinstance(exc, TransientError | ConnectionError | TimeoutError):
+        return True
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError
+                                                 | sa.exc.InterfaceError):
+        return True
+    sqlstate = getattr(exc.orig, "pgcode", None) or ""
+    return sqlstate.startswith(_TRANSIENT_SQLSTATES)
 
 
 class ItemError(Exception):

@@ -5,8 +5,13 @@ letters) commits in one transaction, together with the sql target's writes when 
 the store's database. A chunk that is already recorded is not executed again: its recorded
 results are returned.
 
-Deadline: once the batch's deadline has passed no item starts; the rest of the chunk is
-recorded ``skipped`` (``deadline_exceeded``). Dependencies: a chunk whose items have
+Cancel and deadline: once the batch has been cancelled (a running chunk learns it within
+half a second, see :mod:`batchops.checkpoints`) or its deadline has passed, no item starts;
+the rest of the chunk is recorded ``skipped`` (``cancelled``, ``deadline_exceeded``). Items
+already started finish and keep their results. A chunk can also be *settled*: recorded
+without running anything (:func:`settle_chunks`), its items that have no outcome yet getting
+the result given for them — the chunks of a cancelled batch that never started, or of a chunk
+that could not be executed. Dependencies: a chunk whose items have
 ``depends_on`` runs in waves — an item runs once its dependencies have results (in this chunk
 or, recorded, in earlier ones) and the earlier items it must follow for record order have
 run; the items of one wave run together through their targets. An item whose dependency did
@@ -34,11 +39,11 @@ from batchops.routing import SQL_TARGET
 from batchops.runtime import Runtime
 from batchops.schemas import ChunkRef, ItemResult, ItemState, Operation, PlannedOperation
 from batchops.store import IdempotencyRecord
-from batchops.targets import ChunkContext, deadline_exceeded
+from batchops.targets import ChunkContext, batch_cancelled, deadline_exceeded
 from batchops.targets.sql import SqlTarget
 from batchops.validation import OperationValidator
 
-__all__ = ["ChunkOutcome", "execute_chunk"]
+__all__ = ["ChunkOutcome", "chunk_not_run", "execute_chunk", "settle_chunks"]
 
 CLAIM_POLL_SECONDS = 0.1  # how often a batch waiting for another's idempotency key looks
 
@@ -89,8 +94,8 @@ async def _run_targets(runtime: Runtime, ops: Sequence[PlannedOperation],
     results: list[ItemResult] = []
     for target_name, group in groupby(ops, key=lambda op: op.target):
         items = list(group)
-        if ctx.deadline_passed():
-            results += [deadline_exceeded(op, ctx.deadline) for op in items]
+        if (stop := ctx.stopped()) is not None:
+            results += [stop(op) for op in items]
         else:
             results += await runtime.targets[target_name].execute(items, ctx)
     return results
@@ -135,8 +140,8 @@ async def _run_waves(runtime: Runtime, ops: Sequence[PlannedOperation], ctx: Chu
 
     pending = list(ops)
     while pending:
-        if ctx.deadline_passed():
-            done.update((op.index, deadline_exceeded(op, ctx.deadline)) for op in pending)
+        if (stop := ctx.stopped()) is not None:
+            done.update((op.index, stop(op)) for op in pending)
             break
         wave: list[PlannedOperation] = []
         waiting: list[PlannedOperation] = []
@@ -147,8 +152,11 @@ async def _run_waves(runtime: Runtime, ops: Sequence[PlannedOperation], ctx: Chu
                 continue
             deps = [(i, result_of(i)) for i in op.depends_on]
             unmet = [(i, r) for i, r in deps if r is None or r.state is not ItemState.SUCCEEDED]
-            if any(r is not None and r.state is ItemState.SKIPPED for _, r in unmet):
-                done[op.index] = deadline_exceeded(op, ctx.deadline)
+            skipped = [r for _, r in unmet if r is not None and r.state is ItemState.SKIPPED]
+            if skipped:  # not started, for the reason its dependency was not
+                cancelled = skipped[0].error is not None and skipped[0].error.code == "cancelled"
+                done[op.index] = (batch_cancelled(op) if cancelled
+                                  else deadline_exceeded(op, ctx.deadline))
             elif unmet:
                 names = ", ".join(repr(r.id) if r is not None and r.id else f"#{i}"
                                   for i, r in unmet)
@@ -198,10 +206,17 @@ def _is_atomic(runtime: Runtime, ops: Sequence[PlannedOperation]) -> bool:
 async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
                         scope: str, generation: int = 0,
                         deadline: datetime | None = None,
-                        batch_concurrency: int | None = None) -> ChunkOutcome:
+                        batch_concurrency: int | None = None,
+                        settle_with: Callable[[PlannedOperation], ItemResult] | None = None,
+                        ) -> ChunkOutcome:
     """Run the chunk's items and record their results, unless the chunk is recorded already.
 
-    No item starts once ``deadline`` has passed: those left are recorded ``skipped``.
+    No item starts once ``deadline`` has passed or the batch has been cancelled: those left
+    are recorded ``skipped``.
+
+    With ``settle_with`` nothing runs: items keep the outcomes they have (kept from an
+    earlier run, checkpointed by a run that died, answered by their idempotency key), the
+    others get ``settle_with(op)``, and the chunk is recorded in the transaction that locks it.
 
     When all of the chunk's operations go to the store's database, execution and recording
     share one transaction (and the chunk row is locked for it): a crash leaves no trace, and a
@@ -239,20 +254,28 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         answered.update(checkpointed)
         settled = {**kept, **answered}
         alias = _repeated_keys(todo, to_run, answered)
-        if atomic:
+        if settle_with is not None:
+            executed = [settle_with(op) for op in to_run]
+            results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
+                              rerun=bool(recorded))
+            store.release_claims(conn, scope, ref.batch_id, [
+                op.idempotency_key for op in to_run if op.idempotency_key is not None])
+            store.drop_checkpoints(conn, ref, generation)
+        elif atomic:
             ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn,
                                deadline=deadline, batch_concurrency=batch_concurrency)
             known = _known_results(runtime, conn, ref, to_run, settled, alias)
             executed = await _run_items(runtime, to_run, ctx, known, alias)
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
                               rerun=bool(recorded))
-    if not atomic:
+    if not atomic and settle_with is None:
         with store.read() as read:
             known = _known_results(runtime, read, ref, to_run, settled, alias)
         with CheckpointWriter(runtime, ref.batch_id, generation, scope) as writer:
             ctx = ChunkContext(ref.batch_id, concurrency, deadline=deadline,
                                on_item_done=writer.put, batch_concurrency=batch_concurrency,
-                               on_lease=_lease_recorder(runtime, ref.batch_id))
+                               on_lease=_lease_recorder(runtime, ref.batch_id),
+                               cancelled=writer.cancelled)
             executed = await _run_claimed(
                 runtime, ref.batch_id, scope, to_run, ctx,
                 lambda ops: _run_items(runtime, ops, ctx, known, alias))
@@ -265,6 +288,30 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
     store.publish_status(ref.batch_id)  # committed: the Redis snapshot may move
     return _outcome(ref, results, executed=[r for r in executed if r.attempts],
                     already=len(kept), started=started)
+
+
+def chunk_not_run(reason: str) -> Callable[[PlannedOperation], ItemResult]:
+    """The result of each item of a chunk that could not be executed (``reason``), for
+    :func:`settle_chunks`: failed, ``chunk_failed``; a retry of the batch runs it again."""
+    def result(op: PlannedOperation) -> ItemResult:
+        return _not_run(op, 500, "chunk_failed",
+                        f"not run, or its outcome was not recorded: its chunk could not be "
+                        f"executed ({reason}); a retry of the batch runs it again")
+
+    return result
+
+
+async def settle_chunks(runtime: Runtime, batch_id: str,
+                        not_run: Callable[[PlannedOperation], ItemResult],
+                        refs: Sequence[ChunkRef] | None = None) -> None:
+    """Record the batch's chunks ``refs`` (default: every chunk without results) without
+    running anything: each item that has no outcome yet gets ``not_run(op)``; the outcomes
+    a run that died had checkpointed, and items answered by their idempotency keys, are
+    recorded as they are. A chunk recorded meanwhile is left as it is."""
+    batch = runtime.store.get_batch(batch_id)
+    for ref in runtime.store.unrecorded_chunks(batch_id) if refs is None else refs:
+        await execute_chunk(runtime, ref, concurrency=1, scope=batch.scope,
+                            generation=batch.generation, settle_with=not_run)
 
 
 def _lease_recorder(runtime: Runtime, batch_id: str) -> Callable[[str, str, bool], None]:
@@ -290,6 +337,10 @@ async def _run_claimed(runtime: Runtime, batch_id: str, scope: str,
     pending = list(ops)
     first = True
     while pending:
+        if not first and (stop := ctx.stopped()) is not None:
+            # Cancelled (or past the deadline) while waiting for keys other batches hold.
+            results += [stop(op) for op in pending]
+            break
         if not first:
             await asyncio.sleep(CLAIM_POLL_SECONDS)
             keys = [op.idempotency_key for op in pending if op.idempotency_key is not None]

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
-from batchops.errors import BatchInProgress, BatchNotFound
+from batchops.errors import BatchFinished, BatchInProgress, BatchNotFound, TransientError
 from batchops.progress import RedisProgress
 from batchops.schemas import (
     BatchState,
@@ -158,6 +158,9 @@ def _count(results: Sequence[ItemResult], *states: ItemState) -> tuple[int, ...]
     return tuple(sum(1 for r in results if r.state is state) for state in states)
 
 
+_SQLITE_BUSY_TIMEOUT_MS = 60_000  # a SQLite writer waits this long for the lock
+
+
 def create_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with the settings batchops needs for the dialect (SQLite: threads, WAL)."""
     if url.startswith("sqlite"):
@@ -176,7 +179,7 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across app crashes
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
             cur.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -281,6 +284,35 @@ class Store:
         """A connection for reads (on SQLite it does not take the write lock)."""
         return self.engine.connect().execution_options(read_only=True)
 
+    def check_writable(self) -> None:
+        """Raise :class:`TransientError` unless the store accepts writes now: an update that
+        matches no row, rolled back. A read-only database (a replica, a failover under way,
+        ``default_transaction_read_only``) or file refuses it; ``SELECT 1`` would not tell.
+        On SQLite a writer holding the lock shows the file is writable: that is ready."""
+        try:
+            with self.engine.connect() as conn:
+                sqlite = conn.dialect.name == "sqlite"
+                # On the driver's connection: through SQLAlchemy it would begin a transaction.
+                raw: Any = conn.connection.driver_connection
+                if sqlite:  # for the lock, a second rather than the writers' minute
+                    raw.execute("PRAGMA busy_timeout = 1000")
+                try:
+                    with conn.begin() as tx:
+                        if not sqlite:
+                            conn.exec_driver_sql("SET LOCAL lock_timeout = '1s'")
+                        conn.execute(batches.update().where(sa.false())
+                                     .values(status=batches.c.status))
+                        tx.rollback()
+                except sa.exc.OperationalError as exc:
+                    if not (sqlite and "database is locked" in str(exc.orig)):
+                        raise
+                finally:
+                    if sqlite:
+                        raw.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+        except sa.exc.DBAPIError as exc:
+            message = (str(exc.orig).strip().splitlines() or [""])[0]
+            raise TransientError(f"the store refuses writes: {message}") from exc
+
     # -- schema -------------------------------------------------------------------------
 
     def migrate(self, tables: Sequence[sa.Table] = ()) -> None:
@@ -331,6 +363,22 @@ class Store:
             data[name] = _aware(data[name])
         return BatchRecord(**data)
 
+    def batch_status(self, batch_id: str) -> str:
+        """The batch's status column alone (a running chunk asks twice a second)."""
+        with self.read() as conn:
+            status = conn.execute(sa.select(batches.c.status).where(
+                batches.c.id == batch_id)).scalar()
+        if status is None:
+            raise BatchNotFound(batch_id)
+        return str(status)
+
+    def batch_of_flow_run(self, flow_run_id: str) -> str | None:
+        """The batch a flow run is (or was last) processing."""
+        with self.read() as conn:
+            found = conn.execute(sa.select(batches.c.id).where(
+                batches.c.flow_run_id == flow_run_id).limit(1)).scalar()
+        return None if found is None else str(found)
+
     def status(self, batch_id: str, ui_url: str | None = None) -> BatchStatus:
         """The batch's status: from the Redis snapshot when there is one, else the database."""
         current = self.progress.read(batch_id) if self.progress is not None else None
@@ -364,6 +412,15 @@ class Store:
             rows = conn.execute(query.order_by(c.chunk_index)).all()
         return [(ChunkRef(batch_id=batch_id, chunk_index=r.chunk_index, start=r.start, end=r.end,
                           cache_token=r.cache_token), list(r.depends_on)) for r in rows]
+
+    def unrecorded_chunks(self, batch_id: str) -> list[ChunkRef]:
+        """The batch's chunks that have no results yet, in order."""
+        c = batch_chunks.c
+        with self.read() as conn:
+            rows = conn.execute(sa.select(c.chunk_index, c.start, c.end, c.cache_token).where(
+                c.batch_id == batch_id, c.done.is_(False)).order_by(c.chunk_index)).all()
+        return [ChunkRef(batch_id=batch_id, chunk_index=r.chunk_index, start=r.start, end=r.end,
+                         cache_token=r.cache_token) for r in rows]
 
     def chunk_operations(self, batch_id: str, chunk_index: int) -> list[PlannedOperation]:
         with self.read() as conn:
@@ -485,25 +542,48 @@ class Store:
         return started
 
     def mark_finished(self, batch_id: str, state: BatchState, error: str | None = None) -> None:
-        """Final status; a cancelled batch stays cancelled."""
+        """Final status, when every item has its result. A cancelled batch stays cancelled:
+        it gets its ``finished_at``, as its items have their results now too."""
+        b = batches.c
         with self.engine.begin() as conn:
             conn.execute(batches.update().where(
-                batches.c.id == batch_id, batches.c.status != BatchState.CANCELLED.value,
+                b.id == batch_id, b.status != BatchState.CANCELLED.value,
             ).values(status=state.value, finished_at=utcnow(), error=error))
+            conn.execute(batches.update().where(
+                b.id == batch_id, b.status == BatchState.CANCELLED.value,
+                b.finished_at.is_(None)).values(finished_at=utcnow()))
         for listener in self._finish_listeners:
             listener(batch_id)
         self.publish_status(batch_id)
 
-    def cancel(self, batch_id: str) -> BatchRecord:
-        """Stop scheduling new chunks: queued or processing → cancelled. Chunks already
-        recorded keep their results; a terminal batch is left as it is."""
+    def note_error(self, batch_id: str, error: str) -> None:
+        """Why the batch's run could not finish, on a batch left for the reaper to resume."""
         with self.engine.begin() as conn:
-            conn.execute(batches.update().where(
-                batches.c.id == batch_id,
-                batches.c.status.in_([BatchState.QUEUED.value, BatchState.PROCESSING.value]),
-            ).values(status=BatchState.CANCELLED.value, finished_at=utcnow()))
+            conn.execute(batches.update().where(batches.c.id == batch_id).values(error=error))
         self.publish_status(batch_id)
-        return self.get_batch(batch_id)
+
+    def cancel(self, batch_id: str) -> str:
+        """Queued or processing → cancelled, in one conditional update (a batch finishing
+        meanwhile is not cancelled); the status it had. Cancelling a cancelled batch changes
+        nothing; a batch that has completed or failed cannot be cancelled (:class:`BatchFinished`).
+
+        Its items that have no result yet get one (``skipped``, ``cancelled``) from whoever
+        stops its run — ``finished_at`` is set then (see :mod:`batchops.cancellation`).
+        """
+        b = batches.c
+        active = [BatchState.QUEUED.value, BatchState.PROCESSING.value]
+        with self.engine.begin() as conn:
+            was = conn.execute(sa.select(b.status).where(b.id == batch_id)
+                               .with_for_update()).scalar()
+            if was is None:
+                raise BatchNotFound(batch_id)
+            if was in active:
+                conn.execute(batches.update().where(b.id == batch_id, b.status.in_(active))
+                             .values(status=BatchState.CANCELLED.value))
+        if was in (BatchState.COMPLETED.value, BatchState.FAILED.value):
+            raise BatchFinished(f"batch {batch_id} has already {was}")
+        self.publish_status(batch_id)
+        return str(was)
 
     def prepare_retry(self, batch_id: str) -> int:
         """Open the batch's failed, skipped (and never-run) items for another run; how many.
@@ -708,9 +788,10 @@ class Store:
                       limit: int = 100) -> list[tuple[str, str, str | None]]:
         """``(id, status, flow run id)`` of batches that may have lost their run: processing
         with a heartbeat older than ``stale_after``; queued with a flow run for longer (lost
-        only if that run was taken and died, or is gone: the caller asks Prefect); or queued
+        only if that run was taken and died, or is gone: the caller asks Prefect); queued
         without any flow run for longer than ``unstarted_after`` (default ``stale_after``):
-        the process that registered it died before it started a run."""
+        the process that registered it died before it started a run; and cancelled ones whose
+        run died before it recorded every item (no ``finished_at``)."""
         cutoff = utcnow() - stale_after
         unstarted_cutoff = utcnow() - (unstarted_after or stale_after)
         b = batches.c
@@ -721,7 +802,9 @@ class Store:
                        sa.and_(b.status == BatchState.QUEUED.value,
                                b.flow_run_id.is_not(None), last_sign < cutoff),
                        sa.and_(b.status == BatchState.QUEUED.value,
-                               b.flow_run_id.is_(None), last_sign < unstarted_cutoff)),
+                               b.flow_run_id.is_(None), last_sign < unstarted_cutoff),
+                       sa.and_(b.status == BatchState.CANCELLED.value,
+                               b.finished_at.is_(None), last_sign < cutoff)),
             ).order_by(b.created_at).limit(limit)).all()
         return [(r.id, r.status, r.flow_run_id) for r in rows]
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from prefect import flow, runtime
+from prefect.exceptions import CancelledRun
 from prefect.logging import get_run_logger
 
 from batchops.sync import SyncSummary
 from flows.process_batch import process_batch
-from tasks.sync import advance_watermark, next_sync_batch, sync_names, sync_state
+from tasks.sync import (
+    advance_watermark,
+    batch_summary,
+    next_sync_batch,
+    sync_names,
+    sync_state,
+)
 
 __all__ = ["bulk_sync"]
 
@@ -26,7 +33,10 @@ def _sync(sync_name: str, max_batches: int | None) -> SyncSummary:
             break
         logger.info("sync %s: %s batch %s, %d rows", sync_name,
                     "resuming" if batch.resumed else "running", batch.batch_id, batch.total)
-        result = process_batch(batch_id=batch.batch_id)
+        try:
+            result = process_batch(batch_id=batch.batch_id)
+        except CancelledRun:  # the batch was cancelled: it did not complete
+            result = batch_summary(batch.batch_id)
         move = advance_watermark(sync_name, batch.batch_id)
         summary = summary.with_batch(batch, result, move)
         if not move.advanced:

@@ -11,15 +11,25 @@ from uuid import UUID
 
 from prefect import flow, get_client, runtime, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
 from prefect.exceptions import CancelledRun
 from prefect.futures import PrefectFuture, as_completed
-from prefect.logging import get_run_logger
+from prefect.logging import get_logger, get_run_logger
+from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from batchops.execution import ChunkOutcome
-from batchops.schemas import BatchSummary, ChunkRef, Operation
+from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
 from batchops.settings import Settings, get_settings
-from tasks.batches import finish_batch, load_batch, register_operations, report_batch
+from tasks.batches import (
+    cancel_for_flow_run,
+    failure_message,
+    finish_batch,
+    load_batch,
+    register_operations,
+    report_batch,
+)
 from tasks.callbacks import send_callback
 from tasks.chunks import chunk_cache_policy, run_chunk
 
@@ -116,11 +126,25 @@ def _show_progress(progress_id: UUID, batch_id: str, done: int, total: int) -> N
                              description=f"batch {batch_id}: {done}/{total} items")
 
 
+def _cancelled_in_prefect(flow: Any, flow_run: FlowRun, state: State) -> None:
+    """``on_cancellation``: the flow run was cancelled in Prefect (the UI, ``prefect
+    flow-run cancel``), so its batch is cancelled too and the reaper leaves it. Run by the
+    runner or worker once it has stopped the run's process, the items get their results here;
+    run inside the flow's own process (no runner), the batch's chunks are stopping and the
+    reaper records them."""
+    stopped = FlowRunContext.get() is None  # not this run's own process
+    batch_id = cancel_for_flow_run(str(flow_run.id), run_stopped=stopped)
+    if batch_id is not None:
+        get_logger("batchops.flows").info("flow run %s was cancelled: batch %s cancelled",
+                                          flow_run.id, batch_id)
+
+
 @flow(
     name="process-batch",
     flow_run_name=_flow_run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=get_settings().chunk_workers),  # type: ignore[arg-type]
     log_prints=True,
+    on_cancellation=[_cancelled_in_prefect],
 )
 def process_batch(
     batch_id: str | None = None,
@@ -139,9 +163,13 @@ def process_batch(
             ``batch_id``: from the start of this run); the items left are ``skipped``.
 
     Item failures are results, not flow failures; the flow fails only when a chunk cannot be
-    executed after its retries (for example the database is gone), and a later run of the same
-    batch resumes from the completed chunks. A batch with a ``callback_url`` gets its signed
-    completion callback once it has finished; an undelivered callback does not fail the flow.
+    executed after its retries. On a transient error (the store unreachable or refusing
+    writes) the batch stays ``processing`` and the reaper runs it again from the completed
+    chunks; on another error the chunk's items are recorded failed (``chunk_failed``) and the
+    batch ``failed``. A cancelled batch starts no further item; its run records every item
+    not run as ``cancelled`` and ends ``Cancelled``. A batch with a ``callback_url`` gets its
+    signed completion callback once it has finished; an undelivered callback does not fail
+    the flow.
     """
     logger = get_run_logger()
     if batch_id is None:
@@ -168,8 +196,7 @@ def process_batch(
     progress_id = _create_progress(batch_id, 0, total) if len(chunks) > 1 else None
     done_items = 0
     last_update, shown = 0.0, -1
-    failed_chunks: list[ChunkRef] = []
-    errors: list[str] = []
+    failures: list[tuple[ChunkRef, BaseException]] = []
     for ref, future in _run_chunks(chunks, parallel, per_chunk, batch["scope"],
                                    batch["generation"], batch["concurrency"]):
         try:
@@ -179,8 +206,7 @@ def process_batch(
             logger.info("chunk %d (%s) not started: the batch was cancelled", ref.chunk_index,
                         ref.label)
         except Exception as exc:
-            failed_chunks.append(ref)
-            errors.append(f"chunk {ref.chunk_index}: {type(exc).__name__}: {exc}")
+            failures.append((ref, exc))
             logger.error("chunk %d (%s) could not finish: %s", ref.chunk_index, ref.label, exc)
         now = time.monotonic()
         if progress_id and done_items < total and now - last_update >= PROGRESS_MIN_INTERVAL:
@@ -188,18 +214,29 @@ def process_batch(
             _show_progress(progress_id, batch_id, done_items, total)
             last_update, shown = now, done_items
 
-    error = "; ".join(errors) or None
     # The batch is final in the store first (a sync answer leaves then), the last progress
     # update after it.
-    summary, status = finish_batch(batch_id, failed_chunks, error)
-    if progress_id and shown != done_items:
-        _show_progress(progress_id, batch_id, done_items, total)
+    summary, status = finish_batch(batch_id, failures)
+    failed_chunks = [ref for ref, _ in failures]
+    error = failure_message(failures) or None
+    if progress_id and shown != status.completed:
+        _show_progress(progress_id, batch_id, status.completed, total)
     report_batch(status, failed_chunks, error)
-    if batch["callback"]:
+    if batch["callback"] and status.status.is_final:
         _send_callback(batch_id)
-    if failed_chunks:
+    if status.status is BatchState.CANCELLED:
+        logger.info("batch %s cancelled: %s", batch_id, summary.model_dump())
+        # Prefect makes a state the flow returns its run's final state: Cancelled.
+        return Cancelled(  # type: ignore[return-value]
+            message=f"batch {batch_id} was cancelled: {summary.succeeded} succeeded, "
+                    f"{summary.failed} failed, {summary.skipped} not started")
+    if status.status is BatchState.PROCESSING:
         raise RuntimeError(
-            f"batch {batch_id}: {len(failed_chunks)} chunk(s) could not finish ({error}); "
-            "run the flow again for this batch to resume from the completed chunks")
+            f"batch {batch_id}: {len(failures)} chunk(s) could not finish ({error}); the "
+            "reaper runs the batch again from its completed chunks once it is stale")
+    if failures:
+        raise RuntimeError(
+            f"batch {batch_id}: {len(failures)} chunk(s) could not finish ({error}); their "
+            "items are recorded failed (chunk_failed): retry the batch to run them again")
     logger.info("batch %s finished: %s", batch_id, summary.model_dump())
     return summary

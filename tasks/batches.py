@@ -8,12 +8,17 @@ batch's work; the artifacts belong to the flow run.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import UnfinishedRun
 
 from batchops.callbacks import CallbackRecords
+from batchops.cancellation import cancel_batch, settle_cancelled
+from batchops.errors import BatchFinished, is_transient
+from batchops.execution import chunk_not_run, settle_chunks
 from batchops.registration import register_batch
 from batchops.reporting import summary_markdown, table_rows
 from batchops.runtime import get_runtime
@@ -26,7 +31,8 @@ from batchops.schemas import (
     Operation,
 )
 
-__all__ = ["finish_batch", "load_batch", "register_operations", "report_batch"]
+__all__ = ["cancel_for_flow_run", "failure_message", "finish_batch", "load_batch",
+           "register_operations", "report_batch"]
 
 
 @task(name="register-batch")
@@ -59,16 +65,66 @@ def load_batch(batch_id: str, flow_run_id: str | None,
             "callback": CallbackRecords(store).get(batch_id) is not None}
 
 
-def finish_batch(batch_id: str, failed_chunks: list[ChunkRef],
-                 error: str | None) -> tuple[BatchSummary, BatchStatus]:
+def cancel_for_flow_run(flow_run_id: str, *, run_stopped: bool) -> str | None:
+    """The batch a flow run cancelled in Prefect was processing is cancelled too, so the
+    reaper does not run it again; its id. With ``run_stopped`` (the run's process is gone)
+    its items get their results now; otherwise its own run (or the reaper) records them."""
+    runtime = get_runtime()
+    batch_id = runtime.store.batch_of_flow_run(flow_run_id)
+    if batch_id is None:
+        return None
+    try:
+        cancel_batch(runtime, batch_id)
+    except BatchFinished:
+        return batch_id  # it had finished: nothing to stop
+    if run_stopped:
+        settle_cancelled(runtime, batch_id, run_stopped=True)
+    return batch_id
+
+
+def finish_batch(batch_id: str, failures: list[tuple[ChunkRef, BaseException]],
+                 ) -> tuple[BatchSummary, BatchStatus]:
     """The batch's final status in the store (a sync answer leaves then): its summary, and the
-    status itself for :func:`report_batch`."""
-    store = get_runtime().store
-    state = BatchState.FAILED if failed_chunks else BatchState.COMPLETED
-    store.mark_finished(batch_id, state, error)  # a cancelled batch stays cancelled
+    status itself for :func:`report_batch`. Every item has a result then, unless the batch is
+    left for the reaper:
+
+    * a cancelled batch: the items of chunks that did not run get theirs (``cancelled``);
+    * a chunk that still failed on a transient error (the store unreachable or refusing
+      writes for longer than the chunk's retries): nothing more is recorded, the batch stays
+      ``processing`` with the error, and the reaper runs it again once it is stale;
+    * otherwise the chunks that could not finish (a bug), and those that waited for them,
+      have their items recorded failed (``chunk_failed``) and the batch is ``failed``.
+    """
+    runtime = get_runtime()
+    store = runtime.store
+    error = failure_message(failures)
+    if store.batch_status(batch_id) == BatchState.CANCELLED.value:
+        settle_cancelled(runtime, batch_id)
+    elif any(is_transient(exc) for _, exc in failures):
+        store.note_error(batch_id, error)
+    else:
+        why = {ref.chunk_index: _describe(exc) for ref, exc in failures}
+        for ref in store.unrecorded_chunks(batch_id):
+            reason = why.get(ref.chunk_index, "a chunk it waits for could not finish")
+            asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(reason), [ref]))
+        store.mark_finished(batch_id, BatchState.FAILED if failures else BatchState.COMPLETED,
+                            error or None)
     status = store.status(batch_id)
     return BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed,
                         skipped=status.skipped), status
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UnfinishedRun):  # its task run waited for a chunk that did not complete
+        return "not started: a chunk it waits for could not finish"
+    # A database error's text goes on with its SQL and parameters: its first line says it.
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def failure_message(failures: list[tuple[ChunkRef, BaseException]]) -> str:
+    """Why chunks could not finish, one after the other."""
+    return "; ".join(f"chunk {ref.chunk_index}: {_describe(exc)}" for ref, exc in failures)
 
 
 def report_batch(status: BatchStatus, failed_chunks: list[ChunkRef], error: str | None) -> None:

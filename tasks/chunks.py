@@ -7,7 +7,6 @@ from datetime import timedelta
 from functools import lru_cache
 from typing import Any
 
-import sqlalchemy as sa
 from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import TaskRun
@@ -15,15 +14,12 @@ from prefect.context import TaskRunContext
 from prefect.states import Cancelled, State
 from prefect.tasks import exponential_backoff
 
-from batchops.errors import TransientError
+from batchops.errors import is_transient
 from batchops.execution import ChunkOutcome, execute_chunk
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState, ChunkRef
 
 __all__ = ["chunk_cache_key", "chunk_cache_policy", "retry_transient_failures", "run_chunk"]
-
-_TRANSIENT = (TransientError, sa.exc.OperationalError, sa.exc.InterfaceError, ConnectionError,
-              TimeoutError)
 
 
 def chunk_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -56,14 +52,15 @@ def chunk_cache_policy(redis_url: str | None) -> CachePolicy:
 
 
 def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
-    """Retry lost connections and timeouts; a constraint violation or a bug is not retried."""
+    """Retry what :func:`batchops.errors.is_transient` says may pass: lost connections,
+    timeouts, a store that is busy or refuses writes for now (SQLite's "database is locked"
+    and "attempt to write a readonly database", PostgreSQL's read-only transactions); a
+    constraint violation or a bug is not retried."""
     try:
         # _sync: result() is a coroutine wherever an event loop runs (async task engines).
         state.result(raise_on_failure=True, _sync=True)  # type: ignore[call-overload]
-    except _TRANSIENT:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return is_transient(exc)
     return False
 
 

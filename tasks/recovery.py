@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
@@ -14,6 +15,9 @@ from prefect.logging import get_run_logger
 from prefect.states import Crashed
 
 from batchops.batch_requests import BatchRequests
+from batchops.cancellation import settle_cancelled
+from batchops.errors import BatchFinished
+from batchops.execution import chunk_not_run, settle_chunks
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState
 
@@ -85,6 +89,17 @@ def _release_leases(batch_id: str) -> None:
             store.drop_lease(lease_id)
 
 
+def _end_cancelled(batch_id: str) -> None:
+    """A batch cancelled (here, or its flow run in Prefect) whose run is gone: cancelled for
+    good, and the items its run did not record get their results (``cancelled``)."""
+    runtime = get_runtime()
+    try:
+        was = runtime.store.cancel(batch_id)  # nothing changes for one cancelled already
+    except BatchFinished:
+        return
+    settle_cancelled(runtime, batch_id, run_stopped=was != BatchState.QUEUED.value)
+
+
 @task(name="restart-stale-batches", cache_policy=NO_CACHE)
 def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]:
     """Batches whose run died get a new ``process-batch`` flow run; completed chunks and
@@ -94,14 +109,16 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
     (default: settings), or queued while its flow run was taken by a worker that long ago
     (the worker died before the run started), has ended or no longer exists; a batch queued
     with no flow run at all (its API died before starting one) is started once it is older
-    than ``stale_after_seconds`` plus the longest sync wait.
+    than ``stale_after_seconds`` plus the longest sync wait. A batch whose flow run was
+    cancelled in Prefect, or that was cancelled while its run died, is not run again: it ends
+    cancelled, its unrecorded items ``cancelled``.
     """
     runtime = get_runtime()
     settings = runtime.settings
     logger = get_run_logger()
     stale_after = timedelta(seconds=stale_after_seconds or settings.stale_after_seconds)
-    # A sync batch may wait in its API's thread pool for up to the longest sync wait before
-    # that API hands it to the work pool: only past that is a batch without a run lost.
+    # A sync batch may wait in its API's thread pool for up to the longest sync wait: only
+    # past that is a batch without a run lost.
     unstarted_after = stale_after + timedelta(seconds=settings.max_sync_wait_seconds)
     restarted = []
     for batch_id, status, flow_run_id in runtime.store.stale_batches(stale_after,
@@ -110,6 +127,15 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
         if isinstance(found, _Unknown):
             continue  # Prefect did not answer: ask again on the next round
         run = found
+        cancelled_run = run is not None and run.state is not None and run.state.is_cancelled()
+        if status == BatchState.CANCELLED.value or cancelled_run:
+            # Cancelled (here or in Prefect) and its run gone: it is not run again; the items
+            # its run did not record get their results (cancelled).
+            if runtime.store.take_stale_batch(batch_id, status, stale_after, flow_run_id):
+                _end_cancelled(batch_id)
+                logger.info("batch %s: cancelled and its run is gone; not run again",
+                            batch_id)
+            continue
         if not _lost(status, flow_run_id, run, stale_after):
             continue
         if not runtime.store.take_stale_batch(batch_id, status, stale_after, flow_run_id):
@@ -123,9 +149,10 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
         _release_leases(batch_id)
         batch = runtime.store.get_batch(batch_id)
         if batch.recoveries > settings.max_recoveries:
-            runtime.store.mark_finished(
-                batch_id, BatchState.FAILED,
-                f"its run died {batch.recoveries} times; not run again (retry it once fixed)")
+            why = f"its run died {batch.recoveries} times; not run again (retry it once fixed)"
+            # Every item gets a result: the ones no run recorded fail (chunk_failed).
+            asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(why)))
+            runtime.store.mark_finished(batch_id, BatchState.FAILED, why)
             logger.error("batch %s: its run died %d times; marked failed", batch_id,
                          batch.recoveries)
             continue

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
@@ -42,7 +43,7 @@ def count(table: str) -> int:
         return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
 
 
-def test_cancel_mid_run_stops_new_chunks_and_keeps_finished_results(
+def test_cancel_mid_run_stops_starting_items_and_every_item_gets_a_result(
         pg_api: httpx.Client) -> None:
     answer = pg_api.post("/batches", json={"operations": [email(i, 0.01) for i in range(600)],
                                            "concurrency": 2, "mode": "async"})
@@ -55,16 +56,82 @@ def test_cancel_mid_run_stops_new_chunks_and_keeps_finished_results(
     cancelled = pg_api.post(f"/batches/{answer.json()['batch_id']}/cancel")
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["status"] == "cancelled"
-    time.sleep(3)  # chunks already running finish; no new one starts
-    final = pg_api.get(status_url).json()
+    sent_at_cancel = count("outbox")
+    final = _until_finished_at_is_set(pg_api, status_url)
     assert final["status"] == "cancelled"
-    assert 50 <= final["completed"] < 600
-    assert count("outbox") == final["completed"]
-    time.sleep(1)
-    assert pg_api.get(status_url).json()["completed"] == final["completed"]
-    items = pg_api.get(f"/batches/{final['batch_id']}/results").json()["items"]
-    assert len(items) == final["completed"]
-    assert all(i["state"] == "succeeded" for i in items)
+    # Two items at a time, 10 ms each: about 100 more in the half second a chunk takes to
+    # notice, not the 550 left.
+    assert sent_at_cancel <= final["succeeded"] < sent_at_cancel + 200
+    assert (final["completed"], final["succeeded"] + final["skipped"]) == (600, 600)
+    assert count("outbox") == final["succeeded"]
+    items = pg_api.get(f"/batches/{final['batch_id']}/results",
+                       params={"limit": 1000}).json()["items"]
+    assert [i["index"] for i in items] == list(range(600))
+    assert {(i["state"], i["status"], (i.get("error") or {}).get("code")) for i in items
+            if i["state"] != "succeeded"} == {("skipped", 499, "cancelled")}
+    assert _flow_run_state(final["flow_run_id"]) == "CANCELLED"
+
+
+def test_a_flow_run_cancelled_in_prefect_cancels_its_batch_for_good(
+        pg_api: httpx.Client) -> None:
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    from flows.reaper import reap_stale_batches
+
+    answer = pg_api.post("/batches", json={"operations": [email(i, 0.01) for i in range(600)],
+                                           "concurrency": 2, "mode": "async"})
+    assert answer.status_code == 202, answer.text
+    status_url = answer.json()["status_url"]
+    deadline = time.monotonic() + 60
+    while pg_api.get(status_url).json()["completed"] < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    flow_run_id = pg_api.get(status_url).json()["flow_run_id"]
+
+    # What `prefect flow-run cancel` and Cancel in the UI do: the runner stops the run.
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(UUID(flow_run_id), Cancelling(message="cancelled in the UI"))
+    final = _until_finished_at_is_set(pg_api, status_url)
+
+    assert final["status"] == "cancelled"
+    assert (final["completed"], final["succeeded"] + final["skipped"]) == (600, 600)
+    assert 50 <= final["succeeded"] < 600
+    items = pg_api.get(f"/batches/{final['batch_id']}/results",
+                       params={"limit": 1000}).json()["items"]
+    assert [i["index"] for i in items] == list(range(600))
+    assert {(i["state"], (i.get("error") or {}).get("code")) for i in items
+            if i["state"] != "succeeded"} == {("skipped", "cancelled")}
+    assert _flow_run_state(flow_run_id) == "CANCELLED"
+    # The run was killed: the sends in flight, and those whose outcome was still on its way
+    # to the store, may have happened without a recorded success (their results say so).
+    sent = count("outbox")
+    assert final["succeeded"] <= sent <= final["succeeded"] + 20
+    time.sleep(0.3)
+    assert reap_stale_batches(stale_after_seconds=0.2) == []  # the reaper leaves it cancelled
+    assert pg_api.get(status_url).json()["status"] == "cancelled"
+    assert count("outbox") == sent  # nothing ran after the run was stopped
+
+
+def _until_finished_at_is_set(client: httpx.Client, status_url: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = client.get(status_url).json()
+        if status["finished_at"] is not None:
+            return dict(status)
+        time.sleep(0.1)
+    raise AssertionError(f"the batch did not finish: {status}")
+
+
+def _flow_run_state(flow_run_id: str) -> str:
+    from prefect import get_client
+
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(UUID(flow_run_id))
+            if (run.state and run.state.is_final()) or time.monotonic() > deadline:
+                return run.state.type.value if run.state else ""
+            time.sleep(0.1)
 
 
 def test_retry_runs_only_the_failed_items_as_a_new_flow_run(pg_api: httpx.Client) -> None:

@@ -16,11 +16,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.body import CSV_MEDIA_TYPES, require_media_type
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
 from api.routes.batches import BatchAccepted, BatchId, _accepted, _errors, _owned_batch, item_json
+from batchops import cancellation
 from batchops.csvio import CsvImport, count_operations, open_operations
 from batchops.errors import (
     BadRequest,
     BatchExceedsQuota,
-    BatchFinished,
     BatchTooLarge,
     BodyTooLarge,
 )
@@ -38,15 +38,17 @@ _UPLOAD_PART = 1 << 16
 
 
 @router.post("/batches/{batch_id}/cancel", name="cancel_batch", response_model=BatchStatus,
-             summary="Stop a batch: no new chunk starts", responses=_errors(401, 404, 409))
+             summary="Stop a batch: no further item starts", responses=_errors(401, 404, 409))
 def cancel_batch(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) -> BatchStatus:
-    """Chunks already running finish and keep their results; no other chunk starts. The
-    status becomes ``cancelled``. Cancelling a cancelled batch answers its status again; a
-    batch that has completed or failed cannot be cancelled (409 ``batch_finished``)."""
-    batch = _owned_batch(runtime, batch_id, scope)
-    if batch.status in (BatchState.COMPLETED.value, BatchState.FAILED.value):
-        raise BatchFinished(f"batch {batch_id} has already {batch.status}")
-    runtime.store.cancel(batch_id)
+    """The status becomes ``cancelled`` at once and no further item starts (a running chunk
+    notices within about half a second; a sql chunk on the store's database, one
+    transaction, finishes); items already started finish and keep their results. Every item
+    not started gets a result, ``skipped`` with error code ``cancelled``; ``finished_at`` is
+    set once they all have one, and the flow run ends ``Cancelled``.
+    Cancelling a cancelled batch answers its status again; a batch that has completed or
+    failed cannot be cancelled (409 ``batch_finished``)."""
+    _owned_batch(runtime, batch_id, scope)
+    cancellation.cancel_batch(runtime, batch_id)
     return runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,8 +26,7 @@ async def healthz() -> dict[str, str]:
 
 
 def _check_store(runtime: Runtime) -> None:
-    with runtime.store.read() as conn:
-        conn.execute(sa.text("SELECT 1"))
+    runtime.store.check_writable()  # a store that answers reads but refuses writes is not ready
 
 
 async def _check_prefect() -> None:
@@ -59,7 +57,8 @@ def _check_redis(runtime: Runtime) -> None:
             responses={503: {"description": "a dependency does not answer"}})
 async def readyz(runtime: RuntimeDep) -> Response:
     """``ready`` when every dependency answers; ``degraded`` (still 200) when only Redis does
-    not — status reads then come from the store; ``503`` when the store or Prefect does not."""
+    not — status reads then come from the store; ``503`` when Prefect does not, or the store
+    does not accept writes (unreachable, or read-only)."""
     probes = [_probe("store", asyncio.to_thread(_check_store, runtime)),
               _probe("prefect", _check_prefect())]
     if runtime.store.progress is not None:

@@ -56,7 +56,7 @@ from tenacity.wait import wait_base, wait_random_exponential
 from batchops.errors import TransientError
 from batchops.schemas import AttemptError, ItemErrorBody, ItemResult, ItemState, PlannedOperation
 from batchops.settings import UpstreamSpec
-from batchops.targets import ChunkContext, deadline_exceeded
+from batchops.targets import ChunkContext
 
 __all__ = ["AdaptiveLimit", "HttpTarget", "parse_retry_after", "rate_limit_name",
            "upstream_limit_name"]
@@ -443,8 +443,8 @@ class HttpTarget:
 
         async def one(op: PlannedOperation) -> ItemResult:
             async with pool.slots:
-                if ctx.deadline_passed():
-                    return deadline_exceeded(op, ctx.deadline)
+                if (stop := ctx.stopped()) is not None:  # cancelled, or past the deadline
+                    return stop(op)
                 return ctx.item_done(op, await self._send(up, op, ctx))
 
         try:

@@ -12,7 +12,7 @@ from batchops.handlers import Handler
 from batchops.jsonable import json_value
 from batchops.routing import Router
 from batchops.schemas import ItemResult, PlannedOperation
-from batchops.targets import ChunkContext, deadline_exceeded
+from batchops.targets import ChunkContext
 
 __all__ = ["PythonTarget"]
 
@@ -41,8 +41,8 @@ class PythonTarget:
 
         async def one(op: PlannedOperation) -> ItemResult:
             async with slots:
-                if ctx.deadline_passed():
-                    return deadline_exceeded(op, ctx.deadline)
+                if (stop := ctx.stopped()) is not None:  # cancelled, or past the deadline
+                    return stop(op)
                 return ctx.item_done(op, await self._call(op))
 
         return list(await asyncio.gather(*(one(op) for op in items)))

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 
-from batchops.errors import ConfigurationError, TransientError
+from batchops.errors import ConfigurationError, TransientError, is_transient
 from batchops.jsonable import row_to_json
 from batchops.resources import Resource
 from batchops.schemas import ItemResult, PlannedOperation
@@ -68,9 +68,7 @@ def classify_db_error(exc: sa.exc.DBAPIError) -> tuple[int, str, str]:
 
 
 def _raise_if_transient(exc: sa.exc.DBAPIError) -> None:
-    if exc.connection_invalidated or isinstance(
-        exc, sa.exc.OperationalError | sa.exc.InterfaceError
-    ):
+    if is_transient(exc):  # lost, busy, or refusing writes for now (read-only): retried
         raise TransientError(f"database unavailable: {str(exc.orig).strip()}") from exc
 
 
