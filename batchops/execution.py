@@ -251,8 +251,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
             known = _known_results(runtime, read, ref, to_run, settled, alias)
         with CheckpointWriter(runtime, ref.batch_id, generation, scope) as writer:
             ctx = ChunkContext(ref.batch_id, concurrency, deadline=deadline,
-                               on_item_done=writer.put, batch_concurrency=batch_concurrency,
-                               on_lease=_lease_recorder(runtime, ref.batch_id))
+                               on_item_done=writer.put, batch_concurrency=batch_concurrency)
             executed = await _run_claimed(
                 runtime, ref.batch_id, scope, to_run, ctx,
                 lambda ops: _run_items(runtime, ops, ctx, known, alias))
@@ -265,16 +264,6 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
     store.publish_status(ref.batch_id)  # committed: the Redis snapshot may move
     return _outcome(ref, results, executed=[r for r in executed if r.attempts],
                     already=len(kept), started=started)
-
-
-def _lease_recorder(runtime: Runtime, batch_id: str) -> Callable[[str, str, bool], None]:
-    def record(lease_id: str, limit_name: str, held: bool) -> None:
-        if held:
-            runtime.store.add_lease(batch_id, lease_id, limit_name)
-        else:
-            runtime.store.drop_lease(lease_id)
-
-    return record
 
 
 async def _run_claimed(runtime: Runtime, batch_id: str, scope: str,
