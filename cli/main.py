@@ -496,14 +496,17 @@ def up(
     demo: Annotated[Path | None, typer.Option(help="Batch to run once the server is up.")] = Path(
         "examples/demo.json"),
     port: Annotated[int, typer.Option(help="Port of the Prefect server (UI and API).")] = 4200,
-    stay: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
+    api_port: Annotated[int, typer.Option(help="Port of the batchops API.")] = 8000,
+    stay: Annotated[bool, typer.Option(
+        help="Keep running (a process that dies is restarted) until Ctrl-C.")] = True,
     scaled: Annotated[bool, typer.Option(
         help="Production backends on this machine: 2 Prefect API servers and the services on "
              "PostgreSQL with prefect-redis, 2 workers on the 'batchops' work pool, 2 APIs "
              "(:8000, :8001). See docs/scaling.md.")] = False,
 ) -> None:
     """Start the system on the embedded default: a Prefect server (SQLite under .data/),
-    then the demo batch through this CLI. Ctrl-C stops everything."""
+    then the demo batch through this CLI. A process that dies is restarted; Ctrl-C stops
+    everything (a second Ctrl-C at once)."""
     demo_file = demo if demo and demo.exists() else None
     if scaled:
         from deployments.scaled import ScaledTopology, run_scaled_system
@@ -511,7 +514,7 @@ def up(
         raise typer.Exit(run_scaled_system(ScaledTopology(), demo_file, stay=stay))
     from deployments.local import run_local_system
 
-    raise typer.Exit(run_local_system(demo_file, port=port, stay=stay))
+    raise typer.Exit(run_local_system(demo_file, port=port, api_port=api_port, stay=stay))
 
 
 @app.command()
