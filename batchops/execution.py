@@ -274,7 +274,6 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         with CheckpointWriter(runtime, ref.batch_id, generation, scope) as writer:
             ctx = ChunkContext(ref.batch_id, concurrency, deadline=deadline,
                                on_item_done=writer.put, batch_concurrency=batch_concurrency,
-                               on_lease=_lease_recorder(runtime, ref.batch_id),
                                cancelled=writer.cancelled)
             executed = await _run_claimed(
                 runtime, ref.batch_id, scope, to_run, ctx,
@@ -312,16 +311,6 @@ async def settle_chunks(runtime: Runtime, batch_id: str,
     for ref in runtime.store.unrecorded_chunks(batch_id) if refs is None else refs:
         await execute_chunk(runtime, ref, concurrency=1, scope=batch.scope,
                             generation=batch.generation, settle_with=not_run)
-
-
-def _lease_recorder(runtime: Runtime, batch_id: str) -> Callable[[str, str, bool], None]:
-    def record(lease_id: str, limit_name: str, held: bool) -> None:
-        if held:
-            runtime.store.add_lease(batch_id, lease_id, limit_name)
-        else:
-            runtime.store.drop_lease(lease_id)
-
-    return record
 
 
 async def _run_claimed(runtime: Runtime, batch_id: str, scope: str,

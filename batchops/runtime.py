@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from batchops.handlers import load_handler_modules, registry
+from batchops.limit_leases import LimitLeases
 from batchops.progress import RedisProgress
 from batchops.resources import Resource, build_resources
 from batchops.routing import HTTP_TARGET, PYTHON_TARGET, SQL_TARGET, Router
@@ -45,12 +46,12 @@ def build_runtime(settings: Settings) -> Runtime:
     resources = build_resources(settings.resources)
     router = Router(resources, registry.all(), settings.upstreams)
     progress = RedisProgress(settings.redis_url) if settings.redis_url else None
-    runtime = Runtime(settings, Store(settings.database_url, progress=progress), resources,
-                      router)
+    store = Store(settings.database_url, progress=progress)
+    runtime = Runtime(settings, store, resources, router)
     runtime.targets = {
         SQL_TARGET: SqlTarget(resources, settings.database_url),
         PYTHON_TARGET: PythonTarget(router),
-        HTTP_TARGET: HttpTarget(settings.upstreams),
+        HTTP_TARGET: HttpTarget(settings.upstreams, LimitLeases.from_settings(store, settings)),
     }
     runtime.prepare()
     return runtime

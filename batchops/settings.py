@@ -214,6 +214,10 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(
         60, gt=0, description="a processing batch silent this long is re-run by the reaper; "
         "an idempotency key claimed by it may be taken over")
+    slot_wait_seconds: float = Field(
+        30, gt=0, description="a batch that has waited this long for an upstream's "
+        "concurrency slots gives back the slots no live run holds (see batchops.limit_leases), "
+        "logs who holds the rest, and waits again")
     max_recoveries: int = Field(
         5, ge=0, description="times the reaper re-runs one batch before marking it failed")
     reaper_cron: str = Field("* * * * *", description="schedule of the reaper deployment")

@@ -111,8 +111,10 @@ item_claims = sa.Table(
     sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-# Prefect global-concurrency-limit leases a batch's run holds for its upstream requests: a run
-# that dies keeps them until they expire, so the reaper releases them before the re-run.
+# Prefect global-concurrency-limit leases a batch's run holds for its upstream requests, with
+# their slots and the last time their holder said it is alive: the slots of a limit that no
+# live lease accounts for are given back (batchops.limit_leases), and the reaper releases the
+# leases of a dead run before the re-run.
 limit_leases = sa.Table(
     "limit_leases",
     metadata,
@@ -120,6 +122,17 @@ limit_leases = sa.Table(
     sa.Column("batch_id", sa.String(64), nullable=False, index=True),
     sa.Column("limit_name", sa.String(255), nullable=False),
     sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("slots", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("renewed_at", sa.DateTime(timezone=True)),
+)
+
+# Who is reconciling a limit's slots with the leases, until when: one process at a time, or two
+# would give back the same slots twice.
+limit_reconciliations = sa.Table(
+    "limit_reconciliations",
+    metadata,
+    sa.Column("limit_name", sa.String(255), primary_key=True),
+    sa.Column("claimed_until", sa.DateTime(timezone=True), nullable=False),
 )
 
 # Each item's outcome as soon as it is known (before its chunk is recorded): a run that
@@ -808,11 +821,18 @@ class Store:
             ).order_by(b.created_at).limit(limit)).all()
         return [(r.id, r.status, r.flow_run_id) for r in rows]
 
-    def add_lease(self, batch_id: str, lease_id: str, limit_name: str) -> None:
+    def add_lease(self, batch_id: str, lease_id: str, limit_name: str, slots: int) -> None:
+        now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(limit_leases.insert().values(
-                lease_id=lease_id, batch_id=batch_id, limit_name=limit_name,
-                acquired_at=utcnow()))
+                lease_id=lease_id, batch_id=batch_id, limit_name=limit_name, slots=slots,
+                acquired_at=now, renewed_at=now))
+
+    def renew_lease(self, lease_id: str) -> bool:
+        """The lease's holder is alive; ``False`` when its record is gone (taken as dead)."""
+        with self.engine.begin() as conn:
+            return conn.execute(limit_leases.update().where(
+                limit_leases.c.lease_id == lease_id).values(renewed_at=utcnow())).rowcount == 1
 
     def drop_lease(self, lease_id: str) -> None:
         with self.engine.begin() as conn:
@@ -822,6 +842,50 @@ class Store:
         with self.read() as conn:
             return list(conn.execute(sa.select(limit_leases.c.lease_id).where(
                 limit_leases.c.batch_id == batch_id)).scalars())
+
+    def live_leases(self, limit_name: str, stale_after: timedelta) -> list[tuple[str, int]]:
+        """``(batch id, slots)`` of the leases on ``limit_name`` whose holder renewed them
+        within ``stale_after``."""
+        c = limit_leases.c
+        with self.read() as conn:
+            rows = conn.execute(sa.select(c.batch_id, c.slots).where(
+                c.limit_name == limit_name,
+                sa.func.coalesce(c.renewed_at, c.acquired_at) >= utcnow() - stale_after,
+            ).order_by(c.acquired_at)).all()
+        return [(r.batch_id, r.slots) for r in rows]
+
+    def stale_leases(self, limit_name: str, stale_after: timedelta) -> list[str]:
+        """Ids of the leases on ``limit_name`` that their holder stopped renewing."""
+        c = limit_leases.c
+        with self.read() as conn:
+            return list(conn.execute(sa.select(c.lease_id).where(
+                c.limit_name == limit_name,
+                sa.func.coalesce(c.renewed_at, c.acquired_at) < utcnow() - stale_after,
+            )).scalars())
+
+    def leased_limits(self) -> list[str]:
+        """Names of the limits with lease records."""
+        with self.read() as conn:
+            return list(conn.execute(
+                sa.select(limit_leases.c.limit_name).distinct()).scalars())
+
+    def claim_reconciliation(self, limit_name: str, seconds: float) -> bool:
+        """Take the turn to reconcile ``limit_name`` for up to ``seconds``; ``False`` while
+        another process has it."""
+        t = limit_reconciliations
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(_dialect_insert(conn)(t).values(
+                limit_name=limit_name, claimed_until=now).on_conflict_do_nothing())
+            return conn.execute(t.update().where(
+                t.c.limit_name == limit_name, t.c.claimed_until <= now,
+            ).values(claimed_until=now + timedelta(seconds=seconds))).rowcount == 1
+
+    def end_reconciliation(self, limit_name: str) -> None:
+        t = limit_reconciliations
+        with self.engine.begin() as conn:
+            conn.execute(t.update().where(t.c.limit_name == limit_name)
+                         .values(claimed_until=utcnow()))
 
     def purge_expired(self, stale_after: timedelta, limit: int = 50_000) -> dict[str, int]:
         """Delete idempotency records past their retention, and the claims of batches that

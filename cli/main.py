@@ -531,7 +531,10 @@ def up(
     demo: Annotated[Path | None, typer.Option(help="Batch to run once the server is up.")] = Path(
         "examples/demo.json"),
     port: Annotated[int, typer.Option(help="Port of the Prefect server (UI and API).")] = 4200,
-    stay: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
+    api_port: Annotated[int | None, typer.Option(
+        help="Port of the batchops API (default BATCHOPS_API_PORT, 8000).")] = None,
+    stay: Annotated[bool, typer.Option(
+        help="Keep running (a process that dies is restarted) until Ctrl-C.")] = True,
     scaled: Annotated[bool, typer.Option(
         help="Production backends on this machine: 2 Prefect API servers and the services on "
              "PostgreSQL with prefect-redis, 2 workers on the 'batchops' work pool, 2 APIs "
@@ -539,8 +542,8 @@ def up(
     ] = False,
 ) -> None:
     """Start the system on the embedded default: a Prefect server (SQLite under .data/),
-    the API on BATCHOPS_API_PORT (8000), then the demo batch through this CLI. Ctrl-C stops
-    everything."""
+    the API on BATCHOPS_API_PORT (8000), then the demo batch through this CLI. A process that
+    dies is restarted; Ctrl-C stops everything (a second Ctrl-C at once)."""
     settings = get_settings()  # a bad setting stops here, before anything starts
     demo_file = demo if demo and demo.exists() else None
     if scaled:
@@ -550,8 +553,9 @@ def up(
         raise typer.Exit(run_scaled_system(topology, demo_file, stay=stay))
     from deployments.local import run_local_system
 
-    raise typer.Exit(run_local_system(demo_file, port=port, api_port=settings.api_port,
-                                      api_host=settings.api_host, stay=stay))
+    raise typer.Exit(run_local_system(
+        demo_file, port=port, api_port=settings.api_port if api_port is None else api_port,
+        api_host=settings.api_host, stay=stay))
 
 
 @app.command()

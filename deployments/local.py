@@ -2,7 +2,9 @@
 the deployments, the webhook API (on ``BATCHOPS_API_PORT``, 8000), then the demo batch.
 
 ``batchops up`` (and ``make up``) calls :func:`run_local_system`. Everything lives under
-``.data/``: the Prefect server's database and results, the batchops store, the logs.
+``.data/``: the Prefect server's database and results, the batchops store, the logs. A process
+that dies is restarted (:class:`~deployments.processes.Supervisor`); Ctrl-C or SIGTERM stops
+them all, a second one at once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from batchops.devtools.prefect_server import command as embedded_server
-from deployments.processes import Supervisor, port_in_use, stop_on_signals, wait_http
+from deployments.processes import Supervisor, port_in_use, wait_http
 
 __all__ = ["run_local_system", "wait_for_prefect"]
 
@@ -47,8 +49,7 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
                      api_host: str = "127.0.0.1", data_dir: Path = Path(".data"),
                      stay: bool = True) -> int:
     """Start the Prefect server, the runner and the API, run the demo batch, keep serving
-    until Ctrl-C, then stop every process."""
-    stop_on_signals()
+    (restarting a process that dies) until Ctrl-C or SIGTERM, then stop every process."""
     if port_in_use(api_host, api_port):  # known now, not after starting everything else
         console.print(f"[red]Port {api_port} on {api_host} is in use, so the API cannot "
                       "listen there; stop what listens on it or set BATCHOPS_API_PORT.")
@@ -57,7 +58,8 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
     env = _prefect_env(data_dir.resolve(), port)
     env.setdefault("BATCHOPS_PREFECT_UI_URL", f"http://127.0.0.1:{port}")
     api_url = env["PREFECT_API_URL"]
-    processes = Supervisor(data_dir)
+    processes = Supervisor(data_dir, log=console.print)
+    processes.stop_on_signals()
     try:
         if wait_for_prefect(api_url, timeout=1):
             console.print(f"[yellow]A Prefect server already answers at {api_url}; using it.")
@@ -96,9 +98,7 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
             return code
         console.print(f"[bold]batchops is up.[/] Prefect UI {ui}  API {webhook}  — "
                       "Ctrl-C stops everything.")
-        stopped = processes.watch()
-        console.print(f"[red]{stopped.name} stopped; see {stopped.log_path}. Stopping the rest.")
-        return 1
+        processes.supervise()
     except KeyboardInterrupt:
         console.print("\nStopping …")
         return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from rich.console import Console
 
-from deployments.processes import Supervisor, stop_on_signals, wait_http
+from deployments.processes import Supervisor, wait_http
 
 __all__ = ["ScaledSystem", "ScaledTopology", "claim_empty_redis_database", "run_scaled_system"]
 
@@ -137,7 +137,7 @@ class ScaledSystem:
 
     def __init__(self, topology: ScaledTopology) -> None:
         self.topology = topology
-        self.processes = Supervisor(topology.data_dir / "logs")
+        self.processes = Supervisor(topology.data_dir / "logs", log=console.print)
 
     def _prefect_server(self, index: int) -> None:
         port = self.topology.prefect_ports[index]
@@ -197,9 +197,9 @@ class ScaledSystem:
 def run_scaled_system(topology: ScaledTopology, demo_file: Path | None, *,
                       stay: bool = True) -> int:
     """Start the scaled system, submit the demo batch through the first API, keep running
-    until Ctrl-C or SIGTERM, then stop every process."""
-    stop_on_signals()
+    (restarting a process that dies) until Ctrl-C or SIGTERM, then stop every process."""
     system = ScaledSystem(topology)
+    system.processes.stop_on_signals()
     t = topology
     try:
         console.print(f"Starting the scaled system (PostgreSQL databases {t.prefect_database} "
@@ -219,9 +219,7 @@ def run_scaled_system(topology: ScaledTopology, demo_file: Path | None, *,
         if not stay:
             return code
         console.print("[bold]batchops (scaled) is up.[/] Ctrl-C stops everything.")
-        stopped = system.processes.watch()
-        console.print(f"[red]{stopped.name} stopped; see {stopped.log_path}. Stopping the rest.")
-        return 1
+        system.processes.supervise()
     except KeyboardInterrupt:
         console.print("\nStopping …")
         return 0

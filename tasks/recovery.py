@@ -18,10 +18,12 @@ from batchops.batch_requests import BatchRequests
 from batchops.cancellation import settle_cancelled
 from batchops.errors import BatchFinished
 from batchops.execution import chunk_not_run, settle_chunks
+from batchops.limit_leases import LimitLeases
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState
+from batchops.targets.http import upstream_limit_name
 
-__all__ = ["purge_expired", "restart_stale_batches"]
+__all__ = ["purge_expired", "reconcile_limit_slots", "restart_stale_batches"]
 
 # States of a flow run that a worker has taken (or that ended) without the batch starting.
 _TAKEN = {StateType.PENDING, StateType.RUNNING}
@@ -165,6 +167,17 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
                     new.id)
         restarted.append(batch_id)
     return restarted
+
+
+@task(name="reconcile-limit-slots", cache_policy=NO_CACHE)
+def reconcile_limit_slots() -> dict[str, int]:
+    """Give back the upstream-limit slots that no live run holds (a restarted Prefect server
+    forgot their leases, or their run died; see :mod:`batchops.limit_leases`): slots given
+    back per limit."""
+    runtime = get_runtime()
+    leases = LimitLeases.from_settings(runtime.store, runtime.settings)
+    done = leases.reconcile_all([upstream_limit_name(n) for n in runtime.settings.upstreams])
+    return {r.limit_name: r.freed_slots for r in done}
 
 
 @task(name="purge-expired", cache_policy=NO_CACHE)

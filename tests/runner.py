@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["kill_process_tree", "serving_deployments"]
+__all__ = ["alive", "kill_process_tree", "process_tree", "serving_deployments"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,14 +66,30 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def kill_process_tree(pid: int) -> list[int]:
-    """``kill -9`` a process and every process it started (whatever their session): what a
-    machine that dies does to them. The pids killed."""
+def process_tree(pid: int) -> list[int]:
+    """A process and every process it started that is still its descendant (whatever their
+    session)."""
     tree, todo = [], [pid]
     while todo:
         current = todo.pop()
         tree.append(current)
         todo += _children(current)
+    return tree
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def kill_process_tree(pid: int) -> list[int]:
+    """``kill -9`` a process and every process it started (whatever their session): what a
+    machine that dies does to them. The pids killed."""
+    tree = process_tree(pid)
     for p in tree:
         with suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)

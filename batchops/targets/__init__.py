@@ -45,9 +45,6 @@ class ChunkContext:
     concurrency: int
     store_connection: Connection | None = None
     batch_concurrency: int | None = None
-    # Told of each Prefect concurrency lease taken (``held``) and released for this batch:
-    # ``(lease id, limit name, held)``, so a reaper can free the leases of a run that died.
-    on_lease: Callable[[str, str, bool], None] | None = None
     on_item_done: Callable[[PlannedOperation, ItemResult], None] | None = None
     deadline: datetime | None = None
     cancelled: Callable[[], bool] | None = None

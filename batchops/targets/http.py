@@ -11,12 +11,14 @@ Per upstream (``settings.upstreams``), for every batch and every worker:
   batch keeps that many requests in flight however the flow splits it into chunk task runs,
   and a chunk that ends leaves no gap while the others still have items waiting;
 * **limits shared across processes** through Prefect global concurrency limits: the batch's
-  pool holds ``batchops-upstream-<name>`` slots (``occupy`` = the pool's size), acquired when
-  the first of its chunks starts here and released when none is running any more (one
-  acquisition per batch and process, not per chunk, and never more slots than the batch can
-  use), and requests draw tokens from ``batchops-upstream-<name>-rate`` (slot decay) in
-  groups, so the Prefect server sees one call per batch and one per group of requests, never
-  one per item;
+  pool holds ``batchops-upstream-<name>`` slots (as many as the pool's size) under a lease,
+  acquired when the first of its chunks starts here and released when none is running any
+  more (one acquisition per batch and process, not per chunk, and never more slots than the
+  batch can use), and requests draw tokens from ``batchops-upstream-<name>-rate`` (slot
+  decay) in groups, so the Prefect server sees one call per batch and one per group of
+  requests, never one per item. Every lease is recorded in the store while it is held, and a
+  wait for slots is bounded: slots that no live run holds (a restarted server forgot their
+  leases, a dead run left them) are given back (:mod:`batchops.limit_leases`);
 * **adaptive concurrency** (AIMD): a 429, or a 503 with ``Retry-After``, halves the
   upstream's in-process concurrency (once per round of requests); each success adds back
   ``1/limit``, so it grows by about one per round while the upstream is healthy. Exported as
@@ -36,27 +38,33 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import math
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID
 
 import httpx
-from prefect.concurrency.context import ConcurrencyContext
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import ObjectAlreadyExists
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
 from batchops.errors import TransientError
+from batchops.limit_leases import LimitLeases, leases_logger
 from batchops.schemas import AttemptError, ItemErrorBody, ItemResult, ItemState, PlannedOperation
 from batchops.settings import UpstreamSpec
 from batchops.targets import ChunkContext
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
 
 __all__ = ["AdaptiveLimit", "HttpTarget", "parse_retry_after", "rate_limit_name",
            "upstream_limit_name"]
@@ -74,6 +82,8 @@ GCL_CALLS = Counter("batchops_upstream_limit_acquisitions",
 
 
 LEASE_SECONDS = 60.0  # the shortest lease Prefect's server grants
+SLOT_WAIT_SECONDS = 30.0  # without lease records (``leases``): how often a long wait is logged
+SLOT_POLL_SECONDS = 5.0  # the longest pause between two asks for slots (the server hints less)
 
 
 def upstream_limit_name(upstream: str) -> str:
@@ -217,12 +227,22 @@ class _wait_retry_after_or_backoff(wait_base):
 
 class _BatchPool:
     """A batch's requests to one upstream in this process: one semaphore for all its chunks,
-    and the upstream's global concurrency slots held for them while any of them runs."""
+    and the upstream's global concurrency slots held for them while any of them runs.
 
-    def __init__(self, upstream: str, width: int,
-                 on_lease: Callable[[str, str, bool], None] | None = None) -> None:
+    The slots are held under a Prefect lease taken through the client API, so its id is known
+    the moment it is granted: the lease is recorded in the store (``leases``) and renewed, in
+    Prefect and in the store, until the last chunk leaves. A wait for slots is bounded: after
+    ``BATCHOPS_SLOT_WAIT_SECONDS`` the limit is reconciled (the slots no live run holds come
+    back, see :mod:`batchops.limit_leases`), the wait is logged with the batches holding the
+    slots, and it starts again. A lease the server forgot (a restart) is given back by
+    reconciling once the pool ends, as its release cannot.
+    """
+
+    def __init__(self, upstream: str, batch_id: str, width: int,
+                 leases: LimitLeases | None = None) -> None:
         self.upstream = upstream
-        self.on_lease = on_lease
+        self.batch_id = batch_id
+        self.leases = leases
         self.width = width
         self.slots = asyncio.Semaphore(width)
         self.chunks = 0
@@ -231,36 +251,149 @@ class _BatchPool:
         self._holder = asyncio.create_task(self._hold())
 
     async def _hold(self) -> None:
-        from prefect.concurrency.asyncio import concurrency
+        from prefect import get_client
 
         name = upstream_limit_name(self.upstream)
-        leases: list[str] = []
         try:
-            # The lease id is recorded in this context the moment it is granted: the store
-            # keeps it, so the reaper can release the slots of a run that died. A short
-            # lease (Prefect's minimum) frees them in a minute anyway where a server runs
-            # its repossessor.
-            with ConcurrencyContext() as held:
-                async with concurrency(name, occupy=self.width, strict=True,
-                                       lease_duration=LEASE_SECONDS,
-                                       raise_on_lease_renewal_failure=False):
-                    GCL_CALLS.labels(self.upstream, "concurrency").inc()
-                    leases = [str(lease) for lease in held.cleanup_lease_ids]
-                    await self._record(leases, name, held=True)
-                    self._acquired.set_result(None)
-                    await self._done.wait()
-            await self._record(leases, name, held=False)
+            async with get_client() as client:
+                lease_id = await self._acquire(client, name)
+                if lease_id is None:
+                    return  # every chunk left before the slots came
+                try:
+                    if self.leases is not None:
+                        await asyncio.to_thread(self.leases.held, self.batch_id, lease_id, name,
+                                                self.width)
+                except BaseException:
+                    # Slots no record accounts for would be given back by a reconciliation.
+                    await self._release(client, lease_id, name)
+                    raise
+                self._acquired.set_result(None)
+                lost = await self._keep(client, lease_id, name)
+                await self._end(client, lease_id, name, lost)
         except BaseException as exc:
             if not self._acquired.done():
                 self._acquired.set_exception(exc)
                 self._acquired.exception()  # retrieved here too: no "never retrieved" warning
+            else:
+                leases_logger().warning("batch %s: the slots of %s: %s: %s", self.batch_id,
+                                        name, type(exc).__name__, exc)
             if not isinstance(exc, Exception):
                 raise
 
-    async def _record(self, leases: list[str], name: str, *, held: bool) -> None:
-        if self.on_lease is not None:
-            for lease in leases:
-                await asyncio.to_thread(self.on_lease, lease, name, held)
+    async def _acquire(self, client: PrefectClient, name: str) -> UUID | None:
+        """The lease on the pool's slots, once the limit has them free; ``None`` if every
+        chunk left before."""
+        wait = self.leases.slot_wait_seconds if self.leases is not None else SLOT_WAIT_SECONDS
+        waiting_since = time.monotonic()
+        reconcile_at = waiting_since + wait
+        while not self._done.is_set():
+            try:
+                response = await client.increment_concurrency_slots_with_lease(
+                    names=[name], slots=self.width, mode="concurrency",
+                    lease_duration=LEASE_SECONDS)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 423:  # 423: not free now
+                    raise TransientError(f"no slots of {name}: {exc}") from exc
+                retry_after = parse_retry_after(exc.response.headers.get("retry-after"),
+                                                SLOT_POLL_SECONDS)
+            else:
+                granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+                if not granted.limits:  # the limit is gone: the lease holds nothing
+                    await self._release(client, granted.lease_id, name)
+                    raise TransientError(f"the concurrency limit {name} does not exist")
+                GCL_CALLS.labels(self.upstream, "concurrency").inc()
+                return granted.lease_id
+            now = time.monotonic()
+            if now >= reconcile_at:
+                await self._reconcile_while_waiting(name, now - waiting_since)
+                reconcile_at = time.monotonic() + wait
+                continue
+            await asyncio.sleep(min(retry_after or SLOT_POLL_SECONDS, reconcile_at - now))
+        return None
+
+    async def _reconcile_while_waiting(self, name: str, waited: float) -> None:
+        logger = leases_logger()
+        if self.leases is None:
+            logger.warning("batch %s: waited %.0f s for %d slot(s) of %s", self.batch_id, waited,
+                           self.width, name)
+            return
+        try:
+            done = await asyncio.to_thread(self.leases.reconcile, name)
+            holders = await asyncio.to_thread(self.leases.holders, name)
+        except Exception as exc:  # the store or Prefect is away: wait on, ask again later
+            logger.warning("batch %s: waited %.0f s for %d slot(s) of %s; not reconciled: %s",
+                           self.batch_id, waited, self.width, name, exc)
+            return
+        freed = f"gave back {done.freed_slots} slot(s) no live run held" if done else (
+            "another process is reconciling it")
+        held = ", ".join(f"batch {b} ({n})" for b, n in holders) or "no live run"
+        logger.warning("batch %s: waited %.0f s for %d slot(s) of %s; %s; held by %s",
+                       self.batch_id, waited, self.width, name, freed, held)
+
+    async def _keep(self, client: PrefectClient, lease_id: UUID, name: str) -> bool:
+        """Renew the lease until the last chunk leaves: in the store every
+        ``renew_seconds``, in Prefect every third of its duration. Whether the server forgot
+        it meanwhile."""
+        period = self.leases.renew_seconds if self.leases is not None else LEASE_SECONDS / 3
+        renew_at = time.monotonic() + LEASE_SECONDS / 3
+        lost = record_gone = False
+        while not self._done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), period)
+            if self._done.is_set():
+                break
+            if self.leases is not None and not record_gone:
+                try:
+                    record_gone = not await asyncio.to_thread(self.leases.renewed, lease_id)
+                except Exception as exc:  # a missed renewal is not fatal; the next may work
+                    leases_logger().warning("batch %s: lease %s not renewed in the store: %s",
+                                            self.batch_id, lease_id, exc)
+                if record_gone:
+                    leases_logger().warning(
+                        "batch %s: the record of lease %s on %s was taken as dead (it was not "
+                        "renewed in time) and its slots given back: %s may be exceeded until "
+                        "this batch's requests end", self.batch_id, lease_id, name, name)
+            if not lost and time.monotonic() >= renew_at:
+                lost = not await self._renew(client, lease_id)
+                renew_at = time.monotonic() + LEASE_SECONDS / 3
+                if lost:
+                    leases_logger().warning(
+                        "batch %s: the Prefect server no longer knows lease %s on %s (it "
+                        "restarted, or the lease expired); its slots are reconciled when this "
+                        "batch's requests end", self.batch_id, lease_id, name)
+        return lost
+
+    async def _renew(self, client: PrefectClient, lease_id: UUID) -> bool:
+        """``False`` when the server no longer knows the lease (410); an unreachable server
+        is asked again next time."""
+        try:
+            await client.renew_concurrency_lease(lease_id, lease_duration=LEASE_SECONDS)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 410:
+                return False
+            leases_logger().warning("lease %s not renewed: %s", lease_id, exc)
+        except httpx.HTTPError as exc:
+            leases_logger().warning("lease %s not renewed: %s", lease_id, exc)
+        return True
+
+    async def _release(self, client: PrefectClient, lease_id: UUID, name: str) -> None:
+        try:
+            await client.release_concurrency_slots_with_lease(lease_id)
+        except httpx.HTTPError as exc:  # the lease expires, or a reconciliation frees it
+            leases_logger().warning("batch %s: lease %s on %s not released: %s",
+                                    self.batch_id, lease_id, name, exc)
+
+    async def _end(self, client: PrefectClient, lease_id: UUID, name: str,
+                   lost: bool) -> None:
+        """Release the slots: with the lease while the server knows it, else (its release
+        would be a no-op) by reconciling the limit once the record is gone."""
+        lost = lost or not await self._renew(client, lease_id)
+        if not lost:
+            await self._release(client, lease_id, name)
+        if self.leases is not None:
+            await asyncio.to_thread(self.leases.released, lease_id)
+            if lost:
+                await asyncio.to_thread(self.leases.reconcile, name)
 
     async def acquired(self) -> None:
         """Wait until the pool holds its global slots (raises what acquiring them raised)."""
@@ -325,8 +458,10 @@ class HttpTarget:
 
     name = "http"
 
-    def __init__(self, upstreams: dict[str, UpstreamSpec]) -> None:
+    def __init__(self, upstreams: dict[str, UpstreamSpec],
+                 leases: LimitLeases | None = None) -> None:
         self.specs = upstreams
+        self.leases = leases  # where the slots' leases are recorded and reconciled
         self._upstreams: dict[str, _Upstream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -404,9 +539,10 @@ class HttpTarget:
         return results
 
     async def _ensure_limits(self, up: _Upstream) -> None:
-        """Create or update the upstream's limits in Prefect, once per process. Prefect's
-        upsert is read-then-write: one at a time here, and a create that lost a race with
-        another process is tried again (then it updates)."""
+        """Create or update the upstream's limits in Prefect, once per process, and give back
+        the slots of its concurrency limit that no live run holds (a server restart or a dead
+        run left them). Prefect's upsert is read-then-write: one at a time here, and a create
+        that lost a race with another process is tried again (then it updates)."""
         from prefect import get_client
 
         async with up.limits_lock:
@@ -425,6 +561,12 @@ class HttpTarget:
                 except (ObjectAlreadyExists, httpx.HTTPStatusError):
                     if attempt == 2:
                         raise
+            if self.leases is not None:
+                try:
+                    await asyncio.to_thread(self.leases.reconcile, upstream_limit_name(up.name))
+                except Exception as exc:  # waiting batches reconcile again; so does the reaper
+                    leases_logger().warning("limit %s not reconciled: %s",
+                                            upstream_limit_name(up.name), exc)
             up.limits_ready = True
 
     async def _run_upstream(self, up: _Upstream, items: Sequence[PlannedOperation],
@@ -438,7 +580,7 @@ class HttpTarget:
         if pool is None:
             width = ctx.batch_concurrency or ctx.concurrency
             pool = up.pools[ctx.batch_id] = _BatchPool(
-                up.name, max(1, min(width, up.spec.max_concurrency)), ctx.on_lease)
+                up.name, ctx.batch_id, max(1, min(width, up.spec.max_concurrency)), self.leases)
         pool.chunks += 1
 
         async def one(op: PlannedOperation) -> ItemResult:
