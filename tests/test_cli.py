@@ -208,7 +208,9 @@ def test_a_run_that_cannot_finish_exits_3(flow_env: None, configure: Any,
 
     assert result.exit_code == EXIT_RUN_FAILED, result.output
     assert "the run failed:" in result.stderr and "could not finish" in result.stderr
-    assert summary(result)["status"] == "failed"
+    # A transient failure (the target's database is unreachable) past the chunk's retries
+    # leaves the batch processing: the reaper runs it again once it is stale.
+    assert summary(result)["status"] == "processing"
 
 
 # -- bad input -----------------------------------------------------------------------------------
