@@ -222,6 +222,10 @@ class SyncRun:
             return False
         return True
 
+    def settle(self) -> None:
+        """The batch is final or the run has ended (from any thread): wake the waiter."""
+        self.loop.call_soon_threadsafe(self.settled.set)
+
     def ran_elsewhere(self) -> bool:
         """The run ended without running the batch here: by the time a thread was free, the
         reaper had given the batch a flow run of its own (see :meth:`BatchRunner.attach`)."""
@@ -247,8 +251,8 @@ class BatchRunner:
         self._clients_lock = threading.Lock()
         self._write_gate = WriteGate()
         self._serial_writes = serial_writes
-        # batch id → (loop, event) of a sync run started here; set once the batch is final
-        self._final: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        # batch id → the sync run started here, until it ends
+        self._runs: dict[str, SyncRun] = {}
         self._store: Store | None = None
 
     def attach(self, runtime: Runtime) -> None:
@@ -264,10 +268,9 @@ class BatchRunner:
 
     def _batch_finished(self, batch_id: str) -> None:
         self._answered()  # in the thread that marked it: a sync run's own
-        waiter = self._final.get(batch_id)
-        if waiter is not None:
-            loop, event = waiter
-            loop.call_soon_threadsafe(event.set)
+        run = self._runs.get(batch_id)
+        if run is not None:
+            run.settle()
 
     def start_in_process(self, batch_id: str) -> SyncRun:
         """Run the batch's flow in a worker thread (see :class:`SyncRun`).
@@ -277,7 +280,7 @@ class BatchRunner:
         states).
         """
         run = SyncRun(batch_id, asyncio.get_running_loop())
-        self._final[batch_id] = (run.loop, run.settled)
+        self._runs[batch_id] = run
         # The request's context travels with the run (Prefect settings live in context vars).
         context = contextvars.copy_context()
         run.future = self._pool.submit(context.run, self._run_in_thread, batch_id)
@@ -285,8 +288,8 @@ class BatchRunner:
         return run
 
     def _run_ended(self, run: SyncRun) -> None:
-        self._final.pop(run.batch_id, None)
-        run.loop.call_soon_threadsafe(run.settled.set)
+        self._runs.pop(run.batch_id, None)
+        run.settle()
 
     def _run_in_thread(self, batch_id: str) -> bool:
         from prefect.context import SettingsContext, SyncClientContext, get_settings_context

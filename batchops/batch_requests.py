@@ -123,13 +123,6 @@ class BatchRequests:
         return BatchRequest(scope, key, row["request_hash"], row["batch_id"], row["mode"],
                             created)
 
-    def release(self, scope: str, key: str, batch_id: str) -> None:
-        """Forget a claim whose batch was never registered (the request failed)."""
-        t = batch_requests
-        with self.store.engine.begin() as conn:
-            conn.execute(t.delete().where(t.c.scope == scope, t.c.key == key,
-                                          t.c.batch_id == batch_id))
-
     def purge_expired(self, limit: int = 50_000) -> int:
         """Delete claims past their expiry (at most ``limit``, in small transactions)."""
         t = batch_requests
