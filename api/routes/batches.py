@@ -396,9 +396,11 @@ async def create_batch(
         return _accepted(request, batch_id, BatchState.QUEUED, headers)
     run = runner.start_in_process(batch_id)
     if not await _finished(runtime, run, wait) or run.ran_elsewhere():
-        # The run goes on (in this process, or in the flow run the reaper gave it).
+        # The run goes on (in this process, or in the flow run the reaper gave it), unless it
+        # has just made the batch final: then its results are the answer.
         state = BatchState((await asyncio.to_thread(runtime.store.get_batch, batch_id)).status)
-        return _accepted(request, batch_id, state, headers)
+        if not state.is_final:
+            return _accepted(request, batch_id, state, headers)
     code, body = await asyncio.to_thread(_outcome, runtime, batch_id)
     if not BatchState(body["status"]).is_final:
         await asyncio.to_thread(_could_not_run, runtime, batch_id, run)
