@@ -560,15 +560,31 @@ def up(
 
 @app.command()
 def deploy(
-    work_pool: Annotated[str, typer.Option(help="The process work pool (created if missing).")
-                         ] = "batchops",
+    work_pool: Annotated[str, typer.Option(
+        help="The batchops-type work pool (created if missing).")] = "batchops",
 ) -> None:
-    """Register the deployments with a work pool for workers (the reaper among them: it
+    """Register the deployments with a work pool for batchops workers (the reaper among them: it
     re-runs the batches of a worker that died)."""
     from deployments.serve import deploy_to_work_pool
 
     ids = deploy_to_work_pool(work_pool)
     _out.print(f"{len(ids)} deployments on the work pool {work_pool!r}")
+
+
+@app.command()
+def worker(
+    work_pool: Annotated[str, typer.Option(help="The work pool to poll.")] = "batchops",
+    limit: Annotated[int, typer.Option(min=1, help="Flow runs at once.")] = 10,
+    name: Annotated[str | None, typer.Option(help="The worker's name in Prefect.")] = None,
+) -> None:
+    """Run a batchops worker: it polls the work pool and runs each flow run warm, in a thread
+    of this process (the same as ``prefect worker start --type batchops``)."""
+    import anyio
+
+    from deployments.worker import BatchopsWorker
+
+    with prefect_for_runs():
+        anyio.run(BatchopsWorker(work_pool_name=work_pool, limit=limit, name=name).start)
 
 
 @app.command()

@@ -6,8 +6,9 @@ The same code as ``batchops up``, configured for production backends (see docs/s
   process running Prefect's background services (``prefect server services start``);
 * ``prefect-redis`` as Prefect's messaging broker and cache, event ordering, concurrency
   lease storage and Docket backend, so the API servers and the services share one state;
-* a ``process`` work pool ``batchops`` with the deployments of :mod:`deployments.serve`, and
-  workers polling it; the reaper deployment re-runs the batches of a worker that died;
+* a work pool ``batchops`` of the batchops worker type (:mod:`deployments.worker`) with the
+  deployments of :mod:`deployments.serve`, and workers polling it that run each flow run warm
+  in a thread; the reaper deployment re-runs the batches of a worker that died;
 * batchops API replicas; the batch store on PostgreSQL, progress snapshots in Redis.
 
 Each worker and API replica talks to one Prefect API server, assigned round-robin (process
@@ -42,7 +43,7 @@ class ScaledTopology:
     prefect_ports: tuple[int, ...] = (4200, 4201)
     api_ports: tuple[int, ...] = (8000, 8001)
     workers: int = 2
-    worker_limit: int = 10  # flow runs at once per worker (each is a process)
+    worker_limit: int = 10  # flow runs at once per worker (each in a thread of it)
     postgres: str = "postgres@127.0.0.1:5432"
     prefect_database: str = "batchops_prefect"
     store_database: str = "batchops"
@@ -159,7 +160,7 @@ class ScaledSystem:
         name = f"worker-{index}"
         self.processes.start(
             name, [sys.executable, "-m", "prefect", "worker", "start", "--pool", t.work_pool,
-                   "--type", "process", "--name", name, "--limit", str(t.worker_limit)],
+                   "--type", "batchops", "--name", name, "--limit", str(t.worker_limit)],
             t.env(name, index - 1), cwd=REPO)
 
     def start(self) -> None:

@@ -76,14 +76,29 @@ def serve_deployments() -> None:
 
 
 def deploy_to_work_pool(pool: str) -> list[UUID]:
-    """Create the ``process`` work pool ``pool`` if missing and register the same deployments
-    with it, by module path (``flows.process_batch.process_batch``): every worker runs the
-    installed batchops package, so no code storage or image is needed."""
+    """Create the ``batchops``-type work pool ``pool`` if missing (see
+    :mod:`deployments.worker`) and register the same deployments with it, by module path
+    (``flows.process_batch.process_batch``): every worker runs the installed batchops package,
+    so no code storage or image is needed.
+
+    Raises:
+        RuntimeError: a work pool of that name exists with another type.
+    """
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    from deployments.worker import WORKER_TYPE, BatchopsWorker
+
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(WorkPoolCreate(
+                name=pool, type=WORKER_TYPE,
+                base_job_template=BatchopsWorker.get_default_base_job_template()))
+        existing = client.read_work_pool(pool)
+        if existing.type != WORKER_TYPE:
+            raise RuntimeError(
+                f"the work pool {pool!r} has type {existing.type!r}, not {WORKER_TYPE!r}; "
+                f"delete it (prefect work-pool delete {pool}) or choose another name")
     return [deployment.apply(work_pool_name=pool)  # type: ignore[misc]
             for deployment in build_deployments(get_settings(), EntrypointType.MODULE_PATH)]

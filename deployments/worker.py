@@ -1,0 +1,193 @@
+"""The ``batchops`` worker type: flow runs of a work pool executed warm, in this process.
+
+A Prefect ``process`` worker starts a new Python process for every flow run, which imports
+Prefect and batchops again before the flow starts (seconds of CPU per run on a small machine).
+A batchops worker is a :class:`~prefect.workers.base.BaseWorker` — Prefect's documented way to
+change how flow runs execute — that runs each flow run it picks up in a thread of its own
+process: the flows are imported once, the database engines and HTTP clients stay open between
+runs, and a run starts in milliseconds.
+
+* ``prefect worker start --pool batchops --type batchops`` (the type is registered through
+  the ``prefect.collections`` entry point), or ``batchops worker``;
+* ``batchops deploy`` creates the ``batchops``-type work pool and registers the deployments
+  with it by module path (every worker runs the installed package: no code storage);
+* ``--limit`` flow runs at once (Prefect's worker limit); each batch's chunks run on the
+  flow's own task runner;
+* Prefect's cancel of a running flow run (the UI, ``prefect flow-run cancel``): the batch is
+  cancelled in the store, its chunks stop starting items within about a second and the run
+  ends ``Cancelled`` (:mod:`batchops.cancellation`); a non-batch flow finishes its step and
+  its run is then marked ``Cancelled``;
+* a worker killed mid-run takes its runs with it; their batches' heartbeats stop and the
+  reaper runs them again from their checkpoints, on another worker.
+
+The job variables of a process pool (command, working directory, environment) do not apply:
+every run shares the worker's environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from typing import Any, cast
+from uuid import UUID
+
+import anyio
+import anyio.abc
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.flow_engine import run_flow
+from prefect.flows import Flow, load_flow_from_entrypoint
+from prefect.states import Cancelled, State
+from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+
+__all__ = ["WORKER_TYPE", "BatchopsWorker"]
+
+WORKER_TYPE = "batchops"
+_CANCEL_POLL_SECONDS = 1.0  # one read per worker per second while runs are in flight
+
+
+class BatchopsJobConfiguration(BaseJobConfiguration):
+    """Nothing to configure per run: runs share the worker's process and environment."""
+
+
+class BatchopsVariables(BaseVariables):
+    """The pool's job variables (name, labels; the environment is the worker's)."""
+
+
+class BatchopsWorkerResult(BaseWorkerResult):
+    """How a flow run executed by a batchops worker ended (0: it reached a final state)."""
+
+
+class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
+                                BatchopsWorkerResult]):
+    """Runs the pool's flow runs in threads of this process (see the module's docs)."""
+
+    type = WORKER_TYPE
+    job_configuration = BatchopsJobConfiguration
+    job_configuration_variables = BatchopsVariables
+    _description = ("Runs batchops flow runs warm, each in a thread of the worker's process "
+                    "(no process per flow run).")
+    _display_name = "batchops"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._flows: dict[UUID, Flow[..., Any]] = {}  # deployment id → its flow, imported once
+        self._flows_lock = threading.Lock()
+        self._in_flight: set[UUID] = set()
+        self._cancel_requested: set[UUID] = set()
+        self._cancel_watch: asyncio.Task[None] | None = None
+        self._identity = f"{socket.gethostname()}:{os.getpid()}"
+
+    async def run(self, flow_run: FlowRun, configuration: BatchopsJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str] | None = None,  # type: ignore[override]
+                  ) -> BatchopsWorkerResult:
+        # The run's identifier (host:pid:flow run) is reported as its infrastructure pid; the
+        # worker stores it as a string, whatever BaseWorker's annotation says.
+        flow = await self._flow_of(flow_run)
+        identifier = f"{self._identity}:{flow_run.id}"
+        self._in_flight.add(flow_run.id)
+        self._watch_cancellations()
+        if task_status is not None:
+            task_status.started(identifier)
+        try:
+            state = await anyio.to_thread.run_sync(self._execute, flow, flow_run)
+        finally:
+            self._in_flight.discard(flow_run.id)
+        if flow_run.id in self._cancel_requested:
+            self._cancel_requested.discard(flow_run.id)
+            await self._finish_cancelled(flow_run, state)
+        return BatchopsWorkerResult(identifier=identifier,
+                                    status_code=0 if state is not None else 1)
+
+    def _execute(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
+        """Prefect's engine runs the flow run here (its parameters, states, task runs, logs);
+        ``None`` when the engine itself could not run it (the worker reports it crashed)."""
+        try:
+            state = run_flow(flow, flow_run=flow_run, return_type="state",
+                             error_logger=cast(logging.Logger, self.get_flow_run_logger(flow_run)))
+        except Exception:
+            self.get_flow_run_logger(flow_run).exception(
+                "the flow run could not be executed in the batchops worker")
+            return None
+        return state if isinstance(state, State) else None
+
+    async def _flow_of(self, flow_run: FlowRun) -> Flow[..., Any]:
+        """The flow of the run's deployment, imported from its entrypoint the first time."""
+        if flow_run.deployment_id is None:
+            raise ValueError(f"flow run {flow_run.id} has no deployment; a worker runs "
+                             "deployments' flow runs only")
+        flow = self._flows.get(flow_run.deployment_id)
+        if flow is None:
+            deployment = await self.client.read_deployment(flow_run.deployment_id)
+            if not deployment.entrypoint:
+                raise ValueError(f"deployment {deployment.name!r} has no entrypoint")
+            loaded: Flow[..., Any] = await anyio.to_thread.run_sync(
+                load_flow_from_entrypoint, deployment.entrypoint, False)
+            with self._flows_lock:
+                flow = self._flows.setdefault(flow_run.deployment_id, loaded)
+        return flow
+
+    # -- cancellation from Prefect ------------------------------------------------------------
+
+    def _watch_cancellations(self) -> None:
+        if self._cancel_watch is None or self._cancel_watch.done():
+            self._cancel_watch = asyncio.get_running_loop().create_task(
+                self._cancellation_loop())
+
+    async def _cancellation_loop(self) -> None:
+        """Every second while runs are in flight: those Prefect has been asked to
+        cancel (state ``Cancelling``) are stopped."""
+        while self._in_flight:
+            await asyncio.sleep(_CANCEL_POLL_SECONDS)
+            waiting = self._in_flight - self._cancel_requested
+            if not waiting:
+                continue
+            try:
+                runs = await self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=list(waiting)),
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.CANCELLING]))))
+            except Exception as exc:  # the server is away: ask again next time
+                self._logger.warning("could not read cancelled flow runs: %s", exc)
+                continue
+            for cancelling in runs:
+                self._cancel_requested.add(cancelling.id)
+                await anyio.to_thread.run_sync(self._stop, cancelling)
+
+    def _stop(self, flow_run: FlowRun) -> None:
+        """Stop a running flow run Prefect is cancelling: a batch's run is told through the
+        store (its chunks stop; the run ends ``Cancelled``)."""
+        from tasks.batches import cancel_for_flow_run
+
+        batch_id = cancel_for_flow_run(str(flow_run.id), run_stopped=False)
+        logger = self.get_flow_run_logger(flow_run)
+        if batch_id is not None:
+            logger.info("cancelled in Prefect: batch %s stops starting items", batch_id)
+        else:
+            logger.info("cancelled in Prefect: the run ends after its current step")
+
+    async def _finish_cancelled(self, flow_run: FlowRun, state: State[Any] | None) -> None:
+        """A run that ended after its cancel without reaching ``Cancelled`` itself is marked
+        so (a flow that is not a batch cannot be stopped midway)."""
+        if state is not None and state.is_cancelled():
+            return
+        current = await self.client.read_flow_run(flow_run.id)
+        if current.state is not None and current.state.is_cancelled():
+            return
+        await self.client.set_flow_run_state(
+            flow_run.id, Cancelled(message="cancelled in Prefect; stopped by the batchops "
+                                           "worker after its current step"), force=True)
+
+    async def kill_infrastructure(self, infrastructure_pid: str,
+                                  configuration: BatchopsJobConfiguration,
+                                  grace_seconds: int = 30) -> None:
+        """A pending run that is cancelled never starts here: nothing to kill."""
+        return None

@@ -1,0 +1,129 @@
+"""The batchops worker type: a work pool's flow runs executed warm in the worker's process.
+
+A real worker (``prefect worker start --type batchops``) in a subprocess, on the session's
+Prefect test server and PostgreSQL store; batches submitted through the API.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+
+from tests.test_api import poll_until_finished, start_api, user  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.postgres
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def worker(prefect_server: None, pg_database: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The deployments on a ``batchops`` work pool of their own and one worker polling it."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.serve import deploy_to_work_pool
+
+    pool = f"batchops-test-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           "BATCHOPS_DATABASE_URL": pg_database, "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+    os.environ["BATCHOPS_DATABASE_URL"] = pg_database
+    try:
+        ids = deploy_to_work_pool(pool)
+    finally:
+        del os.environ["BATCHOPS_DATABASE_URL"]
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
+             "batchops", "--limit", "4"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield {"pool": pool, "pid": process.pid, "log": log_path, "database_url": pg_database}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        with get_client(sync_client=True) as client:
+            for deployment_id in ids:  # the runner tests serve deployments of these names
+                client.delete_deployment(deployment_id)
+            client.delete_work_pool(pool)
+
+
+def _flow_run(flow_run_id: str) -> Any:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(UUID(flow_run_id))
+
+
+def _emails(count: int, latency: float) -> list[dict[str, Any]]:
+    return [{"id": f"e{i}", "method": "POST", "path": "/emails",
+             "body": {"to": f"u{i}@example.com", "send_latency": latency}} for i in range(count)]
+
+
+def test_async_batches_run_in_the_worker_process_and_complete(
+        worker: dict[str, Any], start_api: Callable[..., httpx.Client]) -> None:  # noqa: F811
+    api = start_api(database_url=worker["database_url"])
+    answers = [api.post("/batches", json={"operations": [user(b * 100 + i) for i in range(50)],
+                                          "mode": "async"}) for b in range(3)]
+    assert [a.status_code for a in answers] == [202, 202, 202], [a.text for a in answers]
+
+    finals = [poll_until_finished(api, a.json()["status_url"])[-1] for a in answers]
+
+    assert [(f["status"], f["succeeded"], f["failed"]) for f in finals] == [
+        ("completed", 50, 0)] * 3
+    for final in finals:
+        run = _flow_run(final["flow_run_id"])
+        assert run.state.is_completed()
+        assert run.work_pool_name == worker["pool"]
+        # executed in the worker's own process (a thread of it), not a process of its own
+        _host, pid, flow_run_id = run.infrastructure_pid.split(":")
+        assert (int(pid), flow_run_id) == (worker["pid"], str(run.id))
+
+
+def test_prefect_cancel_of_a_running_batch_stops_it_and_ends_the_run_cancelled(
+        worker: dict[str, Any], start_api: Callable[..., httpx.Client]) -> None:  # noqa: F811
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    api = start_api(database_url=worker["database_url"])
+    answer = api.post("/batches", json={"operations": _emails(400, 0.05), "concurrency": 2,
+                                        "mode": "async"})
+    assert answer.status_code == 202, answer.text
+    status_url = answer.json()["status_url"]
+    deadline = time.monotonic() + 90
+    while api.get(status_url).json()["status"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # ~60 of the 400 items (10 s in all) have been sent
+    flow_run_id = api.get(status_url).json()["flow_run_id"]
+
+    with get_client(sync_client=True) as client:  # what `prefect flow-run cancel` does
+        client.set_flow_run_state(UUID(flow_run_id), Cancelling(message="cancelled in the UI"))
+    poll_until_finished(api, status_url)  # cancelled at once; the counts once the run stops
+    deadline = time.monotonic() + 60
+    while ((final := api.get(status_url).json())["finished_at"] is None
+           or not _flow_run(flow_run_id).state.is_final()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    assert final["status"] == "cancelled"
+    assert 0 < final["succeeded"] < 300  # stopped within about a second of the cancel
+    assert final["succeeded"] + final["skipped"] == 400
+    assert _flow_run(flow_run_id).state.is_cancelled()
+
