@@ -25,7 +25,9 @@ SCHEMA_LOCK_KEY = 0x62617463686F7073 >> 1  # "batchops", as a positive bigint
 def alembic_config(engine: Engine, connection: Connection | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    # ConfigParser interpolates '%': a socket path or a password holding one is escaped
+    url = engine.url.render_as_string(hide_password=False).replace("%", "%%")
+    cfg.set_main_option("sqlalchemy.url", url)
     cfg.attributes["engine"] = engine
     if connection is not None:
         cfg.attributes["connection"] = connection

@@ -541,8 +541,9 @@ def up(
              "(BATCHOPS_API_PORT and the next, :8000 and :8001). See docs/scaling.md.")
     ] = False,
 ) -> None:
-    """Start the system on the embedded default: a Prefect server (SQLite under .data/),
-    the API on BATCHOPS_API_PORT (8000), then the demo batch through this CLI. A process that
+    """Start the system on the embedded default: PostgreSQL from a wheel (data under .data/),
+    a Prefect server on it, a batchops worker, the API on BATCHOPS_API_PORT (8000), then the
+    demo batch through this CLI. A process that
     dies is restarted; Ctrl-C stops everything (a second Ctrl-C at once)."""
     settings = get_settings()  # a bad setting stops here, before anything starts
     demo_file = demo if demo and demo.exists() else None

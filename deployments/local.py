@@ -1,10 +1,11 @@
-"""The embedded system on one machine: a standing Prefect server (SQLite), the runner serving
-the deployments, the webhook API (on ``BATCHOPS_API_PORT``, 8000), then the demo batch.
+"""The embedded system on one machine: an embedded PostgreSQL, a Prefect server on it, the
+deployments on a ``batchops`` work pool with one batchops worker (:mod:`deployments.worker`),
+the webhook API (on ``BATCHOPS_API_PORT``, 8000), then the demo batch.
 
 ``batchops up`` (and ``make up``) calls :func:`run_local_system`. Everything lives under
-``.data/``: the Prefect server's database and results, the batchops store, the logs. A process
-that dies is restarted (:class:`~deployments.processes.Supervisor`); Ctrl-C or SIGTERM stops
-them all, a second one at once.
+``.data/``: PostgreSQL's data (the Prefect server's database and the batchops store), Prefect's
+results, the logs. A process that dies is restarted (:class:`~deployments.processes.Supervisor`);
+Ctrl-C or SIGTERM stops them all, a second one at once, and then PostgreSQL.
 """
 
 from __future__ import annotations
@@ -17,23 +18,33 @@ from pathlib import Path
 
 from rich.console import Console
 
-from batchops.devtools.prefect_server import command as embedded_server
+from deployments.embedded_postgres import EmbeddedPostgres, start_embedded_postgres
 from deployments.processes import Supervisor, port_in_use, wait_http
 
 __all__ = ["run_local_system", "wait_for_prefect"]
 
 console = Console()
 
+WORK_POOL = "batchops"
+WORKER_LIMIT = 4  # flow runs at once in the worker (each batch has its own chunk threads)
+
 
 def wait_for_prefect(api_url: str, timeout: float = 120) -> bool:
     return wait_http(f"{api_url}/health", timeout)
 
 
-def _prefect_env(data_dir: Path, port: int) -> dict[str, str]:
+def _system_env(data_dir: Path, port: int, postgres: EmbeddedPostgres) -> dict[str, str]:
+    """The environment of every process: Prefect's server and client settings, and the store
+    (a database URL or Prefect setting the user gave is kept)."""
     env = dict(os.environ)
     env.setdefault("PREFECT_HOME", str(data_dir / "prefect"))
     env.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(data_dir / "prefect" / "storage"))
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", postgres.url("prefect", "asyncpg"))
+    env.setdefault("BATCHOPS_DATABASE_URL", postgres.url("batchops"))
+    # the worker looks for new flow runs every second (Prefect's default is 10 s)
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
+    env.setdefault("PREFECT_WORKER_PREFETCH_SECONDS", "1")
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     return env
 
@@ -48,14 +59,16 @@ def _url_host(host: str) -> str:
 def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int = 8000,
                      api_host: str = "127.0.0.1", data_dir: Path = Path(".data"),
                      stay: bool = True) -> int:
-    """Start the Prefect server, the runner and the API, run the demo batch, keep serving
-    (restarting a process that dies) until Ctrl-C or SIGTERM, then stop every process."""
+    """Start PostgreSQL, the Prefect server, the worker and the API, run the demo batch, keep
+    serving (restarting a process that dies) until Ctrl-C or SIGTERM, then stop everything."""
     if port_in_use(api_host, api_port):  # known now, not after starting everything else
         console.print(f"[red]Port {api_port} on {api_host} is in use, so the API cannot "
                       "listen there; stop what listens on it or set BATCHOPS_API_PORT.")
         return 1
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = _prefect_env(data_dir.resolve(), port)
+    console.print(f"Starting PostgreSQL (data under {data_dir / 'postgres'}) …")
+    postgres = start_embedded_postgres(data_dir)
+    env = _system_env(data_dir.resolve(), port, postgres)
     env.setdefault("BATCHOPS_PREFECT_UI_URL", f"http://127.0.0.1:{port}")
     api_url = env["PREFECT_API_URL"]
     processes = Supervisor(data_dir, log=console.print)
@@ -64,12 +77,10 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
         if wait_for_prefect(api_url, timeout=1):
             console.print(f"[yellow]A Prefect server already answers at {api_url}; using it.")
         else:
-            console.print(f"Starting the Prefect server on 127.0.0.1:{port} (SQLite under "
-                          f"{env['PREFECT_HOME']}) …")
+            console.print(f"Starting the Prefect server on 127.0.0.1:{port} …")
             server = processes.start(
-                # Prefect's `prefect server start`, with SQLite write transactions that wait
-                # for the lock instead of failing (see batchops.devtools.prefect_server).
-                "prefect-server", embedded_server("127.0.0.1", port), env,
+                "prefect-server", [sys.executable, "-m", "prefect", "server", "start",
+                                   "--host", "127.0.0.1", "--port", str(port)], env,
                 stop_signal=signal.SIGTERM)
             if not wait_for_prefect(api_url):
                 console.print(f"[red]The Prefect server did not start; see {server.log_path}")
@@ -77,16 +88,18 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
         ui = f"http://127.0.0.1:{port}"
         console.print(f"[green]Prefect server ready[/]: UI {ui}  API {api_url}")
         subprocess.check_call([sys.executable, "-m", "cli", "db", "upgrade"], env=env)
-        processes.start("runner", [sys.executable, "-m", "cli", "serve"], env)
+        subprocess.check_call([sys.executable, "-m", "cli", "deploy", "--work-pool",
+                               WORK_POOL], env=env)
+        processes.start("worker", [sys.executable, "-m", "cli", "worker", "--work-pool",
+                                   WORK_POOL, "--limit", str(WORKER_LIMIT)], env)
         processes.start("api", [sys.executable, "-m", "cli", "api", "--host", api_host,
                                 "--port", str(api_port)], env)
         webhook = f"http://{_url_host(api_host)}:{api_port}"
         if not wait_http(f"{webhook}/healthz"):
             console.print(f"[red]The API did not start; see {data_dir / 'api.log'}")
             return 1
-        console.print(f"[green]API ready[/]: {webhook}  (docs {webhook}/docs); runner serving "
-                      "process-batch, bulk-sync, retry-failed, reap-stale-batches, "
-                      "replay-dead-letters")
+        console.print(f"[green]API ready[/]: {webhook}  (docs {webhook}/docs); a batchops "
+                      f"worker runs the work pool {WORK_POOL!r}")
         code = 0
         if demo_file is not None:
             console.print(f"Running the demo batch {demo_file} through the CLI …")
@@ -102,5 +115,9 @@ def run_local_system(demo_file: Path | None, *, port: int = 4200, api_port: int 
     except KeyboardInterrupt:
         console.print("\nStopping …")
         return 0
+    except subprocess.CalledProcessError as exc:  # its own message is above
+        console.print(f"[red]{' '.join(exc.cmd[1:])} failed (exit code {exc.returncode})")
+        return 1
     finally:
         processes.stop_all()
+        postgres.stop()
