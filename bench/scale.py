@@ -5,7 +5,7 @@
     python -m bench.scale --batches 4 --items 200 --rounds 1   # quick
 
 Starts :class:`deployments.scaled.ScaledSystem` (2 Prefect API servers and the services
-process on PostgreSQL with prefect-redis, 2 batchops APIs, a process work pool) on databases,
+process on PostgreSQL with prefect-redis, 2 batchops APIs, a batchops work pool) on databases,
 ports and a Redis database of its own, with one worker; a second worker is started (and
 stopped) between cases. Each case empties the store's tables, then submits ``--batches``
 async batches of ``--items`` ``POST /users`` operations (unique emails) at once through both

@@ -1,5 +1,5 @@
 """The scaled-out topology, for real: 2 Prefect API servers and the services process on
-PostgreSQL with prefect-redis, 2 workers on a process work pool, 2 batchops APIs
+PostgreSQL with prefect-redis, 2 batchops workers on a batchops work pool, 2 batchops APIs
 (:mod:`deployments.scaled`, what ``make up-scaled`` starts).
 
 The system runs on databases and a Redis database of this session's own, on free ports, so
