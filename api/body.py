@@ -14,12 +14,20 @@ a web page cannot post a batch without a CORS preflight.
 from __future__ import annotations
 
 import json
+import re
 from email.message import Message
 from typing import Any
 
 from starlette.requests import Request
 
-from batchops.errors import BadRequest, BodyTooLarge, MalformedJson, UnsupportedMediaType
+from batchops.errors import (
+    BadRequest,
+    BodyTooLarge,
+    InvalidText,
+    MalformedJson,
+    UnsupportedMediaType,
+)
+from batchops.jsonable import lone_surrogate_at
 
 __all__ = [
     "CSV_MEDIA_TYPES",
@@ -35,6 +43,8 @@ __all__ = [
 
 JSON_MEDIA_TYPES = ("application/json", "application/*+json")
 CSV_MEDIA_TYPES = ("text/csv", "multipart/form-data")
+# UTF-8 cannot carry a surrogate; only a JSON escape (\ud800-\udfff) can spell one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def media_type(request: Request) -> str | None:
@@ -98,12 +108,18 @@ def _reject_constant(name: str) -> Any:
 
 async def read_json(request: Request, limit: int) -> Any:
     """The body parsed as JSON (within ``limit`` bytes); :class:`UnsupportedMediaType` if it
-    is not declared JSON, :class:`MalformedJson` if it is not JSON."""
+    is not declared JSON, :class:`MalformedJson` if it is not JSON, :class:`InvalidText` if
+    a string in it is not Unicode text (a lone surrogate)."""
     require_json(request)
     raw = await read_body(request, limit)
     if not raw.strip():
         raise MalformedJson("the request body is empty; expected a JSON object")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        document = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise MalformedJson(f"the request body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        where = lone_surrogate_at(document)
+        if where is not None:
+            raise InvalidText(where)
+    return document

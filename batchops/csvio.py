@@ -11,12 +11,13 @@ line 1, so this is the spreadsheet's row 42) becomes the operation with id ``"li
 id travels through validation errors and item results, and :func:`line_of` reads the number
 back, so error tables and the results file point at the row to fix.
 
-Result files are written page by page (CSV through pandas) and escape cells a spreadsheet
-would run as a formula.
+Result files are written page by page; every cell a spreadsheet would run as a formula is
+escaped, also after a line break inside it, and every cell holding a CR or LF is quoted.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import warnings
@@ -52,8 +53,10 @@ __all__ = [
 
 RESULT_COLUMNS = ["row", "index", "id", "state", "status", "error_code", "error_message",
                   "result"]
-# Spreadsheets run a cell starting with one of these as a formula (CSV injection).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# Spreadsheets run a cell starting with = + - @ tab or CR as a formula (CSV injection); a
+# reader that splits rows on CR or LF starts a cell after each.
+_FORMULA_AT_LINE_START = re.compile(r"(^|[\r\n])(?=[=+\-@\t\r])")
+_CSV_SPECIAL = (",", '"', "\r", "\n")
 _LINE_ID = re.compile(r"^line (\d+)$")
 _RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_.~-]+$")
 _JSON_BLOCK = 1 << 16
@@ -294,7 +297,27 @@ class CsvImport:
         return op
 
 
-def _next_chunk(reader: Any, name: str) -> pd.DataFrame | None:
+def _unreadable(path: Path, name: str, exc: Exception) -> MalformedInput:
+    """The error for a file pandas could not parse: the first row whose number of fields is
+    not the header's, by its line, when there is one; else pandas' reason."""
+    if not isinstance(exc, UnicodeDecodeError):
+        try:
+            with path.open(encoding="utf-8-sig", newline="") as fh:
+                reader = csv.reader(fh)
+                header = next(reader, [])
+                line = reader.line_num + 1  # where the next row starts
+                for row in reader:
+                    if len(row) > len(header):
+                        return MalformedInput(
+                            f"{name} line {line}: {len(row)} fields, but the header has "
+                            f"{len(header)}")
+                    line = reader.line_num + 1
+        except (csv.Error, UnicodeDecodeError, OSError):
+            pass
+    return MalformedInput(f"{name}: not a readable CSV file: {exc}")
+
+
+def _next_chunk(reader: Any, path: Path, name: str) -> pd.DataFrame | None:
     try:
         with warnings.catch_warnings():
             # pandas warns, and drops data, when a first row has more cells than the header.
@@ -304,14 +327,13 @@ def _next_chunk(reader: Any, name: str) -> pd.DataFrame | None:
     except StopIteration:
         return None
     except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError) as exc:
-        raise MalformedInput(f"{name}: not a readable CSV file: {exc}") from None
+        raise _unreadable(path, name, exc) from None
 
 
 @contextmanager
-def _csv_chunks(path: Path, spec: CsvImport,
-                chunk_rows: int) -> Iterator[tuple[list[str], Iterator[pd.DataFrame]]]:
+def _csv_chunks(path: Path, spec: CsvImport, chunk_rows: int,
+                name: str) -> Iterator[tuple[list[str], Iterator[pd.DataFrame]]]:
     """The file's header as written and its rows in pandas chunks; the header is checked."""
-    name = path.name
     try:
         reader = pd.read_csv(path, chunksize=chunk_rows, dtype=str, keep_default_na=False,
                              na_filter=False, skip_blank_lines=False, index_col=False,
@@ -319,9 +341,9 @@ def _csv_chunks(path: Path, spec: CsvImport,
     except pd.errors.EmptyDataError:
         raise MalformedInput(f"{name}: the file is empty (expected a header row)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise MalformedInput(f"{name}: not a readable CSV file: {exc}") from None
+        raise _unreadable(path, name, exc) from None
     with reader:
-        first = _next_chunk(reader, name)  # a header-only file gives an empty first chunk
+        first = _next_chunk(reader, path, name)  # a header-only file gives an empty first chunk
         raw_header = [str(c) for c in first.columns] if first is not None else []
         spec.check_header([c.strip() for c in raw_header], name)
 
@@ -329,16 +351,15 @@ def _csv_chunks(path: Path, spec: CsvImport,
             chunk = first
             while chunk is not None:
                 yield chunk
-                chunk = _next_chunk(reader, name)
+                chunk = _next_chunk(reader, path, name)
 
         yield raw_header, chunks()
 
 
 @contextmanager
-def _csv_operations(path: Path, spec: CsvImport,
-                    chunk_rows: int) -> Iterator[Iterator[dict[str, Any]]]:
-    name = path.name
-    with _csv_chunks(path, spec, chunk_rows) as (raw_header, chunks):
+def _csv_operations(path: Path, spec: CsvImport, chunk_rows: int,
+                    name: str) -> Iterator[Iterator[dict[str, Any]]]:
+    with _csv_chunks(path, spec, chunk_rows, name) as (raw_header, chunks):
         header = [c.strip() for c in raw_header]
 
         def rows() -> Iterator[dict[str, Any]]:
@@ -371,8 +392,8 @@ def input_format(path: Path, *, csv: bool) -> InputFormat:
 
 
 @contextmanager
-def open_operations(path: Path, *, csv: CsvImport | None = None,
-                    chunk_rows: int = 10_000) -> Iterator[Iterator[Any]]:
+def open_operations(path: Path, *, csv: CsvImport | None = None, chunk_rows: int = 10_000,
+                    name: str | None = None) -> Iterator[Iterator[Any]]:
     """The operations in ``path``, read lazily; the file is checked and open inside the block.
 
     Args:
@@ -380,10 +401,12 @@ def open_operations(path: Path, *, csv: CsvImport | None = None,
             ``.jsonl`` file (one operation per line) or a ``.csv`` file.
         csv: how CSV rows become operations (required for CSV, refused otherwise).
         chunk_rows: CSV rows pandas reads at a time.
+        name: what error messages call the file (default its name; a server's spooled
+            upload is not named after its temporary file).
     """
     fmt = input_format(path, csv=csv is not None)
     if csv is not None:
-        with _csv_operations(path, csv, chunk_rows) as rows:
+        with _csv_operations(path, csv, chunk_rows, name or path.name) as rows:
             yield rows
         return
     try:
@@ -399,7 +422,7 @@ def open_operations(path: Path, *, csv: CsvImport | None = None,
 
 
 def count_operations(path: Path, *, csv: CsvImport | None = None, stop_after: int,
-                     chunk_rows: int = 10_000) -> int:
+                     chunk_rows: int = 10_000, name: str | None = None) -> int:
     """The operations in ``path`` (as :func:`open_operations` reads them), counting no further
     than ``stop_after + 1``: a file over a limit is known to be so without reading it all.
 
@@ -413,7 +436,7 @@ def count_operations(path: Path, *, csv: CsvImport | None = None, stop_after: in
             return sum(1 for _ in islice(operations, stop_after + 1))
     input_format(path, csv=True)
     count = 0
-    with _csv_chunks(path, csv, chunk_rows) as (_, chunks):
+    with _csv_chunks(path, csv, chunk_rows, name or path.name) as (_, chunks):
         for chunk in chunks:
             count += int((chunk != "").any(axis=1).sum())
             if count > stop_after:
@@ -425,8 +448,9 @@ def count_operations(path: Path, *, csv: CsvImport | None = None, stop_after: in
 
 
 def escape_formula(value: str) -> str:
-    """``value`` made inert for spreadsheets: a leading apostrophe before a formula start."""
-    return "'" + value if value.startswith(_FORMULA_START) else value
+    """``value`` made inert for spreadsheets: an apostrophe before a formula start, at the
+    start of the value and of every line in it (a reader may split rows on a bare CR)."""
+    return _FORMULA_AT_LINE_START.sub(r"\1'", value)
 
 
 def _pages(results: Iterable[ItemResult], size: int) -> Iterator[list[ItemResult]]:
@@ -439,31 +463,31 @@ def _result_json(value: Any) -> str:
     return "" if value is None else json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _results_frame(page: list[ItemResult]) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "row": pd.array([line_of(r.id) for r in page], dtype="Int64"),
-        "index": [r.index for r in page],
-        "id": [r.id or "" for r in page],
-        "state": [r.state.value for r in page],
-        "status": [r.status for r in page],
-        "error_code": [r.error.code if r.error else "" for r in page],
-        "error_message": [r.error.message if r.error else "" for r in page],
-        "result": [_result_json(r.result) for r in page],
-    }, columns=RESULT_COLUMNS)
-    for column in ("id", "state", "error_code", "error_message", "result"):
-        frame[column] = frame[column].map(escape_formula)
-    return frame
+def _csv_cell(value: str) -> str:
+    """A CSV field (RFC 4180): quoted when it holds a comma, a quote, a CR or an LF. Python's
+    ``csv`` quotes only the line terminator's characters, so a bare CR would go out as is."""
+    if any(ch in value for ch in _CSV_SPECIAL):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def _result_row(r: ItemResult) -> str:
+    row = line_of(r.id)
+    text = [r.id or "", r.state.value, r.error.code if r.error else "",
+            r.error.message if r.error else "", _result_json(r.result)]
+    op_id, state, code, message, result = (_csv_cell(escape_formula(t)) for t in text)
+    return ",".join(("" if row is None else str(row), str(r.index), op_id, state,
+                     str(r.status), code, message, result)) + "\n"
 
 
 def write_results_csv(results: Iterable[ItemResult], out: TextIO, *,
                       page_size: int = 1000) -> int:
     """Write ``results`` as CSV (:data:`RESULT_COLUMNS`) page by page; the number of rows."""
+    out.write(",".join(RESULT_COLUMNS) + "\n")
     count = 0
     for page in _pages(results, page_size):
-        _results_frame(page).to_csv(out, header=count == 0, index=False, lineterminator="\n")
+        out.write("".join(_result_row(r) for r in page))
         count += len(page)
-    if count == 0:
-        pd.DataFrame(columns=RESULT_COLUMNS).to_csv(out, index=False, lineterminator="\n")
     return count
 
 

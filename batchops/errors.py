@@ -18,9 +18,11 @@ exception handlers, the one place errors become HTTP). The core never imports Fa
     ├── BatchExceedsQuota         413  batch_exceeds_quota (more operations than the quota
     │                                                       allows in any one minute)
     ├── ValidationFailed          422  validation_failed (carries every FieldError)
-    │   └── CallbackUrlNotAllowed 422  callback_url_not_allowed (scheme, userinfo, allowlist,
-    │       │                                                    private address)
-    │       └── CallbackHostUnresolvable 422  callback_url_not_allowed (no DNS answer)
+    │   ├── CallbackUrlNotAllowed 422  callback_url_not_allowed (scheme, userinfo, allowlist,
+    │   │   │                                                    private address)
+    │   │   └── CallbackHostUnresolvable 422  callback_url_not_allowed (no DNS answer)
+    │   ├── InvalidText           422  invalid_text      (a lone surrogate: not Unicode text)
+    │   └── EmptyBatch            422  empty_batch       (no operations, a CSV of no rows)
     ├── EmptyReplayFilter         422  empty_replay_filter (a replay that names no dead letters)
     ├── BatchTooLarge             413  batch_too_large
     │   └── BodyTooLarge          413  batch_too_large   (bytes; the connection is closed)
@@ -66,11 +68,13 @@ __all__ = [
     "ConfigurationError",
     "DeadLetterNotFound",
     "DeadLetterReplayed",
+    "EmptyBatch",
     "EmptyReplayFilter",
     "FieldError",
     "HostNotAllowed",
     "IdempotencyConflict",
     "InvalidApiKey",
+    "InvalidText",
     "ItemError",
     "MalformedInput",
     "MalformedJson",
@@ -418,3 +422,26 @@ class EmptyReplayFilter(BatchopsError):
 
     code = "empty_replay_filter"
     http_status = 422
+
+
+class InvalidText(ValidationFailed):
+    """A string of the request is not Unicode text (422 ``invalid_text``): JSON's ``\\ud800``
+    escape spells a lone UTF-16 surrogate, which no UTF-8 text can hold."""
+
+    code = "invalid_text"
+
+    def __init__(self, field: str) -> None:
+        super().__init__([FieldError(None, None, field, "contains a lone UTF-16 surrogate "
+                                     "(such as \\ud800), which is not text")],
+                         f"{field}: contains a lone UTF-16 surrogate, which is not text; "
+                         "nothing ran")
+
+
+class EmptyBatch(ValidationFailed):
+    """A batch of no operations (422 ``empty_batch``): an empty ``operations`` list, or a CSV
+    import of a header and no rows."""
+
+    code = "empty_batch"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__([FieldError(None, None, field, message)], message)

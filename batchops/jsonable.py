@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["json_value", "row_to_json"]
+__all__ = ["json_value", "lone_surrogate_at", "row_to_json"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_value(value: Any) -> Any:
@@ -27,3 +30,23 @@ def json_value(value: Any) -> Any:
 def row_to_json(row: Mapping[str, Any]) -> dict[str, Any]:
     # str(): SQLAlchemy's column names are a str subclass that serializes slowly.
     return {str(k): json_value(v) for k, v in row.items()}
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """Where in a parsed JSON document a string (or key) holds a lone UTF-16 surrogate, which
+    JSON's ``\\ud800`` escape can spell but no UTF-8 text (the store, a response) can hold:
+    a dotted location like ``operations.0.body.name``, or ``None``."""
+    stack: list[tuple[tuple[str, ...], Any]] = [((), value)]
+    while stack:
+        loc, node = stack.pop()
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                return ".".join(loc) or "body"
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                if _SURROGATE.search(key):
+                    return (".".join(loc) or "body") + " (a key)"
+                stack.append(((*loc, key), item))
+        elif isinstance(node, list):
+            stack.extend(((*loc, str(i)), item) for i, item in enumerate(node))
+    return None

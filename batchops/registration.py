@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 
 from batchops.batch_requests import BatchRequest, BatchRequests
 from batchops.callbacks import CallbackRecords
+from batchops.errors import EmptyBatch
 from batchops.planning import ChunkPlanner
 from batchops.runtime import Runtime
 from batchops.validation import OperationValidator
@@ -37,6 +38,7 @@ def register_batch(
     status_url: str | None = None,
     deadline_seconds: float | None = None,
     conn: Connection | None = None,
+    empty_message: str | None = None,
 ) -> tuple[str, int]:
     """Validate and store a batch; ``(batch_id, total)``.
 
@@ -50,7 +52,8 @@ def register_batch(
     the batch's completion callback, which links to ``status_url``.
     With ``deadline_seconds``, no item starts later than that many seconds from now.
     Given ``conn``, the batch is written in that (caller's) transaction instead of one
-    of its own.
+    of its own. Given ``empty_message``, a batch of no operations is refused with it
+    (:class:`~batchops.errors.EmptyBatch`) and nothing is stored.
     """
     settings = runtime.settings
     batch_id = batch_id or new_batch_id()
@@ -72,6 +75,8 @@ def register_batch(
             if plan is not None:
                 store.insert_chunk(tx, plan.ref, plan.operations, plan.depends_on)
         validator.finish()
+        if validator.count == 0 and empty_message is not None:
+            raise EmptyBatch("operations", empty_message)
         last = planner.finish()
         if last is not None:
             store.insert_chunk(tx, last.ref, last.operations, last.depends_on)

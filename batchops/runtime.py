@@ -43,7 +43,7 @@ _runtime: Runtime | None = None
 
 def build_runtime(settings: Settings) -> Runtime:
     load_handler_modules(settings.handler_modules)
-    resources = build_resources(settings.resources)
+    resources = build_resources(settings.resources, settings.database_url)
     router = Router(resources, registry.all(), settings.upstreams)
     progress = RedisProgress(settings.redis_url) if settings.redis_url else None
     store = Store(settings.database_url, progress=progress)

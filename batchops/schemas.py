@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 __all__ = [
+    "MAX_ITEM_INDEX",
     "AttemptError",
     "BatchCreate",
     "BatchState",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+# Item indexes are 32-bit in the store; a query naming a larger one is refused, not run.
+MAX_ITEM_INDEX = 2**31 - 1
 
 
 class _Model(BaseModel):

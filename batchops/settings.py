@@ -39,7 +39,8 @@ from batchops.errors import ConfigurationError
 
 __all__ = ["ColumnSpec", "ResourceSpec", "Settings", "SyncSpec", "UpstreamSpec", "get_settings"]
 
-ColumnType = Literal["integer", "text", "numeric", "float", "boolean", "timestamp", "date", "json"]
+ColumnType = Literal["integer", "bigint", "text", "numeric", "float", "boolean", "timestamp",
+                     "date", "json"]
 
 MAX_CHUNK_SIZE = 500
 
@@ -68,6 +69,18 @@ class ColumnSpec(BaseModel):
     type: ColumnType = "text"
     nullable: bool = True
     unique: bool = False
+    precision: int | None = Field(None, ge=1, le=1000,
+                                  description="numeric: total digits (none: the database's)")
+    scale: int | None = Field(None, ge=0, le=1000,
+                              description="numeric: digits after the point (with precision)")
+
+    @model_validator(mode="after")
+    def _scale_within_precision(self) -> ColumnSpec:
+        if self.scale is not None and (self.precision is None or self.scale > self.precision):
+            raise ValueError("scale needs a precision at least as large")
+        if self.precision is not None and self.type != "numeric":
+            raise ValueError("precision and scale apply to numeric columns")
+        return self
 
 
 class ResourceSpec(BaseModel):

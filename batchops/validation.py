@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from batchops.errors import BatchTooLarge, FieldError, ValidationFailed
 from batchops.references import Location, find_references
-from batchops.resources import Resource, coerce_value
+from batchops.resources import Resource
 from batchops.routing import SQL_TARGET, Router, check_path
 from batchops.schemas import Operation, PlannedOperation, payload_hash
 
@@ -23,6 +23,8 @@ __all__ = ["OperationValidator", "validate_operations"]
 
 # A report with a million errors helps nobody; the count says how many more there were.
 MAX_REPORTED_ERRORS = 1000
+# An id longer than an id may be is shown cut in errors (a 100,000-character id once).
+MAX_SHOWN_ID = 200
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -66,9 +68,9 @@ class OperationValidator:
                 op = Operation.model_validate(raw)
             except ValidationError as exc:
                 op_id = raw.get("id") if isinstance(raw, dict) else None
+                shown = None if op_id is None else _shown_id(op_id)
                 for err in exc.errors(include_url=False):
-                    self._error(index, None if op_id is None else str(op_id),
-                                _loc(err["loc"]), err["msg"])
+                    self._error(index, shown, _loc(err["loc"]), err["msg"])
                 return None
         before = self.error_count
         if op.id is not None:
@@ -179,7 +181,7 @@ class OperationValidator:
             if (name,) in refs:
                 continue  # a $ref: its value is checked once resolved, before the item runs
             try:
-                coerce_value(columns[name], value)
+                resource.coerce_column(name, value)
             except ValueError as exc:
                 self._error(index, op.id, f"body.{name}", str(exc))
         if (pk in params and pk in op.body and (pk,) not in refs
@@ -201,6 +203,14 @@ class OperationValidator:
                 message = (f"{self.error_count} validation errors (first {len(self.errors)} "
                            "listed); nothing ran")
             raise ValidationFailed(self.errors, message)
+
+
+def _shown_id(op_id: Any) -> str:
+    """An invalid operation's id as an error names it: cut when it is over the id limit."""
+    text = str(op_id) if isinstance(op_id, str | int | float) else repr(op_id)
+    if len(text) <= MAX_SHOWN_ID:
+        return text
+    return f"{text[:MAX_SHOWN_ID // 2]}… ({len(text)} characters)"
 
 
 def _under_ref(loc: Sequence[int | str], refs: set[Location]) -> bool:

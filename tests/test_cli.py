@@ -239,7 +239,7 @@ def sqlite_runtime(configure: Any, prefect_env: None, tmp_path: Path) -> Runtime
     ("users.csv", "email\na@example.com\n", ["--resource", "customers", "--method", "POST"],
      "unknown resource 'customers'"),
     ("users.csv", "id,email\n1,a\n2,b,c\n", ["--resource", "users", "--method", "PUT"],
-     "not a readable CSV file"),
+     "users.csv line 3: 3 fields, but the header has 2"),
     ("users.csv", "id,name\n1,Ann\n,Bob\n", ["--resource", "users", "--method", "PATCH"],
      "users.csv line 3: the id cell is empty"),
     ("ops.json", json.dumps([{"method": "POST", "path": "/users", "body": {"email": "a"}}]),

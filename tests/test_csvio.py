@@ -127,8 +127,9 @@ def test_csv_delete_ignores_columns_other_than_the_key(router: Router, tmp_path:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("", "the file is empty"),
-    ("id,email\n1,a@example.com\n2,b@example.com,extra\n", "Expected 2 fields in line 3"),
-    ("id,email\n1,a@example.com,extra\n", "not a readable CSV file"),
+    ("id,email\n1,a@example.com\n2,b@example.com,extra\n",
+     "in.csv line 3: 3 fields, but the header has 2"),
+    ("id,email\n1,a@example.com,extra\n", "in.csv line 2: 3 fields, but the header has 2"),
     (b"id,email\n1,\xff\xfe@example.com\n", "not a readable CSV file"),
     ("id,email\n1,a@example.com\n ,b@example.com\n",
      "in.csv line 3: the id cell is empty; PATCH /users/{id} needs it"),
@@ -208,6 +209,8 @@ def test_jsonl_reads_one_operation_per_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("value", "escaped"), [
     ("=1+2", "'=1+2"), ("+1", "'+1"), ("-1", "'-1"), ("@SUM(A1)", "'@SUM(A1)"),
     ("\tx", "'\tx"), ("\rx", "'\rx"), ("plain", "plain"), ("", ""), ("a=b", "a=b"),
+    ("a\r=1+2", "a\r'=1+2"), ("a\n-1\r\n@x", "a\n'-1\r\n'@x"), ("a\nb", "a\nb"),
+    ("\n\r=x", "\n'\r'=x"),
 ])
 def test_escape_formula(value: str, escaped: str) -> None:
     assert escape_formula(value) == escaped
@@ -240,6 +243,16 @@ def test_results_csv_has_rows_and_escapes_formulas(tmp_path: Path) -> None:
             rows[1]["error_message"], rows[1]["result"]) == (
         "failed", "409", "unique_violation", "'-dup", "")
     assert (rows[3]["result"], rows[4]["result"]) == ("'-5", '"+x"')
+
+
+def test_results_csv_quotes_every_cell_holding_a_cr_or_an_lf() -> None:
+    out = io.StringIO()
+    write_results_csv([ItemResult(id="a\r=1+2", index=0, status=422, state=ItemState.FAILED,
+                                  error=ItemErrorBody(code="x", message="bad\n-1"))], out)
+
+    assert out.getvalue().endswith(',0,"a\r\'=1+2",failed,422,x,"bad\n\'-1",\n')
+    [parsed] = list(csv.DictReader(io.StringIO(out.getvalue(), newline="")))
+    assert (parsed["id"], parsed["error_message"]) == ("a\r'=1+2", "bad\n'-1")
 
 
 def test_results_csv_of_no_items_is_a_header() -> None:

@@ -139,9 +139,10 @@ def test_skipped_insert_reports_its_own_conflict_not_a_later_rows(runtime: Runti
 
 def test_inserts_without_an_id_go_in_once_each(runtime: Runtime) -> None:
     # Nothing to match the returned rows on but their contents, which the database may store
-    # differently (SQLite keeps ten decimal places; a naive timestamp comes back with a zone).
+    # differently (SQLite reads numbers back at ten decimal places; a naive timestamp comes back
+    # with a zone).
     results = execute(runtime, [
-        {"method": "POST", "path": "/orders", "body": {"status": "new", "total": "0.12345678901"}},
+        {"method": "POST", "path": "/orders", "body": {"status": "new", "total": "0.1234567891"}},
         {"method": "POST", "path": "/orders", "body": {"status": "new", "total": "2.0000000001"}},
         {"method": "POST", "path": "/outbox", "body": {
             "recipient": "a@x.io", "subject": "s", "body": "b",
@@ -168,7 +169,7 @@ def lines_runtime(configure: Any, database_url: str) -> Iterator[Runtime]:
     specs["lines"] = {"columns": {
         "id": {"type": "integer", "nullable": False},
         "order_id": {"type": "integer"},  # NOT NULL and a foreign key in the table only
-        "qty": {"type": "integer"},
+        "qty": {"type": "bigint"},  # a 32-bit integer in the table only
         "note": {"type": "text"},
     }}
     runtime = configure(database_url=database_url, resources=json.dumps(specs))
@@ -198,7 +199,7 @@ def test_constraint_failures_in_a_bulk_run_fail_exactly_the_bad_items(
     body[17]["order_id"] = 999  # no such order
     body[150]["qty"] = 0  # check constraint
     body[251]["order_id"] = None  # not null in the table
-    body[200]["qty"] = 2**40  # integer out of range on PostgreSQL; SQLite stores it
+    body[200]["qty"] = 2**40  # out of the table's range on PostgreSQL; SQLite stores it
     ops = [{"method": "POST", "path": "/lines", "body": b} for b in body]
 
     with StatementCounter(runtime.store.engine) as counter:

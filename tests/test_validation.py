@@ -87,3 +87,53 @@ def test_chunks_wait_only_for_chunks_touching_the_same_records(router: Router) -
     assert [p.depends_on for p in plans] == [[], [], [0], [1]]
     assert [(p.ref.start, p.ref.end) for p in plans] == [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert len({p.ref.cache_token for p in plans}) == 4
+
+
+def _ledger(dialect_url: str) -> Router:
+    from batchops.settings import ResourceSpec
+
+    spec = ResourceSpec(columns={"id": {"type": "bigint", "nullable": False},
+                                 "amount": {"type": "numeric", "precision": 6, "scale": 2},
+                                 "free": {"type": "numeric"}})
+    return Router(build_resources({"ledger": spec}, dialect_url), [])
+
+
+def messages_of(router: Router, ops: list[Any]) -> list[str]:
+    with pytest.raises(ValidationFailed) as caught:
+        validate_operations(ops, router, 1000)
+    return [e.message for e in caught.value.errors]
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "postgresql://db/x"])
+def test_bigint_columns_hold_64_bit_integers(url: str) -> None:
+    router = _ledger(url)
+    ok = [{"method": "PUT", "path": f"/ledger/{key}", "body": {"amount": 1}}
+          for key in (2**63 - 1, -(2**63))]
+    assert len(validate_operations(ok, router, 10)) == 2
+
+    [message] = messages_of(router, [{"method": "GET", "path": f"/ledger/{2**63}"}])
+    assert f"from {-(2**63)} to {2**63 - 1}" in message
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "postgresql://db/x"])
+def test_a_declared_precision_and_scale_bound_numeric_values(url: str) -> None:
+    router = _ledger(url)
+    fits = ["9999.99", 1234, "-0.5", "0012.30"]
+    assert len(validate_operations([{"method": "PUT", "path": f"/ledger/{i}",
+                                     "body": {"amount": v}} for i, v in enumerate(fits)],
+                                   router, 10)) == 4
+
+    for value in ("10000", 12345.6, "1.234", 10**30):
+        [message] = messages_of(router, [{"method": "PUT", "path": "/ledger/1",
+                                          "body": {"amount": value}}])
+        assert "numeric(6, 2) holds at most 4 digit(s) before the point and 2 after" in message
+
+
+def test_an_undeclared_numeric_takes_what_the_database_stores_exactly() -> None:
+    exact_on_both = {"method": "PUT", "path": "/ledger/1", "body": {"free": "12345.678"}}
+    huge = {"method": "PUT", "path": "/ledger/1", "body": {"free": 10**30}}
+    for url in ("sqlite://", "postgresql://db/x"):
+        assert validate_operations([exact_on_both], _ledger(url), 10)
+    assert validate_operations([huge], _ledger("postgresql://db/x"), 10)
+    [message] = messages_of(_ledger("sqlite://"), [huge])
+    assert "cannot be stored exactly" in message

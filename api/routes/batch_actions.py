@@ -27,13 +27,16 @@ from batchops.errors import (
 from batchops.quota import OperationsQuota
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
-from batchops.schemas import BatchState, BatchStatus, ItemResult, Method
+from batchops.schemas import MAX_ITEM_INDEX, BatchState, BatchStatus, ItemResult, Method
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["batches"])
 
 _EVENTS_POLL_SECONDS = 0.25
+# What CSV error messages call the upload (not the server's temporary file).
+_UPLOAD_NAME = "the uploaded CSV"
+_NO_ROWS = "the file has no rows after its header; a batch needs at least one operation"
 _UPLOAD_PART = 1 << 16
 
 
@@ -77,7 +80,8 @@ async def retry_batch(batch_id: BatchId, request: Request, runtime: RuntimeDep,
             responses={200: {"content": {"application/x-ndjson": {}}}, **_errors(401, 404)})
 async def batch_events(
     batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep,
-    after: Annotated[int, Query(ge=-1, description="resume after this item index")] = -1,
+    after: Annotated[int, Query(ge=-1, le=MAX_ITEM_INDEX,
+                                description="resume after this item index")] = -1,
 ) -> StreamingResponse:
     """One JSON line per item, in index order, as chunks record them; the stream ends with a
     ``{"event": "end", ...}`` line once the batch has finished. Reconnect with
@@ -143,7 +147,7 @@ def _count_rows(path: FilePath, spec: CsvImport, quota: OperationsQuota,
     """The file's operations, counted only as far as the quota or the row limit allows:
     :class:`BatchExceedsQuota` or :class:`BatchTooLarge` as soon as it is over one."""
     stop_after = min(quota.limit, max_rows)
-    count = count_operations(path, csv=spec, stop_after=stop_after)
+    count = count_operations(path, csv=spec, stop_after=stop_after, name=_UPLOAD_NAME)
     if count > max_rows:
         raise BatchTooLarge(count, max_rows)
     if count > quota.limit:
@@ -182,9 +186,10 @@ async def import_batch(
             charge = await quota.charge(scope, counted)
 
         def register() -> tuple[str, int]:
-            with open_operations(path, csv=spec) as operations:
+            with open_operations(path, csv=spec, name=_UPLOAD_NAME) as operations:
                 return register_batch(runtime, operations, scope=scope, source="import",
-                                      max_operations=settings.max_import_rows)
+                                      max_operations=settings.max_import_rows,
+                                      empty_message=_NO_ROWS)
 
         batch_id, _ = await asyncio.to_thread(register)
         await runner.start_deployment(runtime, batch_id)

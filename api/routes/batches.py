@@ -42,6 +42,7 @@ from batchops.csvio import write_results_csv
 from batchops.errors import (
     BatchNotFound,
     BatchTooLarge,
+    EmptyBatch,
     FieldError,
     TransientError,
     ValidationFailed,
@@ -50,6 +51,7 @@ from batchops.planning import chunk_operations
 from batchops.registration import new_batch_id, register_batch, register_batch_once
 from batchops.runtime import Runtime
 from batchops.schemas import (
+    MAX_ITEM_INDEX,
     BatchCreate,
     BatchState,
     BatchStatus,
@@ -183,8 +185,7 @@ def _parse_request(raw: Any, max_operations: int) -> tuple[BatchCreate, list[Any
     if len(operations) > max_operations:
         raise BatchTooLarge(len(operations), max_operations)
     if not operations:
-        raise ValidationFailed([FieldError(None, None, "operations",
-                                           "at least one operation is required")])
+        raise EmptyBatch("operations", "the batch has no operations; at least one is required")
     try:
         envelope = BatchCreate.model_validate({**raw, "operations": []})
     except ValidationError as exc:
@@ -442,7 +443,8 @@ def get_batch_results(
     scope: ScopeDep,
     state: Annotated[ItemState | None, Query(description="only items in this state")] = None,
     fmt: Annotated[Literal["json", "csv"], Query(alias="format")] = "json",
-    after: Annotated[int, Query(ge=-1, description="only items with a larger index")] = -1,
+    after: Annotated[int, Query(ge=-1, le=MAX_ITEM_INDEX,
+                                description="only items with a larger index")] = -1,
     limit: Annotated[int | None, Query(ge=1, le=10_000,
                                        description="JSON page size (default 1000)")] = None,
 ) -> Response:
