@@ -43,8 +43,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.host_allowlist = HostAllowlist.from_settings(settings)
     await asyncio.to_thread(get_runtime)  # builds the runtime and migrates the store
     app.state.quota = build_quota(settings)
-    app.state.runner = BatchRunner(settings.sync_workers, settings.process_batch_deployment,
-                                   serial_writes=settings.prefect_serial_writes)
+    app.state.runner = BatchRunner(settings.sync_workers, settings.process_batch_deployment)
     app.state.runner.attach(get_runtime())
     app.state.metrics = ApiMetrics(get_runtime)
     try:

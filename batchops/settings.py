@@ -260,10 +260,6 @@ class Settings(BaseSettings):
     sync_wait_seconds: float = Field(10, ge=0, description="sync wait before answering 202")
     max_sync_wait_seconds: float = Field(60, ge=0, description="cap on Prefer: wait=N")
     sync_workers: int = Field(8, ge=1, le=256, description="sync batches running at once")
-    prefect_serial_writes: bool = Field(
-        True, description="sync runs send their writes to the Prefect server one at a time "
-        "(a SQLite server fails a flow-run create that meets another write: 503, 2 s retry); "
-        "off for a Prefect server on PostgreSQL")
     quota_ops_per_minute: int = Field(
         60_000, ge=0, description="operations per API key per minute; 0: no quota")
     process_batch_deployment: str = "process-batch/process-batch"

@@ -15,20 +15,19 @@ from batchops.callbacks import deliver_callback
 from batchops.errors import CallbackDeliveryFailed
 from batchops.runtime import get_runtime
 from batchops.schemas import CallbackStatus
-from tasks.chunks import retry_transient_failures
+from tasks.chunks import retry_transient_failures, state_exception
 
 __all__ = ["retry_delivery_failures", "send_callback"]
 
 
 def retry_delivery_failures(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
     """Retry connection errors, timeouts, 429 and 5xx answers; not a 4xx or a refused URL."""
-    try:
-        state.result(raise_on_failure=True, _sync=True)  # type: ignore[call-overload]
-    except CallbackDeliveryFailed as exc:
+    exc = state_exception(state)
+    if exc is None:
+        return False
+    if isinstance(exc, CallbackDeliveryFailed):
         return exc.retryable
-    except Exception:
-        return retry_transient_failures(task, task_run, state)  # the store's database
-    return False
+    return retry_transient_failures(task, task_run, state)  # the store's database
 
 
 @task(

@@ -56,12 +56,21 @@ def retry_transient_failures(task: Task[..., Any], task_run: TaskRun, state: Sta
     timeouts, a store that is busy or refuses writes for now (SQLite's "database is locked"
     and "attempt to write a readonly database", PostgreSQL's read-only transactions); a
     constraint violation or a bug is not retried."""
-    try:
-        # _sync: result() is a coroutine wherever an event loop runs (async task engines).
-        state.result(raise_on_failure=True, _sync=True)  # type: ignore[call-overload]
-    except Exception as exc:
-        return is_transient(exc)
-    return False
+    exc = state_exception(state)
+    return exc is not None and is_transient(exc)
+
+
+def state_exception(state: State) -> BaseException | None:
+    """The exception a failed or crashed state holds (``None`` for any other state). Called
+    from a sync task's retry condition, where Prefect dispatches to its sync variant."""
+    from prefect.states import get_state_exception
+
+    if not (state.is_failed() or state.is_crashed()):
+        return None
+    exc = get_state_exception(state)
+    if not isinstance(exc, BaseException):
+        raise TypeError(f"not a sync context: get_state_exception returned {exc!r}")
+    return exc
 
 
 @task(

@@ -127,3 +127,29 @@ def test_prefect_cancel_of_a_running_batch_stops_it_and_ends_the_run_cancelled(
     assert final["succeeded"] + final["skipped"] == 400
     assert _flow_run(flow_run_id).state.is_cancelled()
 
+
+
+def test_a_sync_batch_is_a_run_of_the_deployment_executed_by_the_api_not_the_worker(
+        worker: dict[str, Any], start_api: Callable[..., httpx.Client]) -> None:  # noqa: F811
+    from prefect import get_client
+
+    api = start_api(database_url=worker["database_url"])
+    answer = api.post("/batches", json={"operations": [user(900 + i) for i in range(5)],
+                                        "mode": "sync"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["summary"]["succeeded"] == 5
+
+    flow_run_id = api.get(f"/batches/{body['batch_id']}/status").json()["flow_run_id"]
+    run = _flow_run(flow_run_id)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("process-batch/process-batch")
+    assert run.deployment_id == deployment.id
+    assert "batchops" in run.tags
+    assert run.name == f"batch-{body['batch_id']}"
+    assert run.infrastructure_pid is None  # the worker never picked it up
+    deadline = time.monotonic() + 30
+    while not (run := _flow_run(flow_run_id)).state.is_final():
+        assert time.monotonic() < deadline, run.state
+        time.sleep(0.2)
+    assert run.state.is_completed()
