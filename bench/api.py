@@ -1,6 +1,6 @@
 """Benchmark: batchops' HTTP API against a hand-written batch endpoint (the seed's design).
 
-    python -m bench.api                                   # the full run
+    python -m bench.api                                   # the full run (about 5 minutes)
     python -m bench.api --requests 10 --async-runs 1 --no-profile --cli-runs 1   # quick
 
 In one run, against PostgreSQL (the store in database ``batchops_bench_api``, dropped and
@@ -547,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="py-spy profile of the API process (extra, unmeasured requests)")
     ap.add_argument("--profile-requests", type=int, default=20)
-    ap.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/probe/bin/py-spy")
+    ap.add_argument("--py-spy", default=shutil.which("py-spy")
+                    or str(Path(sys.executable).with_name("py-spy")),
+                    help="py-spy (default: on PATH, else beside this Python)")
     ap.add_argument("--cli-runs", type=int, default=5,
                     help="measured `batchops run` processes of a 1-item file (0: none)")
     ap.add_argument("--keep-work", action="store_true",
