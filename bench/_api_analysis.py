@@ -41,9 +41,9 @@ SYNC_EXTRA = [
 
 ASYNC_PHASES = [
     ("post", "POST → 202 (validate, store, create the deployment's flow run)"),
-    ("pickup", "202 → runner picks the run up (Pending; the runner polls the API)"),
-    ("spawn", "Pending → Running (the runner starts a flow-run subprocess: Python, Prefect "
-              "and flow imports, engine setup)"),
+    ("pickup", "202 → the worker picks the run up (Pending; it polls the work pool)"),
+    ("spawn", "Pending → Running (the worker starts the run in a thread of its process: "
+              "engine setup)"),
     ("work", "Running → batch completed in the store (load, chunks, finish)"),
     ("seen", "completed → seen by the client (status poll interval)"),
 ]

@@ -1,7 +1,7 @@
-"""Processes of ``bench.api``: the two HTTP servers (uvicorn) and the deployment runner.
+"""Processes of ``bench.api``: the two HTTP servers (uvicorn) and the batchops worker.
 
-Each runs in a session of its own, so ``stop()`` ends it and its children (the runner's flow
-run subprocesses) by signalling that process group only.
+Each runs in a session of its own, so ``stop()`` ends it and any children by signalling that
+process group only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench._prefect_server import free_port
 
-__all__ = ["ManagedProcess", "http_ok", "runner", "uvicorn_app"]
+__all__ = ["ManagedProcess", "http_ok", "uvicorn_app", "worker"]
 
 
 class ManagedProcess:
@@ -92,8 +92,9 @@ def uvicorn_app(name: str, factory: str, *, cwd: Path, env: dict[str, str],
         f"http://127.0.0.1:{port}"
 
 
-def runner(*, cwd: Path, env: dict[str, str], log_path: Path) -> ManagedProcess:
-    """The runner serving the deployments, as ``batchops serve`` does."""
-    cmd = [sys.executable, "-c",
-           "from deployments.serve import serve_deployments; serve_deployments()"]
-    return ManagedProcess("runner", cmd, cwd=cwd, env=env, log_path=log_path)
+def worker(pool: str, limit: int, *, cwd: Path, env: dict[str, str],
+           log_path: Path) -> ManagedProcess:
+    """One batchops worker on the work pool ``pool``, as ``make up`` starts it
+    (``batchops worker``: each flow run in a thread of its process)."""
+    cmd = [sys.executable, "-m", "cli", "worker", "--work-pool", pool, "--limit", str(limit)]
+    return ManagedProcess("batchops worker", cmd, cwd=cwd, env=env, log_path=log_path)

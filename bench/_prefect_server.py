@@ -1,4 +1,6 @@
-"""A Prefect server of the benchmark's own: started as a subprocess, SQLite in a temp home."""
+"""A Prefect server of the benchmark's own: ``prefect server start`` as a subprocess (as ``make
+up`` starts it), on a PostgreSQL database of its own on the machine's PostgreSQL
+(127.0.0.1:5432), dropped and created anew, with a temporary home."""
 
 from __future__ import annotations
 
@@ -10,8 +12,27 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psycopg2
+
 from batchops.devtools import free_port
-from batchops.devtools.prefect_server import command as embedded_server
+
+__all__ = ["PrefectServer", "free_port", "fresh_database", "proc_status_kb", "process_tree"]
+
+PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
+
+
+def fresh_database(name: str) -> str:
+    """Drop the database ``name`` of the machine's PostgreSQL and create it anew; its
+    ``postgresql+asyncpg`` URL (the Prefect server's driver)."""
+    conn = psycopg2.connect(**PG_ADMIN)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
 
 
 def process_tree(pid: int) -> list[int]:
@@ -45,19 +66,13 @@ def proc_status_kb(pid: int, field: str) -> int:
 
 
 class PrefectServer:
-    """``prefect server start`` on a free port; ``api_url`` once healthy; ``stop()`` ends it.
+    """``prefect server start`` on a free port, on the PostgreSQL database ``database``
+    (dropped and created anew by ``start()``); ``api_url`` once healthy; ``stop()`` ends it."""
 
-    ``sqlite_writes``: ``"immediate"`` starts it the way ``make up`` does
-    (``batchops.devtools.prefect_server``: SQLite write transactions wait for the lock instead
-    of failing); ``"deferred"`` is Prefect's own ``prefect server start`` as shipped.
-    """
-
-    def __init__(self, home: Path, log_path: Path, sqlite_writes: str = "immediate") -> None:
-        if sqlite_writes not in ("immediate", "deferred"):
-            raise ValueError(f"sqlite_writes must be immediate or deferred, not {sqlite_writes!r}")
+    def __init__(self, home: Path, log_path: Path, *, database: str) -> None:
         self.home = home
         self.log_path = log_path
-        self.sqlite_writes = sqlite_writes
+        self.database = database
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -67,7 +82,8 @@ class PrefectServer:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("PREFECT_") and not k.startswith("BATCHOPS_")}
         env.update(PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_UI_ENABLED="false")
+                   PREFECT_UI_ENABLED="false",
+                   PREFECT_API_DATABASE_CONNECTION_URL=fresh_database(self.database))
         # BENCH_SERVER_PREFECT_X=v sets PREFECT_X=v for the server only (to try its settings).
         env.update({k.removeprefix("BENCH_SERVER_"): v for k, v in os.environ.items()
                     if k.startswith("BENCH_SERVER_PREFECT_")})
@@ -75,9 +91,8 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         started = time.perf_counter()
-        command = (embedded_server("127.0.0.1", self.port) if self.sqlite_writes == "immediate"
-                   else [str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
-                         str(self.port)])
+        command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
+                   str(self.port)]
         self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -1,14 +1,21 @@
 """Benchmark: batchops' HTTP API against a hand-written batch endpoint (the seed's design).
 
-    python -m bench.api                                   # the full run (about 10 minutes)
-    python -m bench.api --requests 10 --async-runs 1 --no-profile --no-what-if   # quick
+    python -m bench.api                                   # the full run (about 5 minutes)
+    python -m bench.api --requests 10 --async-runs 1 --no-profile --cli-runs 1   # quick
 
-In one run, against PostgreSQL (database ``batchops_bench_api``, dropped and created anew
-unless ``--keep-db``) and a Prefect server this bench starts (SQLite, temporary home):
+In one run, against PostgreSQL (the store in database ``batchops_bench_api``, dropped and
+created anew unless ``--keep-db``), the batchops side runs the way ``make up`` does:
 
+* a Prefect server of the bench's own: plain ``prefect server start`` on a free 127.0.0.1
+  port, on the machine's PostgreSQL, database ``batchops_bench_prefect`` (dropped and created
+  anew every run; ``bench._prefect_server``);
+* the deployments registered with ``deployments.serve.deploy_to_work_pool`` on a work pool of
+  the bench's own (``batchops-bench-api``, of the ``batchops`` worker type);
+* one batchops worker, ``python -m cli worker --work-pool batchops-bench-api --limit 4``
+  (``deployments.worker``: each flow run in a thread of its long-lived process), with
+  ``PREFECT_WORKER_QUERY_SECONDS=1`` and ``PREFECT_WORKER_PREFETCH_SECONDS=1``;
 * **batchops** — the real API, ``uvicorn --factory api.main:create_app`` in a subprocess on a
-  free 127.0.0.1 port (quota off, no config file), and a runner serving the deployments
-  (``deployments.serve.serve_deployments()``, ``PREFECT_RUNNER_POLL_FREQUENCY=1``);
+  free 127.0.0.1 port (quota off, no config file);
 * **hand-written** — ``bench._handwritten_api``: ``POST /batches`` looping over the operations
   with an ``asyncio.Semaphore(10)``, one SQL statement and transaction per item (psycopg2 in
   threads), per-item results in the answer; served by uvicorn the same way.
@@ -18,15 +25,15 @@ succeeds; requests are sequential and alternate between the two sides):
 
 * a 10-item and a 100-item sync batch (``mode: sync``): latency p50/p95 over ``--requests``;
 * a 1,000-item async batch: seconds from ``POST`` to status ``completed`` (polled), beside the
-  hand-written endpoint answering the same 1,000 items (run to completion), ``--async-runs``.
+  hand-written endpoint answering the same 1,000 items (run to completion), ``--async-runs``;
+* ``batchops run`` of a 1-item file as a whole process (``python -m cli run``, with the system
+  up: the same store and Prefect server), ``--cli-runs`` times: its fixed cost.
 
-Target (issue 5 item 12): sync p50 ≤ 2 x hand-written p50 + 150 ms, for each sync case.
-Where the time goes: per-request timelines (client, store and Prefect API timestamps), a
-``py-spy`` wall-time profile of the API process, and a what-if API whose sync runs send their
-Prefect writes as they come (``BATCHOPS_PREFECT_SERIAL_WRITES=false``), measured in blocks of
-requests taking turns with the default API (not alternating single requests: one API's writes
-would meet the other's). Results: ``bench/results/api-<timestamp>.json``,
-``api-latest.json`` and ``api-latest.md``.
+Targets (issue 17): 1,000-item async POST → completed ≤ 1.0 s; 10-item sync p50 ≤ 60 ms and
+p95 ≤ 150 ms; ``batchops run`` of a 1-item file ≤ 2.5 s. The ratios to the hand-written side
+are printed beside them. Where the time goes: per-request timelines (client, store and Prefect
+API timestamps) and a ``py-spy`` wall-time profile of the API process. Results:
+``bench/results/api-<timestamp>.json``, ``api-latest.json`` and ``api-latest.md``.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from bench._api_analysis import (
     summarize_flow_profile,
     sync_timeline,
 )
-from bench._api_procs import ManagedProcess, http_ok, runner, uvicorn_app
+from bench._api_procs import ManagedProcess, http_ok, uvicorn_app, worker
 from bench._batchops_run import _cpu_seconds, _postgres_pids
 from bench._prefect_server import PrefectServer, process_tree
 from bench.sql_target import ensure_database, git_state, log, snapshot_code, wait_quiet
@@ -72,12 +79,18 @@ PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 DB_NAME = "batchops_bench_api"
 DB_URL = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{DB_NAME}"
 DSN = f"host=127.0.0.1 port=5432 user=postgres dbname={DB_NAME}"
-RUNNER_POLL_SECONDS = 1
-TARGET_FACTOR, TARGET_MS = 2.0, 150.0
+PREFECT_DB_NAME = "batchops_bench_prefect"  # the Prefect server's own database
+WORK_POOL = "batchops-bench-api"
+WORKER_LIMIT = 4  # as make up (deployments.local.WORKER_LIMIT)
+WORKER_POLL_SECONDS = 1  # PREFECT_WORKER_QUERY_SECONDS and PREFECT_WORKER_PREFETCH_SECONDS
+# issue 17
+TARGET_ASYNC_S = 1.0
+TARGET_SYNC10_P50_MS, TARGET_SYNC10_P95_MS = 60.0, 150.0
+TARGET_CLI_RUN_S = 2.5
 HANDWRITTEN_FIRST_ID = 500_000_000  # the two sides insert disjoint ids into one users table
+CLI_FIRST_ID = 900_000_000  # and `batchops run` its own
 PY_SPY_RATE = 100
 TERMINAL = {"completed", "failed", "cancelled"}
-WHAT_IF_BLOCK = 5  # what-if requests per side before the other side takes its turn
 
 
 # -- database ------------------------------------------------------------------------------
@@ -142,7 +155,8 @@ class Workload:
     """``POST /users`` operations with fresh ids, for each side its own id range."""
 
     def __init__(self) -> None:
-        self.next_id = {"batchops": 1, "handwritten": HANDWRITTEN_FIRST_ID}
+        self.next_id = {"batchops": 1, "handwritten": HANDWRITTEN_FIRST_ID,
+                        "cli": CLI_FIRST_ID}
 
     def body(self, side: str, size: int, mode: str) -> bytes:
         first = self.next_id[side]
@@ -185,16 +199,6 @@ class ApiBench:
         if not ok:
             sample["body"] = resp.text[:500]
         return sample
-
-    def sync_blocks(self, sides: list[str], size: int, requests: int,
-                    ) -> dict[str, list[dict[str, Any]]]:
-        """``requests`` requests per side, in blocks of ``WHAT_IF_BLOCK`` taking turns."""
-        samples: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-        while any(len(s) < requests for s in samples.values()):
-            for side in sides:
-                for _ in range(min(WHAT_IF_BLOCK, requests - len(samples[side]))):
-                    samples[side].append(self.post_sync(side, size))
-        return samples
 
     def sync_pairs(self, sides: list[str], size: int, requests: int,
                    ) -> dict[str, list[dict[str, Any]]]:
@@ -248,7 +252,7 @@ class ApiBench:
 def per_request_cpu(phase: dict[str, Any], idle: dict[str, Any], requests: int,
                     ) -> dict[str, float]:
     """CPU ms per request of each process, less what it burns idle (background loops, the
-    runner's polling) over the same wall time."""
+    worker's polling) over the same wall time."""
     out = {}
     for name, seconds in phase["cpu_seconds"].items():
         idle_rate = idle["cpu_seconds"].get(name, 0.0) / max(idle["wall_seconds"], 1e-9)
@@ -298,14 +302,26 @@ def profile_sync(bench: ApiBench, py_spy: str, pid: int, size: int, requests: in
 # -- report --------------------------------------------------------------------------------
 
 
-def target_checks(sync: dict[str, Any]) -> list[dict[str, Any]]:
+def target_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue-17 targets this run measured: name, value, limit, pass."""
     checks = []
-    for case, r in sync.items():
-        limit = TARGET_FACTOR * r["handwritten"]["p50_ms"] + TARGET_MS
-        value = r["batchops"]["p50_ms"]
-        checks.append({"case": case, "batchops_p50_ms": value,
-                       "handwritten_p50_ms": r["handwritten"]["p50_ms"],
-                       "limit_ms": round(limit, 1), "pass": value <= limit})
+
+    def check(name: str, value: float, limit: float, unit: str) -> None:
+        checks.append({"target": name, "value": value, "limit": limit, "unit": unit,
+                       "pass": value <= limit})
+
+    ten = report["sync"].get("10-item")
+    if ten:
+        check("10-item sync p50", ten["batchops"]["p50_ms"], TARGET_SYNC10_P50_MS, "ms")
+        check("10-item sync p95", ten["batchops"]["p95_ms"], TARGET_SYNC10_P95_MS, "ms")
+    a = report.get("async")
+    if a:
+        check(f"{a['size']:,}-item async POST → completed (median)",
+              round(a["batchops"]["median_seconds"], 3), TARGET_ASYNC_S, "s")
+    cli = report.get("cli_run")
+    if cli:
+        check("batchops run, 1-item file, whole process (median)",
+              round(cli["median_seconds"], 3), TARGET_CLI_RUN_S, "s")
     return checks
 
 
@@ -313,20 +329,28 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for case, r in report["sync"].items():
         b, h = r["batchops"], r["handwritten"]
+        target = (f"≤ {TARGET_SYNC10_P50_MS:.0f} / ≤ {TARGET_SYNC10_P95_MS:.0f}"
+                  if case == "10-item" else "")
         rows.append([f"{case} sync, p50 / p95 (ms, n={b['n']})",
                      f"{b['p50_ms']:.0f} / {b['p95_ms']:.0f}",
                      f"{h['p50_ms']:.0f} / {h['p95_ms']:.0f}",
-                     f"{b['p50_ms'] / h['p50_ms']:.1f}x"])
+                     f"{b['p50_ms'] / h['p50_ms']:.1f}x / {b['p95_ms'] / h['p95_ms']:.1f}x",
+                     target])
     a = report.get("async")
     if a:
         runs = len(a["batchops"]["runs"])
         b_s, h_s = a["batchops"]["median_seconds"], a["handwritten"]["median_seconds"]
         rows.append([f"{a['size']:,}-item async, POST → completed (s, median of {runs})",
-                     f"{b_s:.2f}", f"{h_s:.2f}", f"{b_s / h_s:.1f}x"])
+                     f"{b_s:.2f}", f"{h_s:.2f}", f"{b_s / h_s:.1f}x",
+                     f"≤ {TARGET_ASYNC_S:.1f}"])
+    cli = report.get("cli_run")
+    if cli:
+        rows.append([f"batchops run, 1-item file, whole process (s, median of {cli['n']})",
+                     f"{cli['median_seconds']:.2f}", "—", "—", f"≤ {TARGET_CLI_RUN_S:.1f}"])
     return rows
 
 
-HEADER = ["case", "batchops", "hand-written", "ratio"]
+HEADER = ["case", "batchops", "hand-written", "ratio", "target (issue 17)"]
 EXTRA = {key for key, _ in SYNC_EXTRA}
 
 
@@ -348,30 +372,26 @@ def print_table(report: dict[str, Any]) -> None:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for c in report["targets"]:
-        lines.append(f"target, {c['case']} sync: batchops p50 {c['batchops_p50_ms']:.0f} ms ≤ "
-                     f"2 x {c['handwritten_p50_ms']:.0f} + 150 = {c['limit_ms']:.0f} ms → "
-                     f"{'PASS' if c['pass'] else 'FAIL'}")
-    lines.append(f"target overall: {'PASS' if report['target_pass'] else 'FAIL'}")
+        lines.append(f"target, {c['target']}: {c['value']:g} {c['unit']} ≤ {c['limit']:g} "
+                     f"{c['unit']} → {'PASS' if c['pass'] else 'FAIL'}")
+    lines.append(f"targets overall: {'PASS' if report['target_pass'] else 'FAIL'}")
     lines.append("the hand-written endpoint does the rows only: no batch or per-item results "
                  "stored, no idempotency, retries, progress, flow run or artifacts; batchops "
                  "does all of these on every request")
     a = report.get("async")
     if a:
-        lines.append(f"async: runner poll interval {RUNNER_POLL_SECONDS} s "
-                     f"(PREFECT_RUNNER_POLL_FREQUENCY={RUNNER_POLL_SECONDS}); status polled "
-                     f"every {report['settings']['status_poll_seconds']:g} s")
-    w = report.get("what_if")
-    if w:
-        for case, r in w["cases"].items():
-            lines.append(f"what-if (Prefect writes not serialized), {case}: p50 "
-                         f"{r['batchops']['p50_ms']:.0f} → {r['batchops-whatif']['p50_ms']:.0f} ms")
+        lines.append(f"async: one batchops worker (limit {WORKER_LIMIT}) polls the work pool "
+                     f"every {WORKER_POLL_SECONDS} s (PREFECT_WORKER_QUERY_SECONDS="
+                     f"{WORKER_POLL_SECONDS}, PREFECT_WORKER_PREFETCH_SECONDS="
+                     f"{WORKER_POLL_SECONDS}); status polled every "
+                     f"{report['settings']['status_poll_seconds']:g} s")
     if not report["verified"]:
         lines.append("WARNING: some requests did not succeed on every item (see 'failures')")
     busy = [p["machine_cpu_busy"] for name, p in report["phases"].items() if name != "idle"]
     if busy:
         lines.append(f"machine CPU busy during the measured phases: {min(busy):.0%} to "
                      f"{max(busy):.0%} of {os.cpu_count()} CPUs (all processes: API, Prefect "
-                     "server, PostgreSQL, runner, client and anything else running)")
+                     "server, PostgreSQL, worker, client and anything else running)")
     return lines
 
 
@@ -403,8 +423,9 @@ def analysis_lines(report: dict[str, Any]) -> list[str]:
             lines.append(
                 f"CPU per request, {name}: batchops API {cpu['batchops API']:.0f} ms + Prefect "
                 f"server {cpu['Prefect server']:.0f} ms, against the hand-written API "
-                f"{cpu['hand-written API']:.0f} ms (PostgreSQL, both sides: "
-                f"{cpu['PostgreSQL (both sides)']:.0f} ms per pair).")
+                f"{cpu['hand-written API']:.0f} ms (PostgreSQL, the store of both sides and the "
+                f"Prefect server's database: {cpu['PostgreSQL (all)']:.0f} ms per pair; the "
+                "sync runs execute in the API process, the worker runs the async batches).")
     for case, prof in report.get("profile", {}).items():
         top = prof.get("flow_thread", [])[:6]
         if top:
@@ -412,18 +433,13 @@ def analysis_lines(report: dict[str, Any]) -> list[str]:
                          f"{prof['flow_thread_ms_per_request']:.0f} ms per request; most in "
                          + "; ".join(f"{t['activity']} {t['ms_per_request']:.0f} ms"
                                      for t in top) + ".")
-    for case, r in report.get("what_if", {}).get("cases", {}).items():
-        on, off = r["batchops"]["p50_ms"], r["batchops-whatif"]["p50_ms"]
-        lines.append(f"{case}: with the sync runs' Prefect writes not serialized the p50 goes "
-                     f"from {on:.0f} to {off:.0f} ms (same run, blocks of "
-                     f"{WHAT_IF_BLOCK} requests taking turns).")
     rows = bd.get("async")
     if rows:
         lines.append(
             "1,000-item async, median phases: "
             + "; ".join(f"{p['phase']} {p['median_ms']:.0f} ms" for p in rows
                         if p["median_ms"] is not None)
-            + f" (runner poll interval {RUNNER_POLL_SECONDS} s).")
+            + f" (worker poll interval {WORKER_POLL_SECONDS} s).")
     return lines
 
 
@@ -433,10 +449,10 @@ def markdown(report: dict[str, Any]) -> str:
            f"{report['environment']['prefect']}, Python {report['environment']['python']}, "
            f"{report['environment']['cpus']} CPUs; code {report['code']['measured']} at "
            f"{report['code']['head'][:10]}"
-           f"{' + uncommitted changes' if report['code']['dirty_core_files'] else ''}; Prefect "
-           f"server's SQLite writes: "
-           f"{report.get('settings', {}).get('prefect_server_sqlite_writes', 'deferred')}.", "",
-           "| " + " | ".join(HEADER) + " |", "|---|---:|---:|---:|"]
+           f"{' + uncommitted changes' if report['code']['dirty_core_files'] else ''}; "
+           "`prefect server start` on PostgreSQL, one batchops worker (limit "
+           f"{WORKER_LIMIT}, polling every {WORKER_POLL_SECONDS} s).", "",
+           "| " + " | ".join(HEADER) + " |", "|---|---:|---:|---:|---:|"]
     out += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
     out += ["", *[f"- {line}" for line in report["text"]]]
     for case, bd in report.get("breakdown", {}).get("sync", {}).items():
@@ -463,8 +479,8 @@ def markdown(report: dict[str, Any]) -> str:
         idle, wall = idle_phase.get("cpu_seconds", {}), idle_phase.get("wall_seconds", 10.0)
         out += ["", f"Net of each process's idle CPU (measured over {wall:.0f} s before the "
                 "cases: " + ", ".join(f"{k} {100 * v / wall:.0f} %" for k, v in idle.items())
-                + " of a CPU). PostgreSQL: every postgres process of the machine (both sides, "
-                "and anything else using it)."]
+                + " of a CPU). PostgreSQL: every postgres process of the machine (both "
+                "sides' store, the Prefect server's database, and anything else using it)."]
     for case, prof in report.get("profile", {}).items():
         if "flow_thread" not in prof:
             continue
@@ -483,8 +499,34 @@ def markdown(report: dict[str, Any]) -> str:
 # -- main ----------------------------------------------------------------------------------
 
 
-def _deployment_ready(api_url: str) -> Any:
-    return http_ok(f"{api_url}/deployments/name/process-batch/process-batch")
+def worker_ready(api_url: str, pool: str) -> Callable[[], bool]:
+    """True once a worker has sent its heartbeat to the work pool ``pool``."""
+    def check() -> bool:
+        try:
+            resp = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={},
+                              timeout=2)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200 and bool(resp.json())
+    return check
+
+
+def cli_run(code_dir: Path, env: dict[str, str], workdir: Path, workload: Workload,
+            size: int) -> dict[str, Any]:
+    """``python -m cli run FILE`` of a ``size``-item file, as a whole process: its wall time
+    (start to exit) and whether it exited 0 (every item succeeded)."""
+    ops = json.loads(workload.body("cli", size, "sync"))["operations"]
+    path = workdir / "cli-batch.json"
+    path.write_text(json.dumps(ops))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cli", "run", str(path)], cwd=code_dir,
+                          env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    out: dict[str, Any] = {"seconds": seconds, "exit_code": proc.returncode,
+                           "ok": proc.returncode == 0}
+    if proc.returncode != 0:
+        out["output"] = (proc.stdout + proc.stderr)[-1000:]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,13 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="py-spy profile of the API process (extra, unmeasured requests)")
     ap.add_argument("--profile-requests", type=int, default=20)
-    ap.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/probe/bin/py-spy")
-    ap.add_argument("--what-if", action=argparse.BooleanOptionalAction, default=True,
-                    help="also measure the API with its Prefect writes not serialized")
-    ap.add_argument("--what-if-requests", type=int, default=20)
-    ap.add_argument("--server-writes", choices=("immediate", "deferred"), default="immediate",
-                    help="the Prefect server's SQLite write transactions: immediate (as `make "
-                         "up` starts it) or deferred (`prefect server start` as shipped)")
+    ap.add_argument("--py-spy", default=shutil.which("py-spy")
+                    or str(Path(sys.executable).with_name("py-spy")),
+                    help="py-spy (default: on PATH, else beside this Python)")
+    ap.add_argument("--cli-runs", type=int, default=5,
+                    help="measured `batchops run` processes of a 1-item file (0: none)")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the work directory (process logs, raw py-spy output)")
     args = ap.parse_args(argv)
@@ -526,8 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     flow_source = (code_dir / "flows" / "process_batch.py").read_text().splitlines()
     ensure_database(fresh=not args.keep_db, name=DB_NAME)
     server = PrefectServer(workdir / "prefect-server", workdir / "prefect-server.log",
-                           sqlite_writes=args.server_writes)
-    log("starting prefect server …")
+                           database=PREFECT_DB_NAME)
+    log(f"starting prefect server on PostgreSQL (database {PREFECT_DB_NAME}) …")
     server.start()
     log(f"prefect server healthy at {server.api_url} after {server.startup_seconds:.1f} s")
     env = {k: v for k, v in os.environ.items()
@@ -535,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     env.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(workdir / "prefect-client"),
                PREFECT_LOCAL_STORAGE_PATH=str(workdir / "prefect-results"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_RUNNER_POLL_FREQUENCY=str(RUNNER_POLL_SECONDS),
+               PREFECT_WORKER_QUERY_SECONDS=str(WORKER_POLL_SECONDS),
+               PREFECT_WORKER_PREFETCH_SECONDS=str(WORKER_POLL_SECONDS),
                BATCHOPS_DATABASE_URL=DB_URL, BATCHOPS_CONFIG_FILE="/nonexistent",
                BATCHOPS_QUOTA_OPS_PER_MINUTE="0", BENCH_HANDWRITTEN_DSN=DSN)
     procs: list[ManagedProcess] = []
@@ -551,19 +592,25 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(hand)
         hand.start(http_ok(f"{hand_url}/healthz"))
         log(f"hand-written API at {hand_url} (pid {hand.pid})")
-        serve = runner(cwd=code_dir, env=env, log_path=workdir / "runner.log")
+        deploy_started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cli", "deploy", "--work-pool", WORK_POOL],
+                       cwd=code_dir, env=env, check=True, stdout=subprocess.DEVNULL)
+        log(f"deployments on the work pool {WORK_POOL!r} after "
+            f"{time.perf_counter() - deploy_started:.1f} s")
+        serve = worker(WORK_POOL, WORKER_LIMIT, cwd=code_dir, env=env,
+                       log_path=workdir / "worker.log")
         procs.append(serve)
-        serve.start(_deployment_ready(server.api_url))
-        log(f"runner serving the deployments (pid {serve.pid}) after "
-            f"{serve.startup_seconds:.1f} s; poll interval {RUNNER_POLL_SECONDS} s")
+        serve.start(worker_ready(server.api_url, WORK_POOL))
+        log(f"batchops worker on {WORK_POOL!r} (pid {serve.pid}, limit {WORKER_LIMIT}) after "
+            f"{serve.startup_seconds:.1f} s; polls every {WORKER_POLL_SECONDS} s")
 
         bench = ApiBench({"batchops": api_url, "handwritten": hand_url}, Workload())
         server_pid = server.proc.pid if server.proc else 0
         cpu_of: dict[str, Callable[[], list[int]]] = {
             "batchops API": lambda: [api.pid], "hand-written API": lambda: [hand.pid],
             "Prefect server": lambda: process_tree(server_pid),
-            "runner (and its flow runs)": lambda: process_tree(serve.pid),
-            "PostgreSQL (both sides)": _postgres_pids,
+            "batchops worker (its flow runs)": lambda: process_tree(serve.pid),
+            "PostgreSQL (all)": _postgres_pids,
             "bench client": lambda: [os.getpid()]}
         wait_quiet(args.settle)
         log("idle CPU of the bench's processes over 10 s …")
@@ -620,31 +667,21 @@ def main(argv: list[str] | None = None) -> int:
         elif args.profile:
             log(f"py-spy not found at {args.py_spy}: no profile")
 
-        if args.what_if:
-            whatif, whatif_url = uvicorn_app("batchops API (what-if)",
-                                             "api.main:create_app", cwd=code_dir,
-                                             env={**env, "BATCHOPS_PREFECT_SERIAL_WRITES":
-                                                  "false"},
-                                             log_path=workdir / "api-whatif.log")
-            procs.append(whatif)
-            whatif.start(http_ok(f"{whatif_url}/healthz"))
-            bench.urls["batchops-whatif"] = whatif_url
-            cases = {}
-            for size in sizes:
-                wait_quiet(args.settle)
-                log(f"what-if: {args.what_if_requests} {size}-item sync requests, Prefect "
-                    "writes serialized vs not …")
-                bench.sync_blocks(["batchops", "batchops-whatif"], size, 3)
-                samples = bench.sync_blocks(["batchops", "batchops-whatif"], size,
-                                            args.what_if_requests)
-                cases[f"{size}-item"] = {side: latency_stats(s) for side, s in samples.items()}
-                raw_sync[f"{size}-item, writes not serialized (what-if)"] = {
-                    "batchops": samples["batchops-whatif"]}
-            report["what_if"] = {"description": "the same API with "
-                                 "BATCHOPS_PREFECT_SERIAL_WRITES=false, blocks of "
-                                 f"{WHAT_IF_BLOCK} requests taking turns",
-                                 "cases": cases}
-            whatif.stop()
+        if args.cli_runs > 0:
+            wait_quiet(args.settle)
+            log(f"batchops run of a 1-item file: 1 warm-up + {args.cli_runs} measured "
+                "processes …")
+            cli_run(code_dir, env, workdir, bench.workload, 1)
+            cli_runs = [cli_run(code_dir, env, workdir, bench.workload, 1)
+                        for _ in range(args.cli_runs)]
+            report["cli_run"] = {
+                "n": len(cli_runs),
+                "median_seconds": statistics.median(r["seconds"] for r in cli_runs),
+                "min_seconds": min(r["seconds"] for r in cli_runs),
+                "max_seconds": max(r["seconds"] for r in cli_runs),
+                "all_ok": all(r["ok"] for r in cli_runs), "runs": cli_runs}
+            log(f"  median {report['cli_run']['median_seconds']:.2f} s")
+
         log("timelines from the store and the Prefect API …")
         time.sleep(2)  # task-run events reach the Prefect server's tables
         report["breakdown"] = breakdown(server.api_url, raw_sync, b_runs)
@@ -666,22 +703,27 @@ def main(argv: list[str] | None = None) -> int:
                         "prefect_server_startup_seconds": round(server.startup_seconds, 1)},
         "settings": {"requests": args.requests, "warmup": args.warmup,
                      "async_runs": args.async_runs, "status_poll_seconds": args.poll,
-                     "runner_poll_seconds": RUNNER_POLL_SECONDS,
-                     "prefect_server_sqlite_writes": args.server_writes,
+                     "cli_runs": args.cli_runs,
+                     "prefect_server": f"prefect server start on PostgreSQL, database "
+                                       f"{PREFECT_DB_NAME}",
+                     "work_pool": WORK_POOL, "worker_limit": WORKER_LIMIT,
+                     "worker_query_seconds": WORKER_POLL_SECONDS,
+                     "worker_prefetch_seconds": WORKER_POLL_SECONDS,
                      "handwritten_concurrency": 10, "workload": "POST /users, fresh ids",
                      "client": "one httpx client, sequential requests, sides alternating"},
     })
-    report["targets"] = target_checks(report["sync"])
+    report["targets"] = target_checks(report)
     report["target_pass"] = all(c["pass"] for c in report["targets"])
     report["verified"] = all(r[side]["all_ok"] for r in report["sync"].values()
                              for side in ("batchops", "handwritten")) \
-        and report["async"]["batchops"]["all_ok"] and report["async"]["handwritten"]["all_ok"]
+        and report["async"]["batchops"]["all_ok"] and report["async"]["handwritten"]["all_ok"] \
+        and report.get("cli_run", {}).get("all_ok", True)
     report["text"] = summary_lines(report)
     report["analysis"] = analysis_lines(report)
     print_table(report)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(report, indent=2, default=str)
-    name = "api" if args.server_writes == "immediate" else f"api-{args.server_writes}"
+    name = "api"
     (RESULTS / f"{name}-{stamp}.json").write_text(text)
     (RESULTS / f"{name}-latest.json").write_text(text)
     (RESULTS / f"{name}-latest.md").write_text(markdown(report))

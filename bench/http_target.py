@@ -63,6 +63,7 @@ from bench.sql_target import ensure_database, git_state, log, snapshot_code, wai
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DB_NAME = "batchops_bench_http"
+PREFECT_DB_NAME = "batchops_bench_http_prefect"  # the Prefect server's own database
 DB_URL = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{DB_NAME}"
 FAULT_FREE_TARGET = 0.8
 
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                          "to be < 25%% busy")
     ap.add_argument("--name", default="http_target")
     ap.add_argument("--keep-work", action="store_true",
-                    help="keep the work directory (the runs' logs, the Prefect server's database)")
+                    help="keep the work directory (the runs' logs)")
     ap.add_argument("--py-spy", default=None,
                     help="py-spy executable: profile batchops' measured runs (raw, 100 Hz)")
     ap.add_argument("--py-spy-dir", type=Path, default=Path("/tmp/batchops-http-profiles"),
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     code["measured"] = args.code
     code_dir = snapshot_code(workdir / "code", args.code)
     ensure_database(fresh=not args.keep_db, name=DB_NAME)
-    server = PrefectServer(workdir / "prefect-server", workdir / "prefect-server.log")
+    server = PrefectServer(workdir / "prefect-server", workdir / "prefect-server.log",
+                           database=PREFECT_DB_NAME)
     log("starting prefect server …")
     server.start()
     log(f"prefect server healthy at {server.api_url} after {server.startup_seconds:.1f} s")

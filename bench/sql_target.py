@@ -9,7 +9,8 @@ earlier row's email (1 % unique violations spread through the batch), measured a
 
 * **batchops** — ``register_batch(..., max_operations=big)`` + ``process_batch(batch_id=...)``
   end to end, against a running Prefect server this bench starts (``prefect server start`` on
-  a free port, SQLite under a temporary ``PREFECT_HOME``) and stops at the end; each run in a
+  a free port, on a PostgreSQL database of its own, ``batchops_bench_prefect_sql``, dropped and
+  created anew) and stops at the end; each run in a
   fresh process (warmed up with one 1-item flow first) so its peak RSS is its own;
 * **(a)** one INSERT + COMMIT per row (psycopg2), catching the unique violation;
 * **(b)** asyncio + multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING`` in pages of 500
@@ -49,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 DB_NAME = "batchops_bench"
+PREFECT_DB_NAME = "batchops_bench_prefect_sql"  # the Prefect server's own database
 DB_URL = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{DB_NAME}"
 DSN = f"host=127.0.0.1 port=5432 user=postgres dbname={DB_NAME}"
 STORE_TABLES = ("batch_items", "batch_chunks", "idempotency_records", "batches")
@@ -518,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     code_dir = snapshot_code(workdir / "code", args.code)
     log(f"measuring a frozen copy of the {args.code} code in {code_dir}")
     ensure_database(fresh=not args.keep_db)
-    server = PrefectServer(workdir / "prefect-server", workdir / "prefect-server.log")
+    server = PrefectServer(workdir / "prefect-server", workdir / "prefect-server.log",
+                           database=PREFECT_DB_NAME)
     log("starting prefect server …")
     server.start()
     log(f"prefect server healthy at {server.api_url} after {server.startup_seconds:.1f} s")
