@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -19,7 +20,6 @@ import pytest
 import sqlalchemy as sa
 
 from batchops.devtools import free_port
-from batchops.devtools.prefect_server import command as embedded_server
 from batchops.devtools.upstream import UpstreamConfig, running_upstream
 from batchops.limit_leases import LimitLeases
 from batchops.registration import register_batch
@@ -158,7 +158,8 @@ def test_batches_complete_after_the_prefect_server_and_the_runner_are_killed_mid
         # (every minute) would take a batch whose run is still starting on a loaded machine
         # (stale after 3 s here) for lost, and run it twice.
         server = processes.start(
-            "prefect-server", [*embedded_server("127.0.0.1", port), "--no-services"],
+            "prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port), "--no-services"],
             server_env, stop_signal=signal.SIGTERM)
         assert wait_for_prefect(api), server.log_path.read_text()
 
