@@ -66,6 +66,15 @@ def worker(prefect_server: None, pg_database: str,
             client.delete_work_pool(pool)
 
 
+@pytest.fixture(autouse=True)
+def _empty_store(worker: dict[str, Any]) -> None:
+    """Each test starts from empty tables (the session's database is shared with other
+    modules, whose users have the same ids and emails)."""
+    from tests.conftest import _truncate_pg
+
+    _truncate_pg(worker["database_url"])
+
+
 def _flow_run(flow_run_id: str) -> Any:
     from prefect import get_client
 
