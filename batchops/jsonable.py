@@ -32,6 +32,11 @@ def row_to_json(row: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): json_value(v) for k, v in row.items()}
 
 
+def _shown_key(key: str, limit: int = 60) -> str:
+    """A key as a location names it: cut when long (an error does not echo a huge key)."""
+    return key if len(key) <= limit else f"{key[:40]}… ({len(key)} characters)"
+
+
 def lone_surrogate_at(value: Any) -> str | None:
     """Where in a parsed JSON document a string (or key) holds a lone UTF-16 surrogate, which
     JSON's ``\\ud800`` escape can spell but no UTF-8 text (the store, a response) can hold:
@@ -46,7 +51,7 @@ def lone_surrogate_at(value: Any) -> str | None:
             for key, item in node.items():
                 if _SURROGATE.search(key):
                     return (".".join(loc) or "body") + " (a key)"
-                stack.append(((*loc, key), item))
+                stack.append(((*loc, _shown_key(key)), item))
         elif isinstance(node, list):
             stack.extend(((*loc, str(i)), item) for i, item in enumerate(node))
     return None

@@ -271,3 +271,18 @@ def test_cancel_of_a_completed_or_failed_batch_is_409_batch_finished_and_changes
         assert api.get(f"/batches/{batch_id}/status").json() == before
     assert len(table_rows(get_runtime(), "users")) == 2
 
+
+
+def test_a_lone_surrogate_under_a_huge_key_is_named_without_echoing_the_key(
+        start_api: Callable[..., httpx.Client]) -> None:  # noqa: F811
+    api = start_api()
+    key = "x" * 100_000
+    raw = ('{"operations": [{"id": "a", "method": "POST", "path": "/users", "body": {"'
+           + key + '": {"name": "a\\ud800b"}}}]}')
+
+    answer = api.post("/batches", content=raw, headers={"Content-Type": "application/json"})
+
+    assert answer.status_code == 422
+    assert answer.json()["error"]["code"] == "invalid_text"
+    assert len(answer.content) < 2_000
+    assert "(100000 characters)" in answer.json()["error"]["message"]
