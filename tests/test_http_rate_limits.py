@@ -64,6 +64,23 @@ def limited_per_second(state: UpstreamState) -> Counter[int]:
     return Counter(int(r.at - first) for r in state.requests if r.outcome == "rate_limited")
 
 
+def peak_sent_per_second(state: UpstreamState) -> int:
+    """The most requests (accepted or not) that arrived in any one-second window."""
+    times = sorted(r.at for r in state.requests)
+    peak, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - 1.0:
+            j += 1
+        peak = max(peak, i - j + 1)
+    return peak
+
+
+# A 2-core machine under load delays some requests by tens of milliseconds on their way to the
+# upstream; 10 % headroom (100 ms at these rates) keeps such a delay from making a second
+# count one request too many, so the tests hold on a busy machine.
+HEADROOM = 0.1
+
+
 def coordination_calls(upstream: str) -> float:
     from prometheus_client import REGISTRY
 
@@ -77,7 +94,8 @@ def test_a_batch_under_a_rate_limit_uses_it_without_ever_going_over(
     url, state = upstream
     state.config = UpstreamConfig(rate_limit_rps=50, latency_ms=5)
     runtime = configure(database_url=f"sqlite:///{tmp_path / 'b.db'}", redis_url=REDIS_URL,
-                        upstreams=json.dumps({"crm": crm(url, rate_limit_per_second=50)}))
+                        upstreams=json.dumps({"crm": crm(url, rate_limit_per_second=50,
+                                                         rate_limit_headroom=HEADROOM)}))
     calls_before = coordination_calls("crm")
 
     results = run(runtime, [contact(i) for i in range(250)], concurrency=10)
@@ -85,8 +103,8 @@ def test_a_batch_under_a_rate_limit_uses_it_without_ever_going_over(
     assert all(r.state is ItemState.SUCCEEDED and r.attempts == 1 for r in results)
     stats = state.stats()
     assert stats["by_outcome"].get("rate_limited", 0) == 0
-    assert stats["peak_accepted_per_second"] <= 50  # in any window of one second
-    # The allowance is used: 250 requests at 48.5/s take 5.2 s; generous on a loaded machine.
+    assert peak_sent_per_second(state) <= 50  # in any window of one second
+    # The allowance is used: 250 requests at 45/s take 5.5 s; generous on a loaded machine.
     span = stats["last_at"] - stats["first_at"]
     assert 4.5 <= span <= 8.0
     # Coordination: a lease per ~150 ms, not a call per request.
@@ -124,7 +142,8 @@ def test_two_workers_sharing_a_budget_in_redis_never_exceed_it_together(
         upstream: tuple[str, UpstreamState]) -> None:
     url, state = upstream
     state.config = UpstreamConfig(rate_limit_rps=60, latency_ms=5)
-    spec = UpstreamSpec.model_validate(crm(url, rate_limit_per_second=60))
+    spec = UpstreamSpec.model_validate(crm(url, rate_limit_per_second=60,
+                                           rate_limit_headroom=HEADROOM))
     # Two targets, as in two worker processes: own event loops, own clients, one Redis key.
     workers = [HttpTarget({"crm": spec}, redis_url=REDIS_URL) for _ in range(2)]
 
@@ -147,9 +166,9 @@ def test_two_workers_sharing_a_budget_in_redis_never_exceed_it_together(
     assert all(r.state is ItemState.SUCCEEDED for worker in results for r in worker)
     stats = state.stats()
     assert stats["by_outcome"].get("rate_limited", 0) == 0
-    assert stats["peak_accepted_per_second"] <= 60
+    assert peak_sent_per_second(state) <= 60
     span = stats["last_at"] - stats["first_at"]
-    assert 240 / 60 <= span + 1 / 60 <= 240 / 60 / 0.75  # the two shared the whole allowance
+    assert 240 / 60 <= span + 1 / 54 <= 240 / 60 / 0.75  # the two shared the whole allowance
     # They sent at the same time: each one's first request came before the other's last.
     spans = [[r.at for r in state.requests if r.key and r.key.startswith(f"two-{n}:")]
              for n in range(2)]

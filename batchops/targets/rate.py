@@ -125,9 +125,9 @@ class RedisGcra:
 class AdaptiveRate:
     """A worker's requests per second to one upstream: AIMD under ``maximum``."""
 
-    FAST = 0.25  # growth below the ceiling, per second, as a fraction of the maximum
+    FAST = 1.0  # growth below the ceiling, per second, as a fraction of the maximum
     PROBE = 0.01  # growth above it
-    FIRST_HOLD = 2.0  # seconds at the ceiling before the first probe; doubles, up to MAX_HOLD
+    FIRST_HOLD = 4.0  # seconds at the ceiling before the first probe; doubles, up to MAX_HOLD
     MAX_HOLD = 60.0
     ROUND = 1.0  # a second push-back within this many seconds of a decrease does not count
 
@@ -175,9 +175,14 @@ class AdaptiveRate:
             return
         now = time.monotonic()
         seen = self._accepted_last_second(now)
-        # What the upstream took in the last second, less the headroom, is where fast growth
-        # stops: a worker that sent less than that (the push-back came early) probes beyond.
-        self.ceiling = max(self.minimum, min(self.maximum, seen * (1 - self.headroom)))
+        if seen >= (1 - self.headroom) * self.maximum:
+            # The upstream took all this worker's budget: the push-back was the jitter of a
+            # second that counted a few requests too many, not a lower limit.
+            self.ceiling = self.maximum
+        else:
+            # What the upstream took in the last second, less the headroom, is where fast
+            # growth stops; beyond it the rate probes, slowly.
+            self.ceiling = max(self.minimum, seen * (1 - self.headroom))
         self.rate = max(self.minimum, self.rate / 2)
         self._last_decrease = now
         self._probe_at = now + self._hold
