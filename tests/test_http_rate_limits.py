@@ -173,3 +173,23 @@ def test_two_workers_sharing_a_budget_in_redis_never_exceed_it_together(
     spans = [[r.at for r in state.requests if r.key and r.key.startswith(f"two-{n}:")]
              for n in range(2)]
     assert min(spans[0]) < max(spans[1]) and min(spans[1]) < max(spans[0])
+
+
+def test_a_worker_keeps_to_the_rate_on_its_own_while_redis_is_unreachable() -> None:
+    from batchops.devtools import free_port
+    from batchops.targets.rate import AdaptiveRate, RateLimiter, RedisGcra
+
+    budget = RedisGcra(f"redis://127.0.0.1:{free_port()}/0", "batchops:rate:test:gone")
+    limiter = RateLimiter("gone", budget, AdaptiveRate("gone", 50, 0.0, adaptive=True), 0.1)
+
+    async def send(n: int) -> float:
+        started = asyncio.get_running_loop().time()
+        for _ in range(n):
+            await limiter.take()
+        elapsed = asyncio.get_running_loop().time() - started
+        await limiter.aclose()
+        return elapsed
+
+    # 51 tokens at 50/s: the first is due at once, the last a second later.
+    assert asyncio.run(send(51)) >= 0.95
+    assert limiter.leases >= 10  # every lease was asked of Redis first, then taken locally

@@ -14,6 +14,9 @@ request.
   shared by every process configured with that Redis (``BATCHOPS_REDIS_URL``);
 * :class:`LocalGcra` keeps it in this process (the embedded default, without Redis).
 
+When Redis does not answer, a lease comes from a timeline in the process instead (logged):
+the worker keeps to the rate on its own until Redis is back.
+
 A token whose moment has passed by more than its interval (the event loop stalled, or no
 request wanted it) is dropped, never sent late: late requests would bunch with on-time ones in
 the upstream's one-second window.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import time
 from collections import deque
@@ -47,6 +51,8 @@ EFFECTIVE_RATE = Gauge("batchops_upstream_effective_rate",
 COORDINATION_CALLS = Counter("batchops_upstream_rate_coordination_calls",
                              "leases taken from an upstream's shared rate budget",
                              ["upstream", "backend"])
+
+logger = logging.getLogger(__name__)
 
 LATE_SECONDS = 0.015  # a token this late (or one interval, if longer) is dropped
 
@@ -74,6 +80,7 @@ class GcraBudget(Protocol):
     """A shared GCRA timeline; ``reserve`` moves it on by ``tokens * interval``."""
 
     backend: str
+    errors: tuple[type[BaseException], ...]  # what reserve raises when the budget is away
 
     async def reserve(self, tokens: int, interval: float) -> float:
         """Seconds from now until the first of ``tokens`` is due (the rest follow
@@ -87,6 +94,7 @@ class LocalGcra:
     """The timeline in this process (no Redis configured)."""
 
     backend = "local"
+    errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self) -> None:
         self._tat = 0.0
@@ -110,6 +118,7 @@ class RedisGcra:
         import redis.asyncio as redis
 
         self.key = key
+        self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._client: Any = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._reserve = self._client.register_script(_RESERVE_LUA)  # EVALSHA, EVAL if unknown
 
@@ -206,11 +215,21 @@ class RateLimiter:
         self._due: deque[float] = deque()  # this worker's tokens, by when they are due
         self._lock = asyncio.Lock()  # FIFO: requests go in the order they asked
         self._calls = COORDINATION_CALLS.labels(upstream, budget.backend)
+        self._fallback = LocalGcra()
+        self._warned_at = -math.inf
 
     async def _lease(self) -> None:
         interval = 1 / self.rate.rate
         tokens = max(1, round(self.rate.rate * self.lease_seconds))
-        delay = await self.budget.reserve(tokens, interval)
+        try:
+            delay = await self.budget.reserve(tokens, interval)
+        except self.budget.errors as exc:
+            if time.monotonic() - self._warned_at > 60:
+                self._warned_at = time.monotonic()
+                logger.warning("the rate budget of %s is unreachable (%s: %s): this worker "
+                               "keeps to the rate on its own", self.upstream,
+                               type(exc).__name__, exc)
+            delay = await self._fallback.reserve(tokens, interval)
         self._calls.inc()
         self.leases += 1
         first = time.monotonic() + delay
