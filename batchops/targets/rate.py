@@ -28,7 +28,8 @@ configured rate, after a hold that doubles with each push-back, so the push-back
 rarer. A worker's leases are spaced at its own interval when that is longer than the shared
 one: a slowed worker holds less of the timeline. Exported as the gauge
 ``batchops_upstream_effective_rate{upstream}``; coordination calls as the counter
-``batchops_upstream_rate_coordination_calls_total{upstream,backend}``.
+``batchops_upstream_rate_coordination_calls_total{upstream,backend}``, tokens let go as
+``batchops_upstream_rate_tokens_dropped_total{upstream}``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ EFFECTIVE_RATE = Gauge("batchops_upstream_effective_rate",
 COORDINATION_CALLS = Counter("batchops_upstream_rate_coordination_calls",
                              "leases taken from an upstream's shared rate budget",
                              ["upstream", "backend"])
+DROPPED_TOKENS = Counter("batchops_upstream_rate_tokens_dropped",
+                         "leased tokens let go because they were too late to send",
+                         ["upstream"])
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +249,7 @@ class RateLimiter:
                 wait = due - time.monotonic()
                 if wait < -max(1 / self.rate.rate, LATE_SECONDS):  # would bunch: let it go
                     self.dropped += 1
+                    DROPPED_TOKENS.labels(self.upstream).inc()
                     continue
                 if wait > 0:
                     await asyncio.sleep(wait)
