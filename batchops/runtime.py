@@ -51,7 +51,8 @@ def build_runtime(settings: Settings) -> Runtime:
     runtime.targets = {
         SQL_TARGET: SqlTarget(resources, settings.database_url),
         PYTHON_TARGET: PythonTarget(router),
-        HTTP_TARGET: HttpTarget(settings.upstreams, LimitLeases.from_settings(store, settings)),
+        HTTP_TARGET: HttpTarget(settings.upstreams, LimitLeases.from_settings(store, settings),
+                              settings.redis_url),
     }
     runtime.prepare()
     return runtime

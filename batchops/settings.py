@@ -132,8 +132,9 @@ class UpstreamSpec(BaseModel):
 
     ``/crm/contacts/7`` with prefix ``/crm`` and base_url ``http://127.0.0.1:9000`` goes to
     ``http://127.0.0.1:9000/contacts/7`` (``strip_prefix``) or ``.../crm/contacts/7``.
-    Limits hold for every batch and every worker (Prefect global concurrency limits): at most
-    ``max_concurrency`` requests in flight and ``rate_limit_per_second`` requests a second.
+    Limits hold for every batch and every worker: at most ``max_concurrency`` requests in
+    flight (Prefect global concurrency limits) and ``rate_limit_per_second`` requests a second
+    (a GCRA budget, in Redis when ``redis_url`` is set; see :mod:`batchops.targets.rate`).
     """
 
     prefix: str = Field(pattern=r"^/[A-Za-z0-9_~.-]+(?:/[A-Za-z0-9_~.-]+)*$")
@@ -145,8 +146,17 @@ class UpstreamSpec(BaseModel):
     headers: dict[str, SecretStr] = Field(
         default_factory=dict, description="fixed headers sent with every request (e.g. auth)")
     max_concurrency: int = Field(10, ge=1, le=1000)
-    rate_limit_per_second: float | None = Field(None, gt=0)
-    adaptive: bool = Field(True, description="halve concurrency on 429/Retry-After (AIMD)")
+    rate_limit_per_second: float | None = Field(
+        None, gt=0, description="requests a second for all workers together (a GCRA budget in "
+        "Redis when redis_url is set, else in each process)")
+    rate_limit_headroom: float = Field(
+        0.03, ge=0, lt=0.5, description="fraction of rate_limit_per_second left unused: "
+        "requests reach the upstream with some jitter, and its window counts arrivals")
+    rate_lease_seconds: float = Field(
+        0.15, gt=0, le=5, description="a worker leases this many seconds of its rate from the "
+        "shared budget at a time (one coordination call each)")
+    adaptive: bool = Field(True, description="on 429/Retry-After halve the rate (with a rate "
+                           "limit) or the concurrency, then grow back (AIMD)")
     connect_timeout: float = Field(5.0, gt=0)
     timeout: float = Field(30.0, gt=0, description="read/write/pool timeout per request")
     max_connections: int = Field(100, ge=1)

@@ -6,7 +6,8 @@ Run by ``bench.http_target`` as ``python -m bench._http_run --size N --upstream 
 (a 1-item flow run, not measured), resets the upstream to the scenario's configuration, then
 times ``register_batch`` + ``process_batch`` on ``N`` ``POST /crm/contacts`` operations and
 writes a JSON report: seconds, the summary read back from the store, the limits' Prefect
-calls (``batchops_upstream_limit_acquisitions``), retries and the AIMD gauge's final value.
+calls (``batchops_upstream_limit_acquisitions``), the rate budget's coordination calls
+(``batchops_upstream_rate_coordination_calls``), retries and the AIMD gauges' final values.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       contacts(args.size))
     after = _metrics()
     counters = {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()
-                if "concurrency_limit" not in k}
+                if "concurrency_limit" not in k and "effective_rate" not in k}
     states: Counter[str] = Counter()
     attempts = 0
     for item in runtime.store.iter_results(batch_id):
@@ -87,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         "counters": counters,
         "gcl_acquisitions": {kind: counters.get(
             f"batchops_upstream_limit_acquisitions_total:{kind}", 0.0)
-            for kind in ("concurrency", "rate")},
+            for kind in ("concurrency",)},
         "aimd_limit_final": after.get("batchops_upstream_concurrency_limit"),
+        "effective_rate_final": after.get("batchops_upstream_effective_rate"),
+        "coordination_calls": sum(
+            v for k, v in counters.items()
+            if k.startswith("batchops_upstream_rate_coordination_calls_total")),
         "concurrency": runtime.store.get_batch(batch_id).concurrency,
         "chunk_workers": runtime.settings.chunk_workers,
         "chunk_size": runtime.settings.chunk_size,

@@ -11,7 +11,13 @@ upstream latency of 20 ms and 10 requests in flight: by Little's law the limit i
 * **clean** — no faults;
 * **503s** — 5 % of requests answer 503 (``Retry-After: 0``) without executing;
 * **429s** — the upstream accepts 100 requests in any second and answers 429 (``Retry-After``)
-  beyond; batchops is told ``rate_limit_per_second = 100``. The limit is then 100 ops/s.
+  beyond; batchops is told ``rate_limit_per_second = 100``. The limit is then 100 ops/s;
+* **429s-60** — the upstream accepts only 60 a second while batchops is still told 100: its
+  AIMD must find the real limit (the limit is 60 ops/s).
+
+The rate-limited scenarios run ``--limited-size`` operations (4,000: 40 s at 100 rps). batchops
+shares its rate budget through Redis (``BATCHOPS_REDIS_URL``, the machine's Redis at
+127.0.0.1:6379), as a multi-worker deployment does.
 
 Sides, in the same run, one after the other per scenario:
 
@@ -23,17 +29,20 @@ Sides, in the same run, one after the other per scenario:
 
 Reported per scenario: ops/s (items that finally succeeded, per second of the whole run: for
 batchops from ``register_batch`` to the flow's end) and its fraction of the limit for each
-side, their ratio, 429s after the first second (the upstream's
-``rate_limited_after_first_second``), items that succeeded, keys the upstream executed more
-than once, peak requests in flight and in any second at the upstream, CPU seconds per item,
-the upstream's own time per executed request (arrival to answer: the 20 ms latency plus its
-overhead, so the reader sees whether the 20 ms holds) and the round trip each side saw
-(concurrency * first→last request span / requests, by Little's law), and for batchops the
-Prefect calls of the limits (global concurrency limit acquisitions, rate-limit token groups)
-and the AIMD limit's final value. Targets (issue 6 point 12): ≥ 0.8
-of the limit without faults; with the rate limit, no 429 after the first second and every
-item succeeded. Results: ``bench/results/http_target-<timestamp>.json``,
-``-latest.json`` and ``-latest.md``.
+side, their ratio, the fraction of the limit *once running* (succeeded items per second from
+the first to the last request the upstream saw), the 429s in each second (they must fall, for
+AIMD) and after the first second (the upstream's ``rate_limited_after_first_second``), items
+that succeeded, keys the upstream executed more than once, peak requests in flight and in any
+second at the upstream, CPU seconds per item, the upstream's own time per executed request
+(arrival to answer: the 20 ms latency plus its overhead, so the reader sees whether the 20 ms
+holds) and the round trip each side saw (concurrency * first→last request span / requests, by
+Little's law), and for batchops the Prefect calls of the limits (global concurrency limit
+acquisitions), the coordination calls of the rate budget (Redis leases) and the AIMD rate's
+and concurrency's final values. Targets (issue 15): without faults, ≥ 0.95 times the
+baseline's throughput and ≤ 1.15 times its CPU per item; at a 100 rps limit, ≥ 0.95 of it once
+running, no 429 after the first second and every item succeeded; with the upstream at 60 rps
+below a configured 100, ≥ 0.9 of 60 once running, the 429s falling and every item succeeded.
+Results: ``bench/results/http_target-<timestamp>.json``, ``-latest.json`` and ``-latest.md``.
 """
 
 from __future__ import annotations
@@ -65,7 +74,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DB_NAME = "batchops_bench_http"
 PREFECT_DB_NAME = "batchops_bench_http_prefect"  # the Prefect server's own database
 DB_URL = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{DB_NAME}"
-FAULT_FREE_TARGET = 0.8
+FAULT_FREE_TARGET = 0.95  # of the baseline's throughput
+CPU_TARGET = 1.15  # the baseline's CPU per item, at most this many times
+RATE_TARGET = 0.95
+ADAPTED_TARGET = 0.9
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class Scenario:
     label: str
     error_rate: float = 0.0
     rps: int | None = None
+    configured_rps: int | None = None  # batchops' rate_limit_per_second (default: rps)
 
     def upstream_config(self, latency_ms: float) -> dict[str, Any]:
         return {"latency_ms": latency_ms, "error_rate": self.error_rate, "seed": 12,
@@ -88,6 +102,7 @@ SCENARIOS = {s.name: s for s in (
     Scenario("clean", "no faults"),
     Scenario("503s", "5 % injected 503s", error_rate=0.05),
     Scenario("429s", "100 rps upstream limit (429s)", rps=100),
+    Scenario("429s-60", "upstream at 60 rps, configured 100 (AIMD)", rps=60, configured_rps=100),
 )}
 
 
@@ -129,6 +144,10 @@ async def _baseline(url: str, size: int, concurrency: int, retries: int = 8) -> 
     return {"seconds": round(seconds, 4), **outcome, "verified": outcome["succeeded"] == size}
 
 
+def size_of(args: argparse.Namespace, scenario: Scenario) -> int:
+    return args.limited_size if scenario.rps else args.size
+
+
 # -- runs ------------------------------------------------------------------------------------
 
 
@@ -148,10 +167,10 @@ def run_batchops(args: argparse.Namespace, scenario: Scenario, *, code_dir: Path
     spec: dict[str, Any] = {"prefix": "/crm", "base_url": upstream,
                             "max_concurrency": args.concurrency}
     if scenario.rps:
-        spec["rate_limit_per_second"] = scenario.rps
+        spec["rate_limit_per_second"] = scenario.configured_rps or scenario.rps
     out = workdir / f"batchops-{scenario.name}.json"
     log_path = workdir / f"batchops-{scenario.name}.log"
-    cmd = [sys.executable, "-m", "bench._http_run", "--size", str(args.size),
+    cmd = [sys.executable, "-m", "bench._http_run", "--size", str(size_of(args, scenario)),
            "--upstream", upstream, "--out", str(out),
            "--config", json.dumps(scenario.upstream_config(args.latency_ms))]
     if server_pid:
@@ -160,7 +179,8 @@ def run_batchops(args: argparse.Namespace, scenario: Scenario, *, code_dir: Path
         cmd += ["--py-spy", str(Path(args.py_spy).resolve()),
                 "--py-spy-out", str(args.py_spy_dir / f"{scenario.name}.raw")]
     run_env = dict(env, BATCHOPS_UPSTREAMS=json.dumps({"crm": spec}),
-                   BATCHOPS_DEFAULT_CONCURRENCY=str(args.concurrency))
+                   BATCHOPS_DEFAULT_CONCURRENCY=str(args.concurrency),
+                   BATCHOPS_REDIS_URL=REDIS_URL)
     with log_path.open("wb") as logf:
         proc = subprocess.run(cmd, cwd=code_dir, env=run_env, stdout=logf,
                               stderr=subprocess.STDOUT, check=False)
@@ -176,7 +196,7 @@ def run_batchops(args: argparse.Namespace, scenario: Scenario, *, code_dir: Path
 def run_baseline(args: argparse.Namespace, scenario: Scenario, upstream: str) -> dict[str, Any]:
     configure(upstream, scenario.upstream_config(args.latency_ms))
     before = resource.getrusage(resource.RUSAGE_SELF)
-    result = asyncio.run(_baseline(upstream, args.size, args.concurrency))
+    result = asyncio.run(_baseline(upstream, size_of(args, scenario), args.concurrency))
     after = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu_seconds"] = round(after.ru_utime + after.ru_stime
                                   - before.ru_utime - before.ru_stime, 2)
@@ -194,11 +214,21 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         # Items that finally succeeded, per second of the whole run.
         b_rate, h_rate = b["succeeded"] / b["seconds"], h["succeeded"] / h["seconds"]
         bu, hu = b["upstream"], h["upstream"]
+        b_span, h_span = bu["last_at"] - bu["first_at"], hu["last_at"] - hu["first_at"]
         rows.append({
             "scenario": SCENARIOS[name].label if name in SCENARIOS else name,
             "limit": limit, "batchops_ops_per_s": b_rate, "batchops_fraction": b_rate / limit,
             "baseline_ops_per_s": h_rate, "baseline_fraction": h_rate / limit,
             "ratio": b_rate / h_rate,
+            "batchops_running_fraction": b["succeeded"] / b_span / limit if b_span else 0.0,
+            "baseline_running_fraction": h["succeeded"] / h_span / limit if h_span else 0.0,
+            "batchops_cpu_ms": 1000 * b.get("cpu_seconds", {}).get("this_process", 0)
+            / r["size"],
+            "baseline_cpu_ms": 1000 * h.get("cpu_seconds", 0) / r["size"],
+            "batchops_429s": bu["by_outcome"].get("rate_limited", 0),
+            "baseline_429s": hu["by_outcome"].get("rate_limited", 0),
+            "batchops_429_by_second": bu.get("rate_limited_by_second", []),
+            "coordination_calls": b.get("coordination_calls", 0.0),
             "batchops_429_after_1s": bu["rate_limited_after_first_second"],
             "baseline_429_after_1s": hu["rate_limited_after_first_second"],
             "batchops_succeeded": b["succeeded"], "baseline_succeeded": h["succeeded"],
@@ -211,26 +241,59 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _verdict(target: str, value: Any, ok: bool | None) -> dict[str, Any]:
+    verdict = "NOT MEASURED" if ok is None else "PASS" if ok else "FAIL"
+    return {"target": target, "value": value, "verdict": verdict}
+
+
+def _falling(by_second: list[int]) -> bool:
+    """The 429s of the second half of the run are fewer than those of the first."""
+    half = len(by_second) // 2
+    return sum(by_second[half:]) < sum(by_second[:half]) or sum(by_second) == 0
+
+
 def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     by_name = dict(zip(report["results"], report["table"], strict=True))
     verdicts = []
     clean = by_name.get("clean")
-    name = f"no faults: batchops ≥ {FAULT_FREE_TARGET} of the limit"
-    verdicts.append({"target": name, "value": None, "verdict": "NOT MEASURED"} if clean is None
-                    else {"target": name, "value": round(clean["batchops_fraction"], 3),
-                          "verdict": "PASS" if clean["batchops_fraction"] >= FAULT_FREE_TARGET
-                          else "FAIL"})
+    verdicts.append(_verdict(
+        f"no faults: batchops ≥ {FAULT_FREE_TARGET} times the baseline's ops/s",
+        None if clean is None else round(clean["ratio"], 3),
+        None if clean is None else clean["ratio"] >= FAULT_FREE_TARGET))
+    cpu = None if clean is None else clean["batchops_cpu_ms"] / clean["baseline_cpu_ms"]
+    verdicts.append(_verdict(
+        f"no faults: batchops CPU per item ≤ {CPU_TARGET} times the baseline's",
+        None if cpu is None else round(cpu, 3), None if cpu is None else cpu <= CPU_TARGET))
     limited = by_name.get("429s")
-    name = "rate limit: no 429 after the first second, every item succeeded"
-    if limited is None:
-        verdicts.append({"target": name, "value": None, "verdict": "NOT MEASURED"})
-    else:
-        ok = limited["batchops_429_after_1s"] == 0 \
-            and limited["batchops_succeeded"] == limited["size"]
-        verdicts.append({"target": name, "value": f"{limited['batchops_429_after_1s']} 429s, "
-                         f"{limited['batchops_succeeded']}/{limited['size']} succeeded",
-                         "verdict": "PASS" if ok else "FAIL"})
+    verdicts.append(_verdict(
+        f"100 rps limit: ≥ {RATE_TARGET} of it once running, no 429 after the first second, "
+        "every item succeeded",
+        None if limited is None else (
+            f"{limited['batchops_running_fraction']:.3f}, "
+            f"{limited['batchops_429_after_1s']} 429s, "
+            f"{limited['batchops_succeeded']}/{limited['size']} succeeded"),
+        None if limited is None else (
+            limited["batchops_running_fraction"] >= RATE_TARGET
+            and limited["batchops_429_after_1s"] == 0
+            and limited["batchops_succeeded"] == limited["size"])))
+    adapted = by_name.get("429s-60")
+    verdicts.append(_verdict(
+        f"upstream at 60 rps, configured 100: ≥ {ADAPTED_TARGET} of 60 once running, the 429s "
+        "falling, every item succeeded",
+        None if adapted is None else (
+            f"{adapted['batchops_running_fraction']:.3f}, {adapted['batchops_429s']} 429s "
+            f"(per second: {_compact(adapted['batchops_429_by_second'])}), "
+            f"{adapted['batchops_succeeded']}/{adapted['size']} succeeded"),
+        None if adapted is None else (
+            adapted["batchops_running_fraction"] >= ADAPTED_TARGET
+            and _falling(adapted["batchops_429_by_second"])
+            and adapted["batchops_succeeded"] == adapted["size"])))
     return verdicts
+
+
+def _compact(by_second: list[int]) -> str:
+    """Seconds with 429s, as ``second:count``."""
+    return " ".join(f"{s}:{n}" for s, n in enumerate(by_second) if n) or "none"
 
 
 def _latency(stats: dict[str, Any], concurrency: int) -> str:
@@ -250,36 +313,53 @@ def detail_lines(report: dict[str, Any]) -> list[str]:
         bu, hu = b["upstream"], h["upstream"]
         span = bu["last_at"] - bu["first_at"]
         gcl = b["gcl_acquisitions"]
+        size = r["size"]
         cpu = b.get("cpu_seconds", {})
         lines.append(
             f"{name}: batchops {b['seconds']:.2f} s (register {b['register_seconds']:.2f}, flow "
             f"{b['flow_seconds']:.2f}; first→last upstream request {span:.2f} s = "
-            f"{r['size'] / span if span else 0:,.0f} ops/s), {bu['requests']} requests, peak "
+            f"{size / span if span else 0:,.0f} ops/s), {bu['requests']} requests, peak "
             f"{bu.get('peak_in_flight', '?')} in flight / {bu['peak_accepted_per_second']} in a "
-            f"second; Prefect limit calls: {gcl['concurrency']:.0f} concurrency acquisitions, "
-            f"{gcl['rate']:.0f} rate-token groups; AIMD limit at the end "
+            f"second; 429s per second: {_compact(bu.get('rate_limited_by_second', []))}; "
+            f"Prefect limit calls: {gcl['concurrency']:.0f} concurrency acquisitions; rate "
+            f"budget: {b.get('coordination_calls', 0):.0f} Redis leases "
+            f"({b.get('coordination_calls', 0) / span if span else 0:.1f}/s), "
+            f"{b['counters'].get('batchops_upstream_rate_tokens_dropped_total', 0):.0f} tokens "
+            f"let go late; AIMD at the end: "
+            f"rate {_num(b.get('effective_rate_final'))}/s, concurrency "
             f"{b['aimd_limit_final']}; CPU s: batchops {cpu.get('this_process', 0):.1f} "
-            f"({1000 * cpu.get('this_process', 0) / r['size']:.2f} ms/item), Prefect server "
+            f"({1000 * cpu.get('this_process', 0) / size:.2f} ms/item), Prefect server "
             f"{cpu.get('prefect_server', 0):.1f}, PostgreSQL {cpu.get('postgres', 0):.1f}")
         lines.append(
             f"{name}: baseline {h['seconds']:.2f} s, {hu['requests']} requests, peak "
             f"{hu.get('peak_in_flight', '?')} in flight / {hu['peak_accepted_per_second']} in a "
             f"second; CPU s {h.get('cpu_seconds', 0):.1f} "
-            f"({1000 * h.get('cpu_seconds', 0) / r['size']:.2f} ms/item)")
+            f"({1000 * h.get('cpu_seconds', 0) / size:.2f} ms/item); 429s per second: "
+            f"{_compact(hu.get('rate_limited_by_second', []))}")
         lines.append(f"{name}: batchops: {_latency(bu, concurrency)}; "
                      f"baseline: {_latency(hu, concurrency)}")
     return lines
 
 
-HEAD = ("scenario", "batchops ops/s", "of limit", "baseline ops/s", "of limit", "ratio",
-        "429s after 1 s (b/base)", "succeeded (b/base)", "duplicates (b/base)",
+def _num(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}"
+
+
+HEAD = ("scenario", "items", "batchops ops/s", "of limit", "once running", "baseline ops/s",
+        "of limit", "once running", "ratio", "CPU ms/item (b/base)", "429s (b/base)",
+        "429s after 1 s (b/base)", "Redis leases", "succeeded (b/base)", "duplicates (b/base)",
         "upstream ms/request (b/base)")
 
 
 def _cells(r: dict[str, Any]) -> list[str]:
-    return [r["scenario"], f"{r['batchops_ops_per_s']:,.0f}", f"{r['batchops_fraction']:.2f}",
+    return [r["scenario"], f"{r['size']:,}", f"{r['batchops_ops_per_s']:,.0f}",
+            f"{r['batchops_fraction']:.2f}", f"{r['batchops_running_fraction']:.2f}",
             f"{r['baseline_ops_per_s']:,.0f}", f"{r['baseline_fraction']:.2f}",
-            f"{r['ratio']:.2f}", f"{r['batchops_429_after_1s']} / {r['baseline_429_after_1s']}",
+            f"{r['baseline_running_fraction']:.2f}", f"{r['ratio']:.2f}",
+            f"{r['batchops_cpu_ms']:.2f} / {r['baseline_cpu_ms']:.2f}",
+            f"{r['batchops_429s']:,} / {r['baseline_429s']:,}",
+            f"{r['batchops_429_after_1s']} / {r['baseline_429_after_1s']}",
+            f"{r['coordination_calls']:,.0f}",
             f"{r['batchops_succeeded']:,} / {r['baseline_succeeded']:,}",
             f"{r['batchops_duplicates']} / {r['baseline_duplicates']}",
             f"{_ms(r.get('batchops_upstream_ms'))} / {_ms(r.get('baseline_upstream_ms'))}"]
@@ -327,6 +407,8 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=10_000)
+    ap.add_argument("--limited-size", type=int, default=4_000,
+                    help="operations of the rate-limited scenarios")
     ap.add_argument("--concurrency", type=int, default=10)
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
@@ -377,22 +459,22 @@ def main(argv: list[str] | None = None) -> int:
         upstream_proc.start(http_ok(f"{upstream}/_upstream/stats"))
         for scenario in scenarios:
             limit = scenario.limit(args.concurrency, args.latency_ms)
-            r: dict[str, Any] = {"size": args.size, "limit_ops_per_s": limit}
+            r: dict[str, Any] = {"size": size_of(args, scenario), "limit_ops_per_s": limit}
             wait_quiet(args.settle)
             log(f"{scenario.name}: batchops …")
             r["batchops"] = run_batchops(args, scenario, code_dir=code_dir, workdir=workdir,
                                          env=env, upstream=upstream,
                                          server_pid=server.proc.pid if server.proc else None)
             b = r["batchops"]
-            log(f"  batchops {b['seconds']:.2f} s = {args.size / b['seconds']:,.0f} ops/s "
-                f"({args.size / b['seconds'] / limit:.2f} of {limit:g}), "
+            log(f"  batchops {b['seconds']:.2f} s = {r['size'] / b['seconds']:,.0f} ops/s "
+                f"({r['size'] / b['seconds'] / limit:.2f} of {limit:g}), "
                 f"{b['succeeded']} succeeded")
             wait_quiet(args.settle)
             log(f"{scenario.name}: baseline …")
             r["baseline"] = run_baseline(args, scenario, upstream)
             h = r["baseline"]
-            log(f"  baseline {h['seconds']:.2f} s = {args.size / h['seconds']:,.0f} ops/s "
-                f"({args.size / h['seconds'] / limit:.2f}), {h['succeeded']} succeeded")
+            log(f"  baseline {h['seconds']:.2f} s = {r['size'] / h['seconds']:,.0f} ops/s "
+                f"({r['size'] / h['seconds'] / limit:.2f}), {h['succeeded']} succeeded")
             r["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
             results[scenario.name] = r
     finally:
@@ -404,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "parameters": {"size": args.size, "concurrency": args.concurrency,
+        "parameters": {"size": args.size, "limited_size": args.limited_size,
+                       "concurrency": args.concurrency,
                        "latency_ms": args.latency_ms},
         "code": code,
         "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -122,10 +122,18 @@ class UpstreamState:
             "peak_in_flight": self.peak_serving,
             "rate_limited_after_first_second": sum(
                 1 for r in self.requests if r.outcome == "rate_limited" and r.at - first > 1.0),
+            "rate_limited_by_second": _by_second(
+                [r.at - first for r in self.requests if r.outcome == "rate_limited"]),
             "first_at": first,
             "last_at": self.requests[-1].at if self.requests else 0.0,
             "latency_ms": _latency_ms(served),
         }
+
+
+def _by_second(offsets: list[float]) -> list[int]:
+    """How many of ``offsets`` (seconds since the first request) fell in each whole second."""
+    counts = Counter(int(t) for t in offsets)
+    return [counts.get(s, 0) for s in range(max(counts) + 1)] if counts else []
 
 
 def _latency_ms(seconds: list[float]) -> dict[str, float] | None:

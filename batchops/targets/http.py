@@ -14,15 +14,18 @@ Per upstream (``settings.upstreams``), for every batch and every worker:
   pool holds ``batchops-upstream-<name>`` slots (as many as the pool's size) under a lease,
   acquired when the first of its chunks starts here and released when none is running any
   more (one acquisition per batch and process, not per chunk, and never more slots than the
-  batch can use), and requests draw tokens from ``batchops-upstream-<name>-rate`` (slot
-  decay) in groups, so the Prefect server sees one call per batch and one per group of
-  requests, never one per item. Every lease is recorded in the store while it is held, and a
-  wait for slots is bounded: slots that no live run holds (a restarted server forgot their
-  leases, a dead run left them) are given back (:mod:`batchops.limit_leases`);
-* **adaptive concurrency** (AIMD): a 429, or a 503 with ``Retry-After``, halves the
-  upstream's in-process concurrency (once per round of requests); each success adds back
-  ``1/limit``, so it grows by about one per round while the upstream is healthy. Exported as
-  the gauge ``batchops_upstream_concurrency_limit{upstream}``;
+  batch can use), so the Prefect server sees one call per batch, never one per item. Every
+  lease is recorded in the store while it is held, and a wait for slots is bounded: slots
+  that no live run holds (a restarted server forgot their leases, a dead run left them) are
+  given back (:mod:`batchops.limit_leases`);
+* **a requests-per-second limit** (``rate_limit_per_second``) shared by every worker through
+  a GCRA budget that each worker leases a fraction of a second at a time — in Redis when
+  ``BATCHOPS_REDIS_URL`` is set, in the process otherwise (:mod:`batchops.targets.rate`);
+* **AIMD**: a 429, or a 503 with ``Retry-After``, halves the worker's rate when the upstream
+  has a rate limit (:class:`batchops.targets.rate.AdaptiveRate`, the gauge
+  ``batchops_upstream_effective_rate``), else its in-process concurrency (once per round of
+  requests; each success adds back ``1/limit``, so it grows by about one per round while the
+  upstream is healthy; the gauge ``batchops_upstream_concurrency_limit{upstream}``);
 * **retries** with tenacity: connection errors, timeouts, 429 and 5xx are retried with
   exponential backoff and full jitter, or after the upstream's ``Retry-After`` (seconds or an
   HTTP date, capped); other 4xx fail the item at once. Every attempt's error is kept; an item
@@ -62,12 +65,19 @@ from batchops.limit_leases import LimitLeases, leases_logger
 from batchops.schemas import AttemptError, ItemErrorBody, ItemResult, ItemState, PlannedOperation
 from batchops.settings import UpstreamSpec
 from batchops.targets import ChunkContext
+from batchops.targets.rate import (
+    AdaptiveRate,
+    GcraBudget,
+    LocalGcra,
+    RateLimiter,
+    RedisGcra,
+    rate_budget_key,
+)
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
-__all__ = ["AdaptiveLimit", "HttpTarget", "parse_retry_after", "rate_limit_name",
-           "upstream_limit_name"]
+__all__ = ["AdaptiveLimit", "HttpTarget", "parse_retry_after", "upstream_limit_name"]
 
 T = TypeVar("T")
 
@@ -88,21 +98,6 @@ SLOT_POLL_SECONDS = 5.0  # the longest pause between two asks for slots (the ser
 
 def upstream_limit_name(upstream: str) -> str:
     return f"batchops-upstream-{upstream}"
-
-
-def rate_limit_name(upstream: str) -> str:
-    return f"batchops-upstream-{upstream}-rate"
-
-
-def rate_limit_shape(rps: float) -> tuple[int, float]:
-    """Group size (slots per acquisition) and slot decay for ``rps`` requests a second.
-
-    In any one second a process can send what it acquires then (the burst of one group plus
-    the decay) and the tokens it still holds (one group): ``2 * group + decay <= rps``.
-    """
-    group = max(1, math.floor(rps / 20))
-    decay = max(rps - 2 * group, rps / 2)
-    return group, decay
 
 
 def parse_retry_after(value: str | None, cap: float) -> float | None:
@@ -164,40 +159,6 @@ class AdaptiveLimit:
                 self.limit = min(float(self.maximum), self.limit + 1 / self.limit)
             CONCURRENCY_LIMIT.labels(self.upstream).set(self.limit)
             self._changed.notify_all()
-
-
-class _RateTokens:
-    """Request tokens drawn from the upstream's Prefect rate limit, a group at a time.
-
-    A group's slots decay in ``group / decay`` seconds, and the server refuses (423) a group
-    asked for sooner; every refusal also restarts the server's decay clock for the limit and
-    adds to its backlog of denied slots, so early requests slow down all later ones (measured
-    by ``bench.http_target`` at 100 rps: 27 to 29 requests/s; 52 with this pacing, and half the
-    Prefect server's CPU). The next group is therefore not asked for before the previous one
-    has decayed, by this process's clock.
-    """
-
-    def __init__(self, upstream: str, rps: float) -> None:
-        self.upstream = upstream
-        self.group, self.decay = rate_limit_shape(rps)
-        self._tokens = 0
-        self._next_group_at = 0.0
-        self._lock = asyncio.Lock()
-
-    async def take(self) -> None:
-        from prefect.concurrency.asyncio import rate_limit
-
-        async with self._lock:
-            if self._tokens == 0:
-                wait = self._next_group_at - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                await rate_limit(rate_limit_name(self.upstream), occupy=self.group, strict=True)
-                GCL_CALLS.labels(self.upstream, "rate").inc()
-                # 2 % margin: the server floors the decayed slots.
-                self._next_group_at = time.monotonic() + 1.02 * self.group / self.decay
-                self._tokens = self.group
-            self._tokens -= 1
 
 
 class _Retryable(Exception):
@@ -410,7 +371,7 @@ class _Upstream:
     spec: UpstreamSpec
     client: httpx.AsyncClient
     limit: AdaptiveLimit
-    rate: _RateTokens | None
+    rate: RateLimiter | None
     pools: dict[str, _BatchPool] = field(default_factory=dict)  # by batch id
     limits_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     limits_ready: bool = False
@@ -459,9 +420,10 @@ class HttpTarget:
     name = "http"
 
     def __init__(self, upstreams: dict[str, UpstreamSpec],
-                 leases: LimitLeases | None = None) -> None:
+                 leases: LimitLeases | None = None, redis_url: str | None = None) -> None:
         self.specs = upstreams
         self.leases = leases  # where the slots' leases are recorded and reconciled
+        self.redis_url = redis_url  # where the rate limits' budgets are shared, if set
         self._upstreams: dict[str, _Upstream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -511,12 +473,20 @@ class HttpTarget:
                                     max_keepalive_connections=spec.max_connections),
                 headers={k: v.get_secret_value() for k, v in spec.headers.items()},
             )
-            rate = (_RateTokens(name, spec.rate_limit_per_second)
-                    if spec.rate_limit_per_second else None)
+            rate = self._rate_limiter(name, spec)
             up = _Upstream(name, spec, client, AdaptiveLimit(name, spec.max_concurrency,
                                                              spec.adaptive), rate)
             self._upstreams[name] = up
         return up
+
+    def _rate_limiter(self, name: str, spec: UpstreamSpec) -> RateLimiter | None:
+        if not spec.rate_limit_per_second:
+            return None
+        budget: GcraBudget = (RedisGcra(self.redis_url, rate_budget_key(name, spec.base_url))
+                              if self.redis_url else LocalGcra())
+        rate = AdaptiveRate(name, spec.rate_limit_per_second * (1 - spec.rate_limit_headroom),
+                            spec.rate_limit_headroom, spec.adaptive)
+        return RateLimiter(name, budget, rate, spec.rate_lease_seconds)
 
     # -- the target interface --------------------------------------------------------------
 
@@ -553,10 +523,6 @@ class HttpTarget:
                     async with get_client() as client:
                         await client.upsert_global_concurrency_limit_by_name(
                             upstream_limit_name(up.name), up.spec.max_concurrency)
-                        if up.rate is not None:
-                            await client.upsert_global_concurrency_limit_by_name(
-                                rate_limit_name(up.name), up.rate.group,
-                                slot_decay_per_second=up.rate.decay)
                     break
                 except (ObjectAlreadyExists, httpx.HTTPStatusError):
                     if attempt == 2:
@@ -680,7 +646,14 @@ class HttpTarget:
             throttled = status == 429 or (status == 503 and bool(retry_after))
             healthy = not throttled and status < 500
         finally:
-            await up.limit.release(sent_at, throttled=throttled, healthy=healthy)
+            # With a rate limit, a push-back slows the rate (AIMD), not the concurrency.
+            await up.limit.release(sent_at, throttled=throttled and up.rate is None,
+                                   healthy=healthy)
+        if up.rate is not None:
+            if throttled:
+                up.rate.rate.throttled(sent_at)
+            elif healthy:
+                up.rate.rate.accepted(sent_at)
         REQUESTS.labels(up.name, str(status)).inc()
         if 200 <= status < 300:
             result: Any = None
@@ -703,6 +676,8 @@ class HttpTarget:
     async def aclose(self) -> None:
         for up in self._upstreams.values():
             await up.client.aclose()
+            if up.rate is not None:
+                await up.rate.aclose()
 
     def close(self) -> None:
         """Close the clients and stop the target's loop (tests and shutdown)."""
