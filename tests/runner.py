@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["alive", "kill_process_tree", "process_tree", "serving_deployments"]
+__all__ = ["alive", "kill_process_tree", "process_tree", "serving_deployments", "stop_process"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,13 +43,18 @@ def serving_deployments(env: dict[str, str], deployments: Sequence[str],
                         time.sleep(0.5)
         yield runner
     finally:
-        if runner.poll() is None:
-            runner.send_signal(signal.SIGINT)
-            try:
-                runner.wait(30)
-            except subprocess.TimeoutExpired:
-                runner.kill()
-                runner.wait(10)
+        stop_process(runner)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a runner or worker as Ctrl-C does (SIGINT), killing it after 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def _children(pid: int) -> list[int]:

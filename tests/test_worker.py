@@ -7,7 +7,6 @@ Prefect test server and PostgreSQL store; batches submitted through the API.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from uuid import UUID
 import httpx
 import pytest
 
+from tests.runner import stop_process
 from tests.test_api import poll_until_finished, start_api, user  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.postgres
@@ -54,12 +54,7 @@ def worker(prefect_server: None, pg_database: str,
     try:
         yield {"pool": pool, "pid": process.pid, "log": log_path, "database_url": pg_database}
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
         with get_client(sync_client=True) as client:
             for deployment_id in ids:  # the runner tests serve deployments of these names
                 client.delete_deployment(deployment_id)
