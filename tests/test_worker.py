@@ -94,7 +94,11 @@ def test_async_batches_run_in_the_worker_process_and_complete(
     assert [(f["status"], f["succeeded"], f["failed"]) for f in finals] == [
         ("completed", 50, 0)] * 3
     for final in finals:
-        run = _flow_run(final["flow_run_id"])
+        # a batch is final in the store before its run ends (artifacts, the final state)
+        deadline = time.monotonic() + 60
+        while not (run := _flow_run(final["flow_run_id"])).state.is_final():
+            assert time.monotonic() < deadline, run.state
+            time.sleep(0.2)
         assert run.state.is_completed()
         assert run.work_pool_name == worker["pool"]
         # executed in the worker's own process (a thread of it), not a process of its own
