@@ -57,7 +57,7 @@ def _chunk_task(settings: Settings) -> Any:
     return run_chunk.with_options(
         retries=settings.chunk_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
-        cache_policy=chunk_cache_policy(settings.redis_url),
+        cache_policy=chunk_cache_policy(settings.redis_url, settings.stale_after_seconds),
         cache_expiration=timedelta(hours=settings.result_cache_hours),
     )
 

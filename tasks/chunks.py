@@ -33,13 +33,17 @@ def chunk_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 @lru_cache(maxsize=4)  # one lock manager (one Redis pool) per URL
-def chunk_cache_policy(redis_url: str | None) -> CachePolicy:
+def chunk_cache_policy(redis_url: str | None, hold_seconds: float | None = None) -> CachePolicy:
     """The chunk task's cache policy: :func:`chunk_cache_key`, and with Redis configured, a
     ``RedisLockManager`` at ``SERIALIZABLE`` isolation.
 
     With workers on several machines, two flow runs of one batch (a re-run racing a run
     thought dead) may start the same chunk at once; the lock makes the second wait for the
-    first's cache record and read it, instead of running the chunk again.
+    first's cache record and read it, instead of running the chunk again. The lock expires
+    after ``hold_seconds`` (the batch's stale-after time): a holder killed with its worker
+    would otherwise keep it for good and the reaper's re-run would wait on it forever, and a
+    holder alive past that time has stopped beating the batch's heartbeat, so the batch is
+    presumed dead anyway.
     """
     policy = CachePolicy.from_cache_key_fn(chunk_cache_key)
     if redis_url is None:
@@ -47,7 +51,19 @@ def chunk_cache_policy(redis_url: str | None) -> CachePolicy:
     from prefect.transactions import IsolationLevel
     from prefect_redis import RedisLockManager
 
-    return policy.configure(lock_manager=RedisLockManager(connection_url=redis_url),
+    class ExpiringRedisLockManager(RedisLockManager):
+        def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                         hold_timeout: float | None = None) -> bool:
+            return super().acquire_lock(key, holder, acquire_timeout,
+                                        hold_timeout if hold_timeout else hold_seconds)
+
+        async def aacquire_lock(self, key: str, holder: str,
+                                acquire_timeout: float | None = None,
+                                hold_timeout: float | None = None) -> bool:
+            return await super().aacquire_lock(key, holder, acquire_timeout,
+                                               hold_timeout if hold_timeout else hold_seconds)
+
+    return policy.configure(lock_manager=ExpiringRedisLockManager(connection_url=redis_url),
                             isolation_level=IsolationLevel.SERIALIZABLE)
 
 
