@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from contextlib import nullcontext
 from typing import Any
 
@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 from batchops.batch_requests import BatchRequest, BatchRequests
 from batchops.callbacks import CallbackRecords
 from batchops.errors import EmptyBatch
-from batchops.planning import ChunkPlanner
+from batchops.planning import ChunkPlanner, ChunkSizing
 from batchops.runtime import Runtime
 from batchops.validation import OperationValidator
 
@@ -43,7 +43,8 @@ def register_batch(
     """Validate and store a batch; ``(batch_id, total)``.
 
     ``operations`` may be any iterable (a CSV reader streams through here): chunks are written
-    as they fill, and the transaction rolls back if any operation is invalid, raising
+    as they fill (sized by work, :class:`~batchops.planning.ChunkSizing`; ``chunk_size`` fixes
+    their size), and the transaction rolls back if any operation is invalid, raising
     :class:`~batchops.errors.ValidationFailed` with every error, or
     :class:`~batchops.errors.BatchTooLarge` past ``max_operations``.
 
@@ -57,10 +58,12 @@ def register_batch(
     """
     settings = runtime.settings
     batch_id = batch_id or new_batch_id()
-    size = min(chunk_size or settings.chunk_size, settings.chunk_size)
     validator = OperationValidator(runtime.router,
                                    max_operations or settings.max_operations)
-    planner = ChunkPlanner(batch_id, size, runtime.resources)
+    total = len(operations) if isinstance(operations, Sized) else None
+    planner = ChunkPlanner(batch_id, ChunkSizing.of(settings, chunk_size), runtime.resources,
+                           total=total)
+    size = planner.chunk_size
     store = runtime.store
     transaction = store.engine.begin() if conn is None else nullcontext(conn)
     with transaction as tx:

@@ -42,7 +42,7 @@ __all__ = ["ColumnSpec", "ResourceSpec", "Settings", "SyncSpec", "UpstreamSpec",
 ColumnType = Literal["integer", "bigint", "text", "numeric", "float", "boolean", "timestamp",
                      "date", "json"]
 
-MAX_CHUNK_SIZE = 500
+MAX_CHUNK_SIZE = 100_000  # items in one chunk task run, at most
 
 
 def _json_or_comma_list(value: Any) -> Any:
@@ -224,7 +224,15 @@ class Settings(BaseSettings):
     max_import_rows: int = Field(1_000_000, ge=1, description="per CSV/file import")
     max_body_bytes: int = 10 * 1024 * 1024
     max_import_bytes: int = Field(200 * 1024 * 1024, ge=1, description="per CSV upload")
-    chunk_size: int = Field(MAX_CHUNK_SIZE, ge=1, le=MAX_CHUNK_SIZE)
+    chunk_size: int | None = Field(
+        None, ge=1, le=MAX_CHUNK_SIZE, description="items per chunk task run, fixed; unset: "
+        "chunks are sized by work (chunk_seconds, max_chunk_items)")
+    chunk_seconds: float = Field(
+        2.0, gt=0, description="estimated work in one chunk task run (a task run costs the "
+        "Prefect server tens of milliseconds, so a batch gets few of them)")
+    max_chunk_items: int = Field(
+        10_000, ge=1, le=MAX_CHUNK_SIZE, description="items in one chunk task run, at most "
+        "(database statements take pages of at most 500 rows either way)")
     default_concurrency: int = Field(10, ge=1, le=1000)
     chunk_workers: int = Field(4, ge=1, le=64, description="chunk task runs in parallel")
     chunk_retries: int = Field(2, ge=0)

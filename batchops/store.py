@@ -1,10 +1,11 @@
 """The batch store (SQLAlchemy 2 Core): batches, their chunks, idempotency records.
 
 The chunk is the unit of storage as it is of orchestration: a batch's operations are stored
-per chunk (one row per chunk of up to 500 operations, as JSON), so registering a 100,000-item
-batch writes 200 rows, and a chunk's item results are written into its row in one update
-(with its checkpoint), together with the batch counters in one more, in the chunk's
-transaction. Reading results walks the chunks in order.
+per chunk (one row per chunk, as JSON; chunks are sized by work, see
+``batchops.planning.ChunkSizing``), so registering a 100,000-item batch writes a few dozen
+rows, and a chunk's item results are written into its row in one update (with its
+checkpoint), together with the batch counters in one more, in the chunk's transaction.
+Reading results walks the chunks in order.
 """
 
 from __future__ import annotations
@@ -776,6 +777,13 @@ class Store:
         t = item_checkpoints
         conn.execute(t.delete().where(t.c.batch_id == ref.batch_id, t.c.generation == generation,
                                       t.c.item_index >= ref.start, t.c.item_index < ref.end))
+
+    def checkpointed_count(self, batch_id: str, generation: int) -> int:
+        """How many items of the batch's chunks in flight have a checkpointed outcome."""
+        t = item_checkpoints
+        with self.read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(t).where(
+                t.c.batch_id == batch_id, t.c.generation == generation)).scalar_one())
 
     def checkpoints(self, conn: Connection, batch_id: str, generation: int,
                     indices: Sequence[int]) -> dict[int, ItemResult]:

@@ -13,7 +13,7 @@ created anew unless ``--keep-db``), the batchops side runs the way ``make up`` d
   the bench's own (``batchops-bench-api``, of the ``batchops`` worker type);
 * one batchops worker, ``python -m cli worker --work-pool batchops-bench-api --limit 4``
   (``deployments.worker``: each flow run in a thread of its long-lived process), with
-  ``PREFECT_WORKER_QUERY_SECONDS=1`` and ``PREFECT_WORKER_PREFETCH_SECONDS=1``;
+  ``PREFECT_WORKER_QUERY_SECONDS=0.25`` and ``PREFECT_WORKER_PREFETCH_SECONDS=1``;
 * **batchops** — the real API, ``uvicorn --factory api.main:create_app`` in a subprocess on a
   free 127.0.0.1 port (quota off, no config file);
 * **hand-written** — ``bench._handwritten_api``: ``POST /batches`` looping over the operations
@@ -82,7 +82,7 @@ DSN = f"host=127.0.0.1 port=5432 user=postgres dbname={DB_NAME}"
 PREFECT_DB_NAME = "batchops_bench_prefect"  # the Prefect server's own database
 WORK_POOL = "batchops-bench-api"
 WORKER_LIMIT = 4  # as make up (deployments.local.WORKER_LIMIT)
-WORKER_POLL_SECONDS = 1  # PREFECT_WORKER_QUERY_SECONDS and PREFECT_WORKER_PREFETCH_SECONDS
+WORKER_POLL_SECONDS = 0.25  # PREFECT_WORKER_QUERY_SECONDS, as `make up` sets it
 # issue 17
 TARGET_ASYNC_S = 1.0
 TARGET_SYNC10_P50_MS, TARGET_SYNC10_P95_MS = 60.0, 150.0
@@ -383,7 +383,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"async: one batchops worker (limit {WORKER_LIMIT}) polls the work pool "
                      f"every {WORKER_POLL_SECONDS} s (PREFECT_WORKER_QUERY_SECONDS="
                      f"{WORKER_POLL_SECONDS}, PREFECT_WORKER_PREFETCH_SECONDS="
-                     f"{WORKER_POLL_SECONDS}); status polled every "
+                     "1); status polled every "
                      f"{report['settings']['status_poll_seconds']:g} s")
     if not report["verified"]:
         lines.append("WARNING: some requests did not succeed on every item (see 'failures')")
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                PREFECT_LOCAL_STORAGE_PATH=str(workdir / "prefect-results"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_WORKER_QUERY_SECONDS=str(WORKER_POLL_SECONDS),
-               PREFECT_WORKER_PREFETCH_SECONDS=str(WORKER_POLL_SECONDS),
+               PREFECT_WORKER_PREFETCH_SECONDS="1",
                BATCHOPS_DATABASE_URL=DB_URL, BATCHOPS_CONFIG_FILE="/nonexistent",
                BATCHOPS_QUOTA_OPS_PER_MINUTE="0", BENCH_HANDWRITTEN_DSN=DSN)
     procs: list[ManagedProcess] = []
@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{PREFECT_DB_NAME}",
                      "work_pool": WORK_POOL, "worker_limit": WORKER_LIMIT,
                      "worker_query_seconds": WORKER_POLL_SECONDS,
-                     "worker_prefetch_seconds": WORKER_POLL_SECONDS,
+                     "worker_prefetch_seconds": 1,
                      "handwritten_concurrency": 10, "workload": "POST /users, fresh ids",
                      "client": "one httpx client, sequential requests, sides alternating"},
     })

@@ -329,7 +329,8 @@ def run(
     concurrency: Annotated[int | None, typer.Option(
         min=1, max=1000, help="Items in flight at once (default: the configured default).")] = None,
     chunk_size: Annotated[int | None, typer.Option(
-        min=1, max=MAX_CHUNK_SIZE, help="Items per chunk task run (default: 500).")] = None,
+        min=1, max=MAX_CHUNK_SIZE, help="Items per chunk task run (default: sized by work, at most "
+             "max_chunk_items).")] = None,
     deadline: Annotated[float | None, typer.Option(
         min=0.001, metavar="SECONDS",
         help="No item starts after this many seconds; the rest are skipped.")] = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.exceptions import CancelledRun
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.logging import get_logger, get_run_logger
 from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -24,6 +25,7 @@ from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
 from batchops.settings import Settings, get_settings
 from tasks.batches import (
     cancel_for_flow_run,
+    checkpointed_items,
     failure_message,
     finish_batch,
     load_batch,
@@ -36,6 +38,7 @@ from tasks.chunks import chunk_cache_policy, run_chunk
 __all__ = ["process_batch"]
 
 PROGRESS_MIN_INTERVAL = 0.25  # seconds between two progress-artifact updates
+PROGRESS_TICK = 1.0  # during a long chunk, progress moves from its checkpoints this often
 
 
 def _flow_run_name() -> str:
@@ -64,8 +67,9 @@ def _chunk_task(settings: Settings) -> Any:
 
 def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chunk: int,
                 scope: str, generation: int, concurrency: int,
-                ) -> Iterator[tuple[ChunkRef, PrefectFuture[ChunkOutcome]]]:
-    """Submit chunk task runs, yielding each as it completes.
+                ) -> Iterator[tuple[ChunkRef, PrefectFuture[ChunkOutcome]] | None]:
+    """Submit chunk task runs, yielding each as it completes, and ``None`` after each
+    :data:`PROGRESS_TICK` seconds in which none did (the caller shows progress then).
 
     Independent chunks with the full worker count go out in one ``run_chunk.map``. Otherwise
     at most ``parallel`` chunks are in flight, and a chunk that touches the same records as
@@ -74,25 +78,34 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
     """
     settings = get_settings()
     chunk_task = _chunk_task(settings)
-    refs = [ref for ref, _ in chunks]
-    if parallel >= settings.chunk_workers and not any(deps for _, deps in chunks):
-        futures = chunk_task.map(refs, unmapped(per_chunk), unmapped(scope),
-                                 unmapped(generation), unmapped(concurrency))
-        by_future = {f.task_run_id: ref for f, ref in zip(futures, refs, strict=True)}
-        for future in as_completed(list(futures)):
-            yield by_future[future.task_run_id], future
-        return
     pending = deque(chunks)
     submitted: dict[int, PrefectFuture[ChunkOutcome]] = {}
     in_flight: dict[Any, ChunkRef] = {}
+    finished: queue.SimpleQueue[PrefectFuture[ChunkOutcome]] = queue.SimpleQueue()
+
+    def track(ref: ChunkRef, future: PrefectFuture[ChunkOutcome]) -> None:
+        in_flight[future.task_run_id] = ref
+        future.add_done_callback(finished.put)
+
+    if parallel >= settings.chunk_workers and not any(deps for _, deps in chunks):
+        refs = [ref for ref, _ in chunks]
+        futures = chunk_task.map(refs, unmapped(per_chunk), unmapped(scope),
+                                 unmapped(generation), unmapped(concurrency))
+        for ref, future in zip(refs, futures, strict=True):
+            track(ref, future)
+        pending.clear()
     while pending or in_flight:
         while pending and len(in_flight) < parallel:
             ref, deps = pending.popleft()
             future = chunk_task.submit(ref, per_chunk, scope, generation, concurrency,
                                        wait_for=[submitted[d] for d in deps])
             submitted[ref.chunk_index] = future
-            in_flight[future.task_run_id] = ref
-        done = next(as_completed([submitted[r.chunk_index] for r in in_flight.values()]))
+            track(ref, future)
+        try:
+            done = finished.get(timeout=PROGRESS_TICK)
+        except queue.Empty:
+            yield None
+            continue
         yield in_flight.pop(done.task_run_id), done
 
 
@@ -197,8 +210,16 @@ def process_batch(
     done_items = 0
     last_update, shown = 0.0, -1
     failures: list[tuple[ChunkRef, BaseException]] = []
-    for ref, future in _run_chunks(chunks, parallel, per_chunk, batch["scope"],
-                                   batch["generation"], batch["concurrency"]):
+    for finished in _run_chunks(chunks, parallel, per_chunk, batch["scope"],
+                                batch["generation"], batch["concurrency"]):
+        if finished is None:  # a second without a chunk ending: count the checkpoints
+            if progress_id is not None:
+                moved = done_items + checkpointed_items(batch_id, batch["generation"])
+                if shown < moved < total:
+                    _show_progress(progress_id, batch_id, moved, total)
+                    last_update, shown = time.monotonic(), moved
+            continue
+        ref, future = finished
         try:
             outcome = future.result()
             done_items += outcome.total
@@ -209,7 +230,8 @@ def process_batch(
             failures.append((ref, exc))
             logger.error("chunk %d (%s) could not finish: %s", ref.chunk_index, ref.label, exc)
         now = time.monotonic()
-        if progress_id and done_items < total and now - last_update >= PROGRESS_MIN_INTERVAL:
+        if (progress_id and shown < done_items < total
+                and now - last_update >= PROGRESS_MIN_INTERVAL):
             # After each chunk, at most a few times a second: every update is an API call.
             _show_progress(progress_id, batch_id, done_items, total)
             last_update, shown = now, done_items

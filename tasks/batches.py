@@ -31,8 +31,8 @@ from batchops.schemas import (
     Operation,
 )
 
-__all__ = ["cancel_for_flow_run", "failure_message", "finish_batch", "load_batch",
-           "register_operations", "report_batch"]
+__all__ = ["cancel_for_flow_run", "checkpointed_items", "failure_message", "finish_batch",
+           "load_batch", "register_operations", "report_batch"]
 
 
 @task(name="register-batch")
@@ -63,6 +63,11 @@ def load_batch(batch_id: str, flow_run_id: str | None,
             "generation": batch.generation, "chunks": plan if started else [],
             "cancelled": not started,
             "callback": CallbackRecords(store).get(batch_id) is not None}
+
+
+def checkpointed_items(batch_id: str, generation: int) -> int:
+    """Items of the batch's running chunks whose outcome is checkpointed (not yet recorded)."""
+    return get_runtime().store.checkpointed_count(batch_id, generation)
 
 
 def cancel_for_flow_run(flow_run_id: str, *, run_stopped: bool) -> str | None:

@@ -157,8 +157,9 @@ def faulty_pg(configure: Configure, pg_database: str) -> Iterator[Runtime]:
 
     _truncate_pg(pg_database)
     write_source(pg_database, people(range(1, 2001)))
-    runtime = configure(database_url=pg_database, chunk_retries=0, syncs=syncs(users={
-        "resource": "users", "table": "source_users"}))
+    # chunks of 500 (not sized by work): the fault halfway leaves some chunks completed
+    runtime = configure(database_url=pg_database, chunk_retries=0, chunk_size=500,
+                        syncs=syncs(users={"resource": "users", "table": "source_users"}))
     with runtime.store.engine.begin() as conn:
         arm_user_insert_fault(conn)
     yield runtime
@@ -225,8 +226,8 @@ def source_100k(configure: Configure, pg_database: str) -> Iterator[Runtime]:
 
     _truncate_pg(pg_database)
     write_source(pg_database, people(range(1, ROWS_100K + 1)))
-    runtime = configure(database_url=pg_database, chunk_retries=0, syncs=syncs(users={
-        "resource": "users", "table": "source_users", "batch_rows": 25_000}))
+    runtime = configure(database_url=pg_database, chunk_retries=0, chunk_size=500, syncs=syncs(
+        users={"resource": "users", "table": "source_users", "batch_rows": 25_000}))
     yield runtime
     with runtime.store.engine.begin() as conn:
         remove_fault(conn)

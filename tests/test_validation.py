@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from batchops.errors import BatchTooLarge, ValidationFailed
-from batchops.planning import chunk_operations
+from batchops.planning import ChunkSizing, chunk_operations
 from batchops.resources import build_resources
 from batchops.routing import Router
 from batchops.settings import Settings
@@ -83,7 +83,7 @@ def test_chunks_wait_only_for_chunks_touching_the_same_records(router: Router) -
         {"method": "POST", "path": "/users", "body": {"id": 4, "email": "c@x.io"}},   # chunk 3
         {"method": "DELETE", "path": "/products/1"},
     ], router, 100)
-    plans = list(chunk_operations("b", ops, 2, router.resources))
+    plans = list(chunk_operations("b", ops, ChunkSizing(items=2), router.resources))
     assert [p.depends_on for p in plans] == [[], [], [0], [1]]
     assert [(p.ref.start, p.ref.end) for p in plans] == [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert len({p.ref.cache_token for p in plans}) == 4

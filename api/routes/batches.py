@@ -47,7 +47,7 @@ from batchops.errors import (
     TransientError,
     ValidationFailed,
 )
-from batchops.planning import chunk_operations
+from batchops.planning import ChunkSizing, chunk_operations
 from batchops.registration import new_batch_id, register_batch, register_batch_once
 from batchops.runtime import Runtime
 from batchops.schemas import (
@@ -211,7 +211,7 @@ def _envelope_and_operation_errors(raw: Any, exc: ValidationFailed, runtime: Run
 def _dry_run(runtime: Runtime, operations: list[Any], mode: str) -> dict[str, Any]:
     settings = runtime.settings
     planned = validate_operations(operations, runtime.router, settings.max_operations)
-    chunks = sum(1 for _ in chunk_operations("dry-run", planned, settings.chunk_size,
+    chunks = sum(1 for _ in chunk_operations("dry-run", planned, ChunkSizing.of(settings),
                                              runtime.resources))
     by_target_method = Counter(f"{op.target} {op.method}" for op in planned)
     return {"dry_run": True, "total": len(planned), "chunks": chunks, "mode": mode,

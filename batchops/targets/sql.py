@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from batchops.errors import ConfigurationError, TransientError, is_transient
 from batchops.jsonable import row_to_json
+from batchops.planning import PAGE_ROWS
 from batchops.resources import Resource
 from batchops.schemas import ItemResult, PlannedOperation
 from batchops.store import shared_engine
@@ -74,7 +75,8 @@ def _raise_if_transient(exc: sa.exc.DBAPIError) -> None:
 
 def split_runs(items: Sequence[PlannedOperation],
                resources: dict[str, Resource]) -> Iterator[list[PlannedOperation]]:
-    """Consecutive operations that one bulk statement can execute, in batch order."""
+    """Consecutive operations that one bulk statement can execute, in batch order, in pages
+    of at most :data:`~batchops.planning.PAGE_ROWS`."""
     run: list[PlannedOperation] = []
     signature: tuple[Any, ...] | None = None
     seen: set[str] = set()
@@ -84,7 +86,7 @@ def split_runs(items: Sequence[PlannedOperation],
         cols = tuple(sorted(op.body)) if op.method in ("POST", "PATCH") and op.body else ()
         sig = (op.resource, op.method, cols)
         repeat = op.method in ("PUT", "PATCH") and pk in seen
-        if run and (sig != signature or repeat):
+        if run and (sig != signature or repeat or len(run) >= PAGE_ROWS):
             yield run
             run, seen = [], set()
         run.append(op)
