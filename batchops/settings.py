@@ -251,7 +251,10 @@ class Settings(BaseSettings):
         "logs who holds the rest, and waits again")
     max_recoveries: int = Field(
         5, ge=0, description="times the reaper re-runs one batch before marking it failed")
-    reaper_cron: str = Field("* * * * *", description="schedule of the reaper deployment")
+    reaper_cron: str = Field(
+        "0 * * * *", description="schedule of the reaper deployment's backstop sweep (a "
+        "crashed process-batch run starts it at once; batchops workers sweep at their "
+        "heartbeat)")
     result_cache_hours: float = Field(
         24, gt=0, description="how long a completed chunk's cached result lets a re-run of its "
         "batch skip it")

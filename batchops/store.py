@@ -938,17 +938,22 @@ class Store:
             ).values(heartbeat_at=utcnow())).rowcount == 1
 
     def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta,
-                         flow_run_id: str | None = None) -> bool:
+                         flow_run_id: str | None = None, *, detach: bool = False) -> bool:
         """Take a stale batch for a new run: refreshes its heartbeat and counts a recovery,
-        unless it moved meanwhile (another reaper took it, or its run started or changed)."""
+        unless it moved meanwhile (another reaper took it, or its run started or changed).
+        With ``detach`` the batch leaves its dead run (``flow_run_id`` unset until the new
+        run's is set), so nothing else takes it for that run again."""
         cutoff = utcnow() - stale_after
         b = batches.c
         same_run = b.flow_run_id.is_(None) if flow_run_id is None else b.flow_run_id == flow_run_id
+        values: dict[str, Any] = {"heartbeat_at": utcnow(), "recoveries": b.recoveries + 1}
+        if detach:
+            values["flow_run_id"] = None
         with self.engine.begin() as conn:
             return conn.execute(batches.update().where(
                 b.id == batch_id, b.status == status, same_run,
                 sa.func.coalesce(b.heartbeat_at, b.created_at) < cutoff,
-            ).values(heartbeat_at=utcnow(), recoveries=b.recoveries + 1)).rowcount == 1
+            ).values(**values)).rowcount == 1
 
 
 def _dialect_insert(conn: Connection) -> Any:

@@ -7,19 +7,24 @@ The same deployments as ``prefect.yaml`` declares for a work pool:
 * ``bulk-sync`` — the configured syncs, on a cron schedule that starts paused
   (``BATCHOPS_SYNC_SCHEDULE_ACTIVE=true`` starts it active), one run at a time;
 * ``retry-failed`` — a finished batch's failed items, again;
-* ``reap-stale-batches`` — every minute: batches whose heartbeat stopped (a killed runner or
-  worker) run again from their checkpoint.
+* ``reap-stale-batches`` — started by Prefect's events for a ``process-batch`` run that
+  crashed (:func:`recovery_triggers`), and hourly as a backstop sweep: batches whose run died
+  run again from their checkpoint. (Each batchops worker also sweeps at its heartbeat, in its
+  own process and without a flow run: see :mod:`deployments.worker`.)
 * ``replay-dead-letters`` — dead letters (by ids or a filter) as a new batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+from prefect.events.schemas.automations import Posture
 from prefect.schedules import Cron
 
 from batchops.settings import Settings, get_settings
@@ -29,7 +34,22 @@ from flows.reaper import reap_stale_batches
 from flows.replay_dead_letters import replay_dead_letters
 from flows.retry_failed import retry_failed
 
-__all__ = ["build_deployments", "deploy_to_work_pool", "serve_deployments"]
+__all__ = ["build_deployments", "deploy_to_work_pool", "recovery_triggers",
+           "serve_deployments"]
+
+_OF_PROCESS_BATCH = {"prefect.resource.role": "flow", "prefect.resource.name": "process-batch"}
+
+
+def recovery_triggers() -> list[DeploymentEventTrigger]:
+    """The reaper's deployment trigger: Prefect starts it for one ``process-batch`` run
+    (``flow_run_id``) as soon as that run is ``Crashed`` — by its engine, a worker, or an
+    automation of one's own such as Prefect's zombie-run detection."""
+    return [DeploymentEventTrigger(
+        name="process-batch run crashed",
+        description="Resume the batch of a crashed process-batch run from its checkpoint.",
+        match={"prefect.resource.id": "prefect.flow-run.*"}, match_related=_OF_PROCESS_BATCH,
+        expect={"prefect.flow-run.Crashed"}, posture=Posture.Reactive, threshold=1,
+        within=timedelta(0), parameters={"flow_run_id": "{{ event.resource.id }}"})]
 
 
 def build_deployments(settings: Settings,
@@ -57,9 +77,11 @@ def build_deployments(settings: Settings,
         # until its lease expires (5 min), and nothing would re-run that worker's batches
         # meanwhile. Two reapers at once are safe: taking a batch is a conditional UPDATE.
         deployment(reap_stale_batches, "reap-stale-batches",
-                   "Run batches whose heartbeat stopped again, from their checkpoint; purge "
-                   "expired idempotency records.",
-                   schedules=[Cron(settings.reaper_cron, timezone="UTC")]),
+                   "Run batches whose run died again, from their checkpoint (started when a "
+                   "process-batch run crashes, and hourly as a sweep); purge expired "
+                   "idempotency records.",
+                   schedules=[Cron(settings.reaper_cron, timezone="UTC")],
+                   triggers=recovery_triggers()),
         deployment(replay_dead_letters, "replay-dead-letters",
                    "Run dead letters again as a new batch (ids, a filter, or all)."),
     ]

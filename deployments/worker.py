@@ -18,7 +18,10 @@ runs, and a run starts in milliseconds.
   ends ``Cancelled`` (:mod:`batchops.cancellation`); a non-batch flow finishes its step and
   its run is then marked ``Cancelled``;
 * a worker killed mid-run takes its runs with it; their batches' heartbeats stop and the
-  reaper runs them again from their checkpoints, on another worker.
+  reaper runs them again from their checkpoints, on another worker: every batchops worker
+  sweeps for such batches at its heartbeat (``PREFECT_WORKER_HEARTBEAT_SECONDS``, 30 s), in
+  its own process and without a flow run (:func:`tasks.recovery.sweep`; taking a batch is a
+  conditional update, so two workers never both restart one).
 
 The job variables of a process pool (command, working directory, environment) do not apply:
 every run shares the worker's environment.
@@ -85,6 +88,21 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         self._cancel_requested: set[UUID] = set()
         self._cancel_watch: asyncio.Task[None] | None = None
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
+
+    async def sync_with_backend(self) -> None:
+        """Prefect's heartbeat and work-pool sync, then the recovery sweep (never raised: a
+        failing sweep must not stop the worker's heartbeat; the next one tries again)."""
+        await super().sync_with_backend()
+        from tasks.recovery import sweep
+
+        try:
+            restarted = await anyio.to_thread.run_sync(sweep)
+        except Exception as exc:
+            self._logger.warning("recovery sweep failed: %s", exc)
+            return
+        if restarted:
+            self._logger.info("recovery sweep: %d batch(es) whose run died run again: %s",
+                              len(restarted), ", ".join(restarted))
 
     async def run(self, flow_run: FlowRun, configuration: BatchopsJobConfiguration,
                   task_status: anyio.abc.TaskStatus[str] | None = None,  # type: ignore[override]

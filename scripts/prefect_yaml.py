@@ -58,6 +58,15 @@ def _concurrency(deployment: Any) -> int | None:
     return getattr(limit, "limit", limit)
 
 
+def _trigger(trigger: Any) -> str:
+    """A deployment trigger as one JSON mapping (valid YAML), the keys as Prefect reads them."""
+    data = trigger.model_dump(mode="json", exclude={"job_variables", "schedule_after"})
+    data["within"] = int(trigger.within.total_seconds())
+    for key in ("after", "expect", "for_each"):
+        data[key] = sorted(data[key])
+    return json.dumps(data, ensure_ascii=False)
+
+
 def render() -> str:
     import prefect
 
@@ -82,6 +91,10 @@ def render() -> str:
                 lines.append(f"      - cron: {_scalar(schedule.schedule.cron)}\n"
                              f"        timezone: {schedule.schedule.timezone}\n"
                              f"        active: {_scalar(schedule.active)}\n")
+        if deployment.triggers:
+            lines.append("    triggers:\n")
+            for trigger in deployment.triggers:
+                lines.append(f"      - {_trigger(trigger)}\n")
         lines.append("    work_pool: *batchops_pool\n\n")
     return "".join(lines).rstrip("\n") + "\n"
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
-from prefect.logging import get_run_logger
+from prefect.exceptions import MissingContextError, ObjectNotFound
+from prefect.logging import get_logger, get_run_logger
 from prefect.states import Crashed
 
 from batchops.batch_requests import BatchRequests
@@ -23,12 +24,20 @@ from batchops.runtime import get_runtime
 from batchops.schemas import BatchState
 from batchops.targets.http import upstream_limit_name
 
-__all__ = ["purge_expired", "reconcile_limit_slots", "restart_stale_batches"]
+__all__ = ["purge_expired", "reconcile_limit_slots", "restart_stale_batches", "sweep"]
 
 # States of a flow run that a worker has taken (or that ended) without the batch starting.
 _TAKEN = {StateType.PENDING, StateType.RUNNING}
 # (A completed run with a queued batch is a retry about to start its own run: not lost.)
 _ENDED = {StateType.CRASHED, StateType.FAILED, StateType.CANCELLED}
+
+
+def _logger() -> Any:
+    """The run's logger in a flow run (the UI shows it), else ``batchops.recovery``."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("batchops.recovery")
 
 
 class _Unknown:
@@ -69,6 +78,26 @@ def _lost(status: str, flow_run_id: str | None, run: FlowRun | None,
     return run.state.type in _TAKEN and since > stale_after
 
 
+def _batch_of_run(flow_run_id: str, stale_after: timedelta,
+                  ) -> tuple[list[tuple[str, str, str | None]], timedelta]:
+    """The batch a reported flow run (``prefect.flow-run.<id>`` or ``<id>``) is processing,
+    as a candidate of :func:`restart_stale_batches`, and how long it must have been silent:
+    not at all when Prefect has the run ``Crashed``, three heartbeat periods (at most
+    ``stale_after``) when the run merely went silent there."""
+    run_id = flow_run_id.removeprefix("prefect.flow-run.")
+    store = get_runtime().store
+    batch_id = store.batch_of_flow_run(run_id)
+    if batch_id is None:
+        return [], stale_after
+    batch = store.get_batch(batch_id)
+    if batch.flow_run_id != run_id or batch.finished_at is not None:
+        return [], stale_after  # another run has it now, or it has finished
+    run = _read_flow_run(run_id)
+    crashed = isinstance(run, FlowRun) and run.state is not None and run.state.is_crashed()
+    silent = min(stale_after, timedelta(seconds=3 * get_runtime().settings.heartbeat_seconds))
+    return [(batch_id, batch.status, run_id)], timedelta(0) if crashed else silent
+
+
 def _crash(run: FlowRun, batch_id: str) -> None:
     """Mark the dead run ``Crashed`` in Prefect (if it still looks alive there)."""
     if run.state is not None and not run.state.is_final():
@@ -87,7 +116,7 @@ def _release_leases(batch_id: str) -> None:
             try:
                 client.release_concurrency_slots_with_lease(UUID(lease_id))
             except Exception as exc:  # expired and revoked already
-                get_run_logger().info("batch %s: lease %s: %s", batch_id, lease_id, exc)
+                _logger().info("batch %s: lease %s: %s", batch_id, lease_id, exc)
             store.drop_lease(lease_id)
 
 
@@ -103,7 +132,8 @@ def _end_cancelled(batch_id: str) -> None:
 
 
 @task(name="restart-stale-batches", cache_policy=NO_CACHE)
-def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]:
+def restart_stale_batches(stale_after_seconds: float | None = None,
+                          flow_run_id: str | None = None) -> list[str]:
     """Batches whose run died get a new ``process-batch`` flow run; completed chunks and
     checkpointed items are not executed again. The ids of the batches restarted.
 
@@ -114,18 +144,26 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
     than ``stale_after_seconds`` plus the longest sync wait. A batch whose flow run was
     cancelled in Prefect, or that was cancelled while its run died, is not run again: it ends
     cancelled, its unrecorded items ``cancelled``.
+
+    Given ``flow_run_id`` (a ``process-batch`` run that Prefect saw crash or go silent: the
+    reaper's deployment triggers), only that run's batch is looked at, and at once: a run
+    Prefect marked ``Crashed`` is dead now; a run still ``Running`` there is dead when the
+    batch has not beaten its heartbeat for three heartbeat periods either.
     """
     runtime = get_runtime()
     settings = runtime.settings
-    logger = get_run_logger()
+    logger = _logger()
     stale_after = timedelta(seconds=stale_after_seconds or settings.stale_after_seconds)
     # A sync batch may wait in its API's thread pool for up to the longest sync wait: only
     # past that is a batch without a run lost.
     unstarted_after = stale_after + timedelta(seconds=settings.max_sync_wait_seconds)
+    if flow_run_id is not None:
+        candidates, stale_after = _batch_of_run(flow_run_id, stale_after)
+    else:
+        candidates = runtime.store.stale_batches(stale_after, unstarted_after)
     restarted = []
-    for batch_id, status, flow_run_id in runtime.store.stale_batches(stale_after,
-                                                                     unstarted_after):
-        found = _read_flow_run(flow_run_id) if flow_run_id else None
+    for batch_id, status, run_id in candidates:
+        found = _read_flow_run(run_id) if run_id else None
         if isinstance(found, _Unknown):
             continue  # Prefect did not answer: ask again on the next round
         run = found
@@ -133,27 +171,32 @@ def restart_stale_batches(stale_after_seconds: float | None = None) -> list[str]
         if status == BatchState.CANCELLED.value or cancelled_run:
             # Cancelled (here or in Prefect) and its run gone: it is not run again; the items
             # its run did not record get their results (cancelled).
-            if runtime.store.take_stale_batch(batch_id, status, stale_after, flow_run_id):
+            if runtime.store.take_stale_batch(batch_id, status, stale_after, run_id):
                 _end_cancelled(batch_id)
                 logger.info("batch %s: cancelled and its run is gone; not run again",
                             batch_id)
             continue
-        if not _lost(status, flow_run_id, run, stale_after):
+        if not _lost(status, run_id, run, stale_after):
             continue
-        if not runtime.store.take_stale_batch(batch_id, status, stale_after, flow_run_id):
+        # Detached from the dead run: a second reaper (one the crash below triggers) finds
+        # the batch no longer under it.
+        if not runtime.store.take_stale_batch(batch_id, status, stale_after, run_id,
+                                              detach=True):
             continue  # it moved meanwhile, or another reaper took it
         if run is not None:
             try:
                 _crash(run, batch_id)
             except Exception as exc:  # the batch still needs a run
                 logger.warning("batch %s: could not mark flow run %s crashed: %s", batch_id,
-                               flow_run_id, exc)
+                               run_id, exc)
         _release_leases(batch_id)
         batch = runtime.store.get_batch(batch_id)
         if batch.recoveries > settings.max_recoveries:
             why = f"its run died {batch.recoveries} times; not run again (retry it once fixed)"
             # Every item gets a result: the ones no run recorded fail (chunk_failed).
             asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(why)))
+            if run_id is not None:  # the batch keeps the link to its last run
+                runtime.store.set_flow_run_id(batch_id, run_id)
             runtime.store.mark_finished(batch_id, BatchState.FAILED, why)
             logger.error("batch %s: its run died %d times; marked failed", batch_id,
                          batch.recoveries)
@@ -193,5 +236,15 @@ def purge_expired(stale_after_seconds: float | None = None) -> dict[str, int]:
     retention = timedelta(hours=settings.idempotency_retention_hours)
     purged["batch_requests"] = BatchRequests(runtime.store, retention).purge_expired()
     if any(purged.values()):
-        get_run_logger().info("purged %s", ", ".join(f"{n} {k}" for k, n in purged.items()))
+        _logger().info("purged %s", ", ".join(f"{n} {k}" for k, n in purged.items()))
     return purged
+
+
+def sweep() -> list[str]:
+    """The reaper's work without a flow run (a batchops worker does it at its heartbeat):
+    restart the batches whose run died, give back orphaned upstream-limit slots, purge what
+    has expired; the ids of the batches restarted."""
+    restarted = restart_stale_batches.fn()
+    reconcile_limit_slots.fn()
+    purge_expired.fn()
+    return restarted

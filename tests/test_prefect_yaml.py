@@ -56,6 +56,11 @@ def test_prefect_deploy_all_registers_every_deployment_on_a_batchops_pool(
                        for d in deployments.values())
             [reaper_schedule] = deployments["reap-stale-batches"].schedules
             assert reaper_schedule.active
+            # its trigger became an automation that runs it when a batch run crashes
+            [automation] = client.read_resource_related_automations(
+                f"prefect.deployment.{deployments['reap-stale-batches'].id}")
+            assert automation.name == "process-batch run crashed"
+            assert automation.trigger.expect == {"prefect.flow-run.Crashed"}
         finally:
             for deployment in client.read_deployments():
                 if deployment.work_pool_name == pool:

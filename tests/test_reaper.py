@@ -70,3 +70,34 @@ def test_the_reaper_starts_queued_batches_whose_run_never_started_or_is_gone(
             run = client.read_flow_run(uuid.UUID(runtime.store.get_batch(batch_id).flow_run_id))
             assert run.deployment_id is not None
             assert run.name == f"batch-{batch_id}"
+
+
+def test_a_silent_run_reported_by_prefect_is_resumed_once_its_batch_stopped_beating(
+        configure: Callable[..., Runtime], deployment_runner: str) -> None:  # noqa: F811
+    from prefect.states import Running
+
+    _truncate_pg(deployment_runner)
+    runtime = configure(database_url=deployment_runner, heartbeat_seconds=1)
+    batch_id, _ = register_batch(runtime, _users("silent", 2))
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("process-batch/process-batch")
+        silent = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"batch_id": batch_id}, state=Running())
+    assert runtime.store.mark_started(batch_id, str(silent.id))
+    event_id = f"prefect.flow-run.{silent.id}"  # how the trigger names the run
+
+    # Prefect missed its heartbeats, but the batch beat 1 s ago: alive, left alone.
+    runtime.store.heartbeat(batch_id)
+    assert reap_stale_batches(flow_run_id=event_id) == []
+    # Silent for three of its heartbeat periods as well: dead, resumed at once (the sweep
+    # would wait for the 60 s stale_after_seconds).
+    with runtime.store.engine.begin() as conn:
+        conn.execute(batches.update().where(batches.c.id == batch_id)
+                     .values(heartbeat_at=utcnow() - timedelta(seconds=4)))
+    assert reap_stale_batches(flow_run_id=event_id) == [batch_id]
+
+    assert _wait_final(runtime, batch_id) == "completed"
+    assert sorted(u["email"] for u in table_rows(runtime, "users")) == [
+        "silent-0@example.com", "silent-1@example.com"]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(silent.id).state.is_crashed()

@@ -438,7 +438,10 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     assert configs["bulk-sync"]["concurrency_limit"] == 1
     [reaper] = [_schedule_config_to_deployment_schedule(s)
                 for s in configs["reap-stale-batches"]["schedules"]]
-    assert reaper["active"] is True and reaper["schedule"].cron == "* * * * *"
+    assert reaper["active"] is True and reaper["schedule"].cron == "0 * * * *"
+    [crashed] = configs["reap-stale-batches"]["triggers"]
+    assert crashed["expect"] == ["prefect.flow-run.Crashed"]
+    assert crashed["parameters"] == {"flow_run_id": "{{ event.resource.id }}"}
 
 
 @pytest.fixture

@@ -161,3 +161,38 @@ def test_a_sync_batch_is_a_run_of_the_deployment_executed_by_the_api_not_the_wor
         assert time.monotonic() < deadline, run.state
         time.sleep(0.2)
     assert run.state.is_completed()
+
+
+def test_a_crashed_batch_run_is_resumed_at_once_by_the_reaper_deployment_trigger(
+        worker: dict[str, Any], configure: Callable[..., Any]) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.states import Crashed, Running
+
+    from batchops.registration import register_batch
+
+    runtime = configure(database_url=worker["database_url"])
+    batch_id, _ = register_batch(runtime, [user(700 + i) for i in range(3)])
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("process-batch/process-batch")
+        # A run that no process executes any more (created Running: no worker takes it),
+        # its batch processing under it with a fresh heartbeat: the sweep would wait a minute.
+        dead = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"batch_id": batch_id}, state=Running())
+        assert runtime.store.mark_started(batch_id, str(dead.id))
+        # What Prefect's engine, or its zombie detection, does to such a run.
+        client.set_flow_run_state(dead.id, Crashed(message="worker lost"), force=True)
+
+    deadline = time.monotonic() + 90
+    while (batch := runtime.store.get_batch(batch_id)).status != "completed":
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+
+    assert (batch.succeeded, batch.failed, batch.recoveries) == (3, 0, 1)
+    assert batch.flow_run_id != str(dead.id)
+    with get_client(sync_client=True) as client:
+        reapers = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=["reap-stale-batches"])))
+        resumed = client.read_flow_run(UUID(batch.flow_run_id or ""))
+    assert {"flow_run_id": f"prefect.flow-run.{dead.id}"} in [r.parameters for r in reapers]
+    assert resumed.deployment_id == deployment.id and resumed.name == f"batch-{batch_id}"
