@@ -24,12 +24,14 @@ from batchops.execution import ChunkOutcome
 from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
 from batchops.settings import Settings, get_settings
 from tasks.batches import (
+    batch_of_run,
     cancel_for_flow_run,
     checkpointed_items,
     failure_message,
     finish_batch,
     load_batch,
     register_operations,
+    reopen_if_retried,
     report_batch,
 )
 from tasks.callbacks import send_callback
@@ -185,15 +187,22 @@ def process_batch(
     the flow.
     """
     logger = get_run_logger()
+    run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     if batch_id is None:
         if not operations:
             raise ValueError("process_batch needs a batch_id or a list of operations")
-        batch_id = register_operations(operations, concurrency, source="flow",
-                                       deadline_seconds=deadline_seconds)
-        _rename_flow_run(f"batch-{batch_id}")
-        deadline_seconds = None  # counted from the registration, just now
-    flow_run_id = runtime.flow_run.id
-    batch = load_batch(batch_id, str(flow_run_id) if flow_run_id else None, deadline_seconds)
+        # A retry of this run (Retry in the UI, `prefect flow-run retry`) is the batch it
+        # registered the first time, not a new one.
+        batch_id = batch_of_run(run_id) if run_id else None
+        if batch_id is None:
+            batch_id = register_operations(operations, concurrency, source="flow",
+                                           deadline_seconds=deadline_seconds)
+            _rename_flow_run(f"batch-{batch_id}")
+        deadline_seconds = None  # counted from the registration
+    if run_id is not None and (reopened := reopen_if_retried(batch_id, run_id)) is not None:
+        logger.info("batch %s: this run is retried in Prefect: %d failed or skipped item(s) "
+                    "run again", batch_id, reopened)
+    batch = load_batch(batch_id, run_id, deadline_seconds)
     chunks: list[tuple[ChunkRef, list[int]]] = batch["chunks"]
     total = batch["total"]
     settings = get_settings()

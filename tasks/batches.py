@@ -31,8 +31,9 @@ from batchops.schemas import (
     Operation,
 )
 
-__all__ = ["cancel_for_flow_run", "checkpointed_items", "failure_message", "finish_batch",
-           "load_batch", "register_operations", "report_batch"]
+__all__ = ["batch_of_run", "cancel_for_flow_run", "checkpointed_items", "failure_message",
+           "finish_batch", "load_batch", "register_operations", "reopen_if_retried",
+           "report_batch"]
 
 
 @task(name="register-batch")
@@ -44,6 +45,22 @@ def register_operations(operations: list[Operation], concurrency: int | None,
                                  max_operations=runtime.settings.max_import_rows, source=source,
                                  deadline_seconds=deadline_seconds)
     return batch_id
+
+
+def batch_of_run(flow_run_id: str) -> str | None:
+    """The batch this flow run registered or processed before (``None``: none)."""
+    return get_runtime().store.batch_of_flow_run(flow_run_id)
+
+
+def reopen_if_retried(batch_id: str, flow_run_id: str) -> int | None:
+    """When this flow run already finished the batch — Prefect is running it again, a retry
+    from the UI or ``prefect flow-run retry`` — reopen the batch's failed and skipped items
+    (a new generation: new chunk cache keys) and say how many; ``None`` otherwise."""
+    store = get_runtime().store
+    batch = store.get_batch(batch_id)
+    if batch.flow_run_id != flow_run_id or not BatchState(batch.status).is_final:
+        return None
+    return store.prepare_retry(batch_id)
 
 
 def load_batch(batch_id: str, flow_run_id: str | None,

@@ -77,6 +77,13 @@ def _flow_run(flow_run_id: str) -> Any:
         return client.read_flow_run(UUID(flow_run_id))
 
 
+def _batches(runtime: Any) -> list[Any]:
+    from batchops.store import batches
+
+    with runtime.store.engine.connect() as conn:
+        return list(conn.execute(batches.select()))
+
+
 def _emails(count: int, latency: float) -> list[dict[str, Any]]:
     return [{"id": f"e{i}", "method": "POST", "path": "/emails",
              "body": {"to": f"u{i}@example.com", "send_latency": latency}} for i in range(count)]
@@ -196,3 +203,57 @@ def test_a_crashed_batch_run_is_resumed_at_once_by_the_reaper_deployment_trigger
         resumed = client.read_flow_run(UUID(batch.flow_run_id or ""))
     assert {"flow_run_id": f"prefect.flow-run.{dead.id}"} in [r.parameters for r in reapers]
     assert resumed.deployment_id == deployment.id and resumed.name == f"batch-{batch_id}"
+
+
+def test_prefect_flow_run_retry_reruns_the_failed_items_of_the_same_batch(
+        worker: dict[str, Any], configure: Callable[..., Any]) -> None:
+    import sqlalchemy as sa
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from batchops.store import batches
+
+    runtime = configure(database_url=worker["database_url"])
+    operations = [user(810), {"id": "rename", "method": "PATCH", "path": "/users/811",
+                              "body": {"name": "Renamed"}}]  # no user 811 yet: 404
+    with get_client(sync_client=True) as client:  # a run started from the UI with operations
+        deployment = client.read_deployment_by_name("process-batch/process-batch")
+        run = client.create_flow_run_from_deployment(deployment.id,
+                                                     parameters={"operations": operations})
+
+    def final_state() -> Any:
+        deadline = time.monotonic() + 90
+        while not (current := _flow_run(str(run.id))).state.is_final():
+            assert time.monotonic() < deadline, current.state
+            time.sleep(0.2)
+        return current.state
+
+    assert final_state().is_completed()
+    [batch_id] = [b.id for b in _batches(runtime)]
+    first = {r.id: r.status for r in runtime.store.iter_results(batch_id)}
+    assert first == {"op810": 201, "rename": 404}
+    with runtime.store.engine.begin() as conn:  # what the failed item needed
+        conn.execute(sa.text("INSERT INTO users (id, email) VALUES (811, 'u811@example.com')"))
+
+    retried = subprocess.run(
+        [sys.executable, "-m", "prefect", "flow-run", "retry", str(run.id)], cwd=REPO,
+        env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
+        capture_output=True, text=True, timeout=120)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    deadline = time.monotonic() + 30  # the retry is scheduled: wait for it to leave the end
+    while _flow_run(str(run.id)).state.is_final() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert final_state().is_completed()
+
+    # The same batch (no second one registered from the operations), its failed item run
+    # again and the succeeded one kept (run again, its POST would have answered 409).
+    assert [b.id for b in _batches(runtime)] == [batch_id]
+    again = {r.id: r.status for r in runtime.store.iter_results(batch_id)}
+    assert again == {"op810": 201, "rename": 200}
+    status = runtime.store.status(batch_id)
+    assert (status.status.value, status.succeeded, status.failed) == ("completed", 2, 0)
+    with runtime.store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT name FROM users WHERE id = 811")).scalar() == \
+            "Renamed"
+        assert conn.execute(sa.select(batches.c.generation).where(
+            batches.c.id == batch_id)).scalar() == 1
