@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Start the whole system on the embedded default (Prefect server on SQLite, store on SQLite
-## under .data/) and run the demo batch through the CLI. Ctrl-C stops everything.
+## Start the whole system on the embedded default (an embedded PostgreSQL under .data/ holding
+## the Prefect server's database and the store; the Prefect server, one batchops worker and the
+## API) and run the demo batch through the CLI. Ctrl-C stops everything.
 up: $(STAMP)
 	$(BIN)/batchops up
 

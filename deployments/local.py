@@ -47,6 +47,10 @@ def _system_env(data_dir: Path, port: int, postgres: EmbeddedPostgres) -> dict[s
     # a quarter of a second of its 202
     env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "0.25")
     env.setdefault("PREFECT_WORKER_PREFETCH_SECONDS", "1")
+    # batch runs send Prefect's flow-run heartbeats: the UI shows a run that went silent, and
+    # Prefect's zombie-run detection (an automation of one's own) can mark it Crashed, which
+    # starts the reaper at once (its deployment trigger)
+    env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     return env
 
