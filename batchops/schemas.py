@@ -237,3 +237,8 @@ class BatchStatus(BaseModel):
     ui_url: str | None = None
     callback: CallbackStatus | None = None
     deadline_at: datetime | None = None
+
+    def summary(self) -> BatchSummary:
+        """The batch's counts as a flow run returns them."""
+        return BatchSummary(total=self.total, succeeded=self.succeeded, failed=self.failed,
+                            skipped=self.skipped)

@@ -42,6 +42,7 @@ from typing import Any
 
 import psycopg2
 
+from batchops.store import metadata as store_metadata
 from bench import _baselines as baselines
 from bench._data import DUP_MODES, make_dataset
 from bench._prefect_server import PrefectServer
@@ -53,7 +54,8 @@ DB_NAME = "batchops_bench"
 PREFECT_DB_NAME = "batchops_bench_prefect_sql"  # the Prefect server's own database
 DB_URL = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{DB_NAME}"
 DSN = f"host=127.0.0.1 port=5432 user=postgres dbname={DB_NAME}"
-STORE_TABLES = ("batch_items", "batch_chunks", "idempotency_records", "batches")
+# every table of the store (a batch's chunks, results, claims, checkpoints, records)
+STORE_TABLES = tuple(t.name for t in store_metadata.sorted_tables)
 
 # (size, metric, threshold) from the issue: ratios are batchops items/s over the baseline's.
 TARGETS = [

@@ -132,8 +132,7 @@ def finish_batch(batch_id: str, failures: list[tuple[ChunkRef, BaseException]],
         store.mark_finished(batch_id, BatchState.FAILED if failures else BatchState.COMPLETED,
                             error or None)
     status = store.status(batch_id)
-    return BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed,
-                        skipped=status.skipped), status
+    return status.summary(), status
 
 
 def _describe(exc: BaseException) -> str:

@@ -68,4 +68,4 @@ def reopen_failed_items(batch_id: str) -> int:
 def batch_summary(batch_id: str) -> BatchSummary:
     """The batch's counts as they stand."""
     status = get_runtime().store.status(batch_id)
-    return BatchSummary(total=status.total, succeeded=status.succeeded, failed=status.failed)
+    return status.summary()
