@@ -109,6 +109,39 @@ def _touches(op: PlannedOperation, resources: dict[str, Resource]) -> _Touches:
     return t
 
 
+class _Order:
+    """The ordering rules, for chunks (by chunk index) or items (by item index): what a unit
+    must follow, given what it touches, and what it leaves for later units."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[Any, ...], int] = {}
+        self._last_free: dict[tuple[str, str], int] = {}
+        self._setters_since_free: dict[tuple[str, str], set[int]] = {}
+
+    def before(self, t: _Touches) -> set[int]:
+        """The earlier units that one touching ``t`` must run after: the last to touch the
+        same record, unique value or idempotency key; the last to free a unique value it
+        sets; and, when it frees values, the ones that set them since they were last freed."""
+        found = {self._last[k] for k in t.exclusive if k in self._last}
+        for rc in t.sets_unique:
+            if rc in self._last_free:
+                found.add(self._last_free[rc])
+        for rc in t.frees_unique:
+            found.update(self._setters_since_free.get(rc, ()))
+            if rc in self._last_free:
+                found.add(self._last_free[rc])
+        return found
+
+    def record(self, t: _Touches, at: int) -> None:
+        for k in t.exclusive:
+            self._last[k] = at
+        for rc in t.sets_unique:
+            self._setters_since_free.setdefault(rc, set()).add(at)
+        for rc in t.frees_unique:
+            self._last_free[rc] = at
+            self._setters_since_free[rc] = set()
+
+
 class ChunkPlanner:
     """Feeds operations in batch order, yields chunks with their dependencies."""
 
@@ -121,9 +154,7 @@ class ChunkPlanner:
         self._current: list[PlannedOperation] = []
         self._work = 0
         self._chunk_index = 0
-        self._last: dict[tuple[Any, ...], int] = {}
-        self._last_free: dict[tuple[str, str], int] = {}
-        self._setters_since_free: dict[tuple[str, str], set[int]] = {}
+        self._order = _Order()
         self._chunk_starts: list[int] = []  # first item index of every chunk closed so far
 
     def add(self, op: PlannedOperation) -> ChunkPlan | None:
@@ -144,22 +175,9 @@ class ChunkPlanner:
         deps: set[int] = set()
         touches = [_touches(op, self.resources) for op in ops]
         for t in touches:
-            deps.update(self._last[k] for k in t.exclusive if k in self._last)
-            for rc in t.sets_unique:
-                if rc in self._last_free:
-                    deps.add(self._last_free[rc])
-            for rc in t.frees_unique:
-                deps.update(self._setters_since_free.get(rc, ()))
-                if rc in self._last_free:
-                    deps.add(self._last_free[rc])
+            deps |= self._order.before(t)
         for t in touches:
-            for k in t.exclusive:
-                self._last[k] = index
-            for rc in t.sets_unique:
-                self._setters_since_free.setdefault(rc, set()).add(index)
-            for rc in t.frees_unique:
-                self._last_free[rc] = index
-                self._setters_since_free[rc] = set()
+            self._order.record(t, index)
         for op in ops:
             for dep in op.depends_on:
                 if dep < ops[0].index:  # in an earlier chunk: the one whose range holds it
@@ -181,28 +199,12 @@ def record_order(ops: Sequence[PlannedOperation],
     The same rules that order chunks, item by item: the same record, unique value or
     idempotency key, and unique values freed by a delete or a rewrite.
     """
-    last: dict[tuple[Any, ...], int] = {}
-    last_free: dict[tuple[str, str], int] = {}
-    setters_since_free: dict[tuple[str, str], set[int]] = {}
+    order = _Order()
     after: dict[int, set[int]] = {}
     for op in ops:
         t = _touches(op, resources)
-        before = {last[k] for k in t.exclusive if k in last}
-        for rc in t.sets_unique:
-            if rc in last_free:
-                before.add(last_free[rc])
-        for rc in t.frees_unique:
-            before.update(setters_since_free.get(rc, ()))
-            if rc in last_free:
-                before.add(last_free[rc])
-        for k in t.exclusive:
-            last[k] = op.index
-        for rc in t.sets_unique:
-            setters_since_free.setdefault(rc, set()).add(op.index)
-        for rc in t.frees_unique:
-            last_free[rc] = op.index
-            setters_since_free[rc] = set()
-        after[op.index] = before
+        after[op.index] = order.before(t)
+        order.record(t, op.index)
     return after
 
 
