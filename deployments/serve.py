@@ -37,7 +37,7 @@ from flows.retry_failed import retry_failed
 __all__ = ["build_deployments", "deploy_to_work_pool", "recovery_triggers",
            "serve_deployments"]
 
-_OF_PROCESS_BATCH = {"prefect.resource.role": "flow", "prefect.resource.name": "process-batch"}
+_OF_PROCESS_BATCH = {"prefect.resource.role": "flow", "prefect.resource.name": process_batch.name}
 
 
 def recovery_triggers() -> list[DeploymentEventTrigger]:

@@ -1,7 +1,7 @@
 """``reap_stale_batches``: the deployment that resumes batches whose runs died, gives back
 upstream-limit slots no live run holds, and purges expired idempotency records and leftover
-claims. Prefect's events start it for one run (its deployment triggers: a ``process-batch`` run
-crashed, or went silent); a slow schedule sweeps for whatever no event reported."""
+claims. Prefect's events start it for one run (its deployment trigger: a ``process-batch`` run
+crashed); a slow schedule sweeps for whatever no event reported."""
 
 from __future__ import annotations
 

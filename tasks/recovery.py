@@ -78,24 +78,17 @@ def _lost(status: str, flow_run_id: str | None, run: FlowRun | None,
     return run.state.type in _TAKEN and since > stale_after
 
 
-def _batch_of_run(flow_run_id: str, stale_after: timedelta,
-                  ) -> tuple[list[tuple[str, str, str | None]], timedelta]:
-    """The batch a reported flow run (``prefect.flow-run.<id>`` or ``<id>``) is processing,
-    as a candidate of :func:`restart_stale_batches`, and how long it must have been silent:
-    not at all when Prefect has the run ``Crashed``, three heartbeat periods (at most
-    ``stale_after``) when the run merely went silent there."""
+def _batch_of_run(flow_run_id: str) -> list[tuple[str, str, str | None]]:
+    """The unfinished batch a reported flow run (``prefect.flow-run.<id>`` or ``<id>``) is
+    processing, as a candidate of :func:`restart_stale_batches` (none: it has finished, or
+    another run has it now)."""
     run_id = flow_run_id.removeprefix("prefect.flow-run.")
     store = get_runtime().store
     batch_id = store.batch_of_flow_run(run_id)
     if batch_id is None:
-        return [], stale_after
+        return []
     batch = store.get_batch(batch_id)
-    if batch.flow_run_id != run_id or batch.finished_at is not None:
-        return [], stale_after  # another run has it now, or it has finished
-    run = _read_flow_run(run_id)
-    crashed = isinstance(run, FlowRun) and run.state is not None and run.state.is_crashed()
-    silent = min(stale_after, timedelta(seconds=3 * get_runtime().settings.heartbeat_seconds))
-    return [(batch_id, batch.status, run_id)], timedelta(0) if crashed else silent
+    return [] if batch.finished_at is not None else [(batch_id, batch.status, run_id)]
 
 
 def _crash(run: FlowRun, batch_id: str) -> None:
@@ -145,10 +138,10 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
     cancelled in Prefect, or that was cancelled while its run died, is not run again: it ends
     cancelled, its unrecorded items ``cancelled``.
 
-    Given ``flow_run_id`` (a ``process-batch`` run that Prefect saw crash or go silent: the
-    reaper's deployment triggers), only that run's batch is looked at, and at once: a run
-    Prefect marked ``Crashed`` is dead now; a run still ``Running`` there is dead when the
-    batch has not beaten its heartbeat for three heartbeat periods either.
+    Given ``flow_run_id`` (a ``process-batch`` run reported dead: the reaper's deployment
+    trigger on a ``Crashed`` run, or an operator), only that run's batch is looked at, and at
+    once: a run Prefect marked ``Crashed`` is dead now; a run still ``Running`` there is dead
+    when the batch has not beaten its heartbeat for three heartbeat periods either.
     """
     runtime = get_runtime()
     settings = runtime.settings
@@ -158,7 +151,8 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
     # past that is a batch without a run lost.
     unstarted_after = stale_after + timedelta(seconds=settings.max_sync_wait_seconds)
     if flow_run_id is not None:
-        candidates, stale_after = _batch_of_run(flow_run_id, stale_after)
+        candidates = _batch_of_run(flow_run_id)
+        silent = min(stale_after, timedelta(seconds=3 * settings.heartbeat_seconds))
     else:
         candidates = runtime.store.stale_batches(stale_after, unstarted_after)
     restarted = []
@@ -167,6 +161,9 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
         if isinstance(found, _Unknown):
             continue  # Prefect did not answer: ask again on the next round
         run = found
+        if flow_run_id is not None:  # a reported run: dead now if Prefect has it Crashed
+            crashed = run is not None and run.state is not None and run.state.is_crashed()
+            stale_after = timedelta(0) if crashed else silent
         cancelled_run = run is not None and run.state is not None and run.state.is_cancelled()
         if status == BatchState.CANCELLED.value or cancelled_run:
             # Cancelled (here or in Prefect) and its run gone: it is not run again; the items
