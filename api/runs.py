@@ -1,11 +1,12 @@
 """Starting a registered batch: in this process (sync answers) or as a deployment flow run.
 
 Every batch is a flow run of the ``process-batch`` deployment. A sync batch's run is created
-``Pending`` (no worker picks it up) and executed by Prefect's engine in a small thread pool of
-the API process, so a request can wait for its results and answer ``202`` when the wait is
-over while the run goes on. An async batch's run is created ``Scheduled``, and a batchops
-worker polling the deployment's pool runs it; the API does not wait for it. Only Prefect's
-public client and engine functions are used.
+``Pending`` (no worker polling the deployment's pool picks it up) and handed directly to a
+batchops worker embedded in the API process (:class:`deployments.worker.BatchopsWorker`, not
+polling any pool), which executes it on a small thread pool of its own, so a request can wait
+for its results and answer ``202`` when the wait is over while the run goes on. An async
+batch's run is created ``Scheduled``, and a batchops worker polling the deployment's pool runs
+it; the API does not wait for it. The Prefect calls go through :mod:`batchops.orchestration`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from batchops import orchestration
 from batchops.errors import TransientError
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState
@@ -40,62 +42,13 @@ def _sync_flow(settings: Any) -> Any:
         persist_result=bool(settings.results.persist_by_default))
 
 
-def _create_flow_run(mine: _ThreadPrefect, deployment: str, batch_id: str) -> Any:
-    """The batch's flow run: a run of the ``process-batch`` deployment (its tags, its page in
-    the UI), named after the batch from its creation, created ``Pending`` so that no worker
-    polling the deployment's pool picks it up — this process runs it. Without the deployment
-    (an API serving no work pool), a run of the flow alone.
-
-    The deployment's id is looked up once per thread; when the deployment has been deleted
-    since, once more.
-    """
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Pending
-
-    client, parameters = mine.client, {"batch_id": batch_id}
-    for _attempt in range(2):
-        if mine.deployment_id is None:
-            try:
-                mine.deployment_id = client.read_deployment_by_name(deployment).id
-            except ObjectNotFound:
-                logger.info("no deployment %s on the Prefect server: sync batches run as "
-                            "flow runs of no deployment", deployment)
-                mine.deployment_id = False
-        if mine.deployment_id is False:
-            return client.create_flow_run(mine.flow, name=f"batch-{batch_id}",
-                                          parameters=parameters, state=Pending())
-        try:
-            return client.create_flow_run_from_deployment(
-                mine.deployment_id, parameters=parameters, name=f"batch-{batch_id}",
-                state=Pending())
-        except ObjectNotFound:
-            mine.deployment_id = None  # deleted since: look it up again
-    raise TransientError(f"the deployment {deployment!r} keeps disappearing; retry")
-
-
-def _run_flow(mine: _ThreadPrefect, deployment: str, batch_id: str) -> None:
-    from prefect.flow_engine import run_flow
-    from prefect.states import State
-
-    flow_run = _create_flow_run(mine, deployment, batch_id)
-    state = run_flow(mine.flow, flow_run=flow_run, parameters={"batch_id": batch_id},
-                     return_type="state")
-    assert isinstance(state, State)
-    if not state.is_completed():
-        logger.warning("batch %s: its flow run ended %s: %s", batch_id, state.type.value,
-                       state.message)
-
-
-class _ThreadPrefect(threading.local):
-    """A sync worker thread's Prefect client (it creates the flow runs) and run settings,
-    made once, not on every run (a copy of the settings costs ~45 ms of CPU)."""
+class _ThreadSettings(threading.local):
+    """A sync thread's run settings and flow, made once per Prefect settings object, not on
+    every run (a copy of the settings costs ~45 ms of CPU)."""
 
     base_settings: Any = None
     run_settings: Any = None
     flow: Any = None
-    deployment_id: UUID | bool | None = None  # None: not looked up; False: there is none
-    client: Any = None
-    api_url: str | None = None
 
 
 class SyncRun:
@@ -141,11 +94,15 @@ class BatchRunner:
     """Runs batches in this process (``workers`` at a time) or through a deployment."""
 
     def __init__(self, workers: int, deployment: str) -> None:
+        from deployments.worker import BatchopsWorker
+
         self.deployment = deployment
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchops-sync")
-        self._prefect = _ThreadPrefect()
-        self._clients: list[Any] = []
-        self._clients_lock = threading.Lock()
+        self._settings = _ThreadSettings()
+        self._pending = orchestration.PendingRuns(deployment)
+        # The embedded worker: it polls no pool; the runs are handed to it (see _run_in_thread).
+        self.worker = BatchopsWorker(work_pool_name="batchops-api", limit=workers,
+                                     name=f"batchops-api-{id(self):x}")
         # batch id → the sync run started here, until it ends
         self._runs: dict[str, SyncRun] = {}
         self._store: Store | None = None
@@ -191,18 +148,24 @@ class BatchRunner:
         if self._store is not None and not self._store.take_queued_batch(batch_id):
             logger.info("batch %s: the reaper gave it a flow run while it waited here", batch_id)
             return False
-        mine = self._thread_prefect()
+        mine = self._thread_settings()
         with SettingsContext(profile=get_settings_context().profile, settings=mine.run_settings):
-            _run_flow(mine, self.deployment, batch_id)
+            try:
+                flow_run = self._pending.create(mine.flow, {"batch_id": batch_id},
+                                                name=f"batch-{batch_id}")
+            except LookupError as exc:
+                raise TransientError(f"{exc}; retry") from None
+            state = self.worker.execute(mine.flow, flow_run)
+        if state is not None and not state.is_completed():
+            logger.warning("batch %s: its flow run ended %s: %s", batch_id, state.type.value,
+                           state.message)
         return True
 
-    def _thread_prefect(self) -> _ThreadPrefect:
-        """This thread's run settings, flow and open Prefect client, for the current
-        settings."""
-        from prefect.client.orchestration import get_client
+    def _thread_settings(self) -> _ThreadSettings:
+        """This thread's run settings and flow, for the current Prefect settings."""
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
 
-        mine = self._prefect
+        mine = self._settings
         settings = get_current_settings()
         if mine.base_settings is not settings:
             # No flow heartbeat for a sync run inside the API: Prefect joins its heartbeat
@@ -211,14 +174,7 @@ class BatchRunner:
             mine.base_settings = settings
             mine.run_settings = settings.copy_with_update(
                 updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-            mine.flow, mine.deployment_id = _sync_flow(settings), None
-        if mine.client is None or mine.api_url != settings.api.url:
-            client = get_client(sync_client=True)
-            client.__enter__()
-            client.raise_for_api_version_mismatch_once()
-            with self._clients_lock:
-                self._clients.append(client)
-            mine.client, mine.api_url, mine.deployment_id = client, settings.api.url, None
+            mine.flow = _sync_flow(settings)
         return mine
 
     async def start_deployment(self, runtime: Runtime, batch_id: str,
@@ -228,14 +184,10 @@ class BatchRunner:
         Raises:
             TransientError: the flow run could not be created (the batch is marked failed).
         """
-        from prefect.deployments import arun_deployment
-
         try:
-            flow_run = await arun_deployment(
-                self.deployment, parameters={"batch_id": batch_id}, timeout=0,
-                as_subflow=False, flow_run_name=f"batch-{batch_id}",
-                idempotency_key=f"batchops-batch-{batch_id}-g{generation}",
-            )
+            flow_run = await orchestration.start_deployment_run_async(
+                self.deployment, {"batch_id": batch_id}, name=f"batch-{batch_id}",
+                idempotency_key=f"batchops-batch-{batch_id}-g{generation}")
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             logger.error("batch %s: cannot start a flow run of %s: %s", batch_id,
@@ -251,7 +203,4 @@ class BatchRunner:
     def shutdown(self) -> None:
         """Let the sync batches taken in finish (graceful shutdown); accept no new ones."""
         self._pool.shutdown(wait=True)
-        with self._clients_lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
-            client.__exit__(None, None, None)
+        self._pending.close()

@@ -36,10 +36,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
 
-from prefect import get_client
-from prefect.client.orchestration import SyncPrefectClient
-from prefect.exceptions import ObjectNotFound
-
+from batchops.orchestration import SyncLimits
 from batchops.settings import Settings
 from batchops.store import Store
 
@@ -116,21 +113,19 @@ class LimitLeases:
         if not self.store.claim_reconciliation(limit_name, _CLAIM_SECONDS):
             return None
         try:
-            with get_client(sync_client=True) as client:
-                released = self._release_stale(client, limit_name)
-                first = self._unheld(client, limit_name)
+            with SyncLimits.open() as limits:
+                released = self._release_stale(limits, limit_name)
+                first = self._unheld(limits, limit_name)
                 if first is None:
                     return None
                 freed = 0
                 if first > 0:
                     time.sleep(SETTLE_SECONDS)
-                    second = self._unheld(client, limit_name)
+                    second = self._unheld(limits, limit_name)
                     freed = max(0, min(first, second)) if second is not None else 0
                 if freed > 0:
-                    # occupancy_seconds only tunes the server's Retry-After hints; unknown here.
-                    client.release_concurrency_slots(names=[limit_name], slots=freed,
-                                                     occupancy_seconds=float(freed))
-                active = client.read_global_concurrency_limit_by_name(limit_name).active_slots
+                    limits.release_slots(limit_name, freed)
+                active = limits.active_slots(limit_name) or 0
         finally:
             self.store.end_reconciliation(limit_name)
         held = sum(slots for _, slots in self.holders(limit_name))
@@ -154,12 +149,12 @@ class LimitLeases:
                 done.append(reconciled)
         return done
 
-    def _release_stale(self, client: SyncPrefectClient, limit_name: str) -> int:
+    def _release_stale(self, limits: SyncLimits, limit_name: str) -> int:
         released = 0
         for lease_id in self.store.stale_leases(limit_name, self.stale_after):
             try:
                 # Frees the slots where the server still knows the lease; a no-op otherwise.
-                client.release_concurrency_slots_with_lease(UUID(lease_id))
+                limits.release_lease(UUID(lease_id))
             except Exception as exc:  # the server is away: the record stays for next time
                 leases_logger().warning("limit %s: lease %s not released: %s", limit_name, lease_id,
                                   exc)
@@ -168,12 +163,11 @@ class LimitLeases:
             released += 1
         return released
 
-    def _unheld(self, client: SyncPrefectClient, limit_name: str) -> int | None:
+    def _unheld(self, limits: SyncLimits, limit_name: str) -> int | None:
         """Slots the limit counts beyond those of the live lease records (the count read
         first: a lease granted between the two reads is then not counted as unheld)."""
-        try:
-            limit = client.read_global_concurrency_limit_by_name(limit_name)
-        except ObjectNotFound:
+        active = limits.active_slots(limit_name)
+        if active is None:
             return None
         held = sum(slots for _, slots in self.holders(limit_name))
-        return int(limit.active_slots) - held
+        return active - held

@@ -16,7 +16,6 @@ The same deployments as ``prefect.yaml`` declares for a work pool:
 
 from __future__ import annotations
 
-import contextlib
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -106,21 +105,13 @@ def deploy_to_work_pool(pool: str) -> list[UUID]:
     Raises:
         RuntimeError: a work pool of that name exists with another type.
     """
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
+    from batchops.orchestration import ensure_work_pool
     from deployments.worker import WORKER_TYPE, BatchopsWorker
 
-    with get_client(sync_client=True) as client:
-        with contextlib.suppress(ObjectAlreadyExists):
-            client.create_work_pool(WorkPoolCreate(
-                name=pool, type=WORKER_TYPE,
-                base_job_template=BatchopsWorker.get_default_base_job_template()))
-        existing = client.read_work_pool(pool)
-        if existing.type != WORKER_TYPE:
-            raise RuntimeError(
-                f"the work pool {pool!r} has type {existing.type!r}, not {WORKER_TYPE!r}; "
-                f"delete it (prefect work-pool delete {pool}) or choose another name")
+    found = ensure_work_pool(pool, WORKER_TYPE, BatchopsWorker.get_default_base_job_template())
+    if found != WORKER_TYPE:
+        raise RuntimeError(
+            f"the work pool {pool!r} has type {found!r}, not {WORKER_TYPE!r}; "
+            f"delete it (prefect work-pool delete {pool}) or choose another name")
     return [deployment.apply(work_pool_name=pool)  # type: ignore[misc]
             for deployment in build_deployments(get_settings(), EntrypointType.MODULE_PATH)]

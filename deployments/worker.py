@@ -39,17 +39,13 @@ from uuid import UUID
 
 import anyio
 import anyio.abc
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
-)
-from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.flow_engine import run_flow
 from prefect.flows import Flow, load_flow_from_entrypoint
-from prefect.states import Cancelled, State
+from prefect.states import State
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+
+from batchops import orchestration
+from batchops.orchestration import FlowRun
 
 __all__ = ["WORKER_TYPE", "BatchopsWorker"]
 
@@ -116,7 +112,7 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         if task_status is not None:
             task_status.started(identifier)
         try:
-            state = await anyio.to_thread.run_sync(self._execute, flow, flow_run)
+            state = await anyio.to_thread.run_sync(self.execute, flow, flow_run)
         finally:
             self._in_flight.discard(flow_run.id)
         if flow_run.id in self._cancel_requested:
@@ -125,9 +121,13 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         return BatchopsWorkerResult(identifier=identifier,
                                     status_code=0 if state is not None else 1)
 
-    def _execute(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
-        """Prefect's engine runs the flow run here (its parameters, states, task runs, logs);
-        ``None`` when the engine itself could not run it (the worker reports it crashed)."""
+    def execute(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
+        """Run ``flow_run`` of ``flow`` in the calling thread: Prefect's engine runs it here
+        (its parameters, states, task runs, logs). ``None`` when the engine itself could not
+        run it (the worker reports it crashed).
+
+        The worker's own runs come here from :meth:`run`; a process that embeds a worker
+        without polling its pool (the API, for sync batches) hands it runs here directly."""
         try:
             state = run_flow(flow, flow_run=flow_run, return_type="state",
                              error_logger=cast(logging.Logger, self.get_flow_run_logger(flow_run)))
@@ -144,11 +144,12 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
                              "deployments' flow runs only")
         flow = self._flows.get(flow_run.deployment_id)
         if flow is None:
-            deployment = await self.client.read_deployment(flow_run.deployment_id)
-            if not deployment.entrypoint:
-                raise ValueError(f"deployment {deployment.name!r} has no entrypoint")
+            name, entrypoint = await orchestration.deployment_entrypoint(
+                self.client, flow_run.deployment_id)
+            if not entrypoint:
+                raise ValueError(f"deployment {name!r} has no entrypoint")
             loaded: Flow[..., Any] = await anyio.to_thread.run_sync(
-                load_flow_from_entrypoint, deployment.entrypoint, False)
+                load_flow_from_entrypoint, entrypoint, False)
             with self._flows_lock:
                 flow = self._flows.setdefault(flow_run.deployment_id, loaded)
         return flow
@@ -169,10 +170,7 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
             if not waiting:
                 continue
             try:
-                runs = await self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=list(waiting)),
-                    state=FlowRunFilterState(
-                        type=FlowRunFilterStateType(any_=[StateType.CANCELLING]))))
+                runs = await orchestration.cancelling_flow_runs(self.client, list(waiting))
             except Exception as exc:  # the server is away: ask again next time
                 self._logger.warning("could not read cancelled flow runs: %s", exc)
                 continue
@@ -197,12 +195,9 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         so (a flow that is not a batch cannot be stopped midway)."""
         if state is not None and state.is_cancelled():
             return
-        current = await self.client.read_flow_run(flow_run.id)
-        if current.state is not None and current.state.is_cancelled():
-            return
-        await self.client.set_flow_run_state(
-            flow_run.id, Cancelled(message="cancelled in Prefect; stopped by the batchops "
-                                           "worker after its current step"), force=True)
+        await orchestration.force_cancelled(
+            self.client, flow_run.id, "cancelled in Prefect; stopped by the batchops worker "
+                                      "after its current step")
 
     async def kill_infrastructure(self, infrastructure_pid: str,
                                   configuration: BatchopsJobConfiguration,

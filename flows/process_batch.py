@@ -10,9 +10,7 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-from prefect import flow, get_client, runtime, unmapped
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.client.schemas.objects import FlowRun
+from prefect import flow, runtime, unmapped
 from prefect.context import FlowRunContext
 from prefect.exceptions import CancelledRun
 from prefect.futures import PrefectFuture
@@ -20,7 +18,9 @@ from prefect.logging import get_logger, get_run_logger
 from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from batchops import orchestration
 from batchops.execution import ChunkOutcome
+from batchops.orchestration import FlowRun
 from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
 from batchops.settings import Settings, get_settings
 from tasks.batches import (
@@ -51,8 +51,7 @@ def _flow_run_name() -> str:
 def _rename_flow_run(name: str) -> None:
     flow_run_id = runtime.flow_run.id
     if flow_run_id:
-        with get_client(sync_client=True) as client:
-            client.update_flow_run(UUID(flow_run_id), name=name)
+        orchestration.rename_flow_run(flow_run_id, name)
 
 
 def _chunk_task(settings: Settings) -> Any:
@@ -131,14 +130,14 @@ def _percent(done: int, total: int) -> float:
 
 
 def _create_progress(batch_id: str, done: int, total: int) -> UUID:
-    return create_progress_artifact(  # type: ignore[return-value]
+    return orchestration.create_progress(
         _percent(done, total), key=f"batch-{batch_id}-progress",
         description=f"batch {batch_id}: {done}/{total} items")
 
 
 def _show_progress(progress_id: UUID, batch_id: str, done: int, total: int) -> None:
-    update_progress_artifact(progress_id, _percent(done, total),
-                             description=f"batch {batch_id}: {done}/{total} items")
+    orchestration.update_progress(progress_id, _percent(done, total),
+                                  description=f"batch {batch_id}: {done}/{total} items")
 
 
 def _cancelled_in_prefect(flow: Any, flow_run: FlowRun, state: State) -> None:

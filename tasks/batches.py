@@ -12,9 +12,9 @@ import asyncio
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import UnfinishedRun
 
+from batchops import orchestration
 from batchops.callbacks import CallbackRecords
 from batchops.cancellation import cancel_batch, settle_cancelled
 from batchops.errors import BatchFinished, is_transient
@@ -167,8 +167,8 @@ def report_batch(status: BatchStatus, failed_chunks: list[ChunkRef], error: str 
         items.sort(key=lambda r: r.index)
         description = (f"{len(items)} of the {status.total} items of batch {batch_id}, "
                        "failures first; all of them: `batchops results ID --format csv`")
-    create_table_artifact(table_rows(items), key=f"batch-{batch_id}-items",
-                          description=description)
-    create_markdown_artifact(summary_markdown(status, failed_chunks, error),
-                             key=f"batch-{batch_id}-summary",
-                             description=f"Summary of batch {batch_id}")
+    orchestration.publish_table(table_rows(items), key=f"batch-{batch_id}-items",
+                                description=description)
+    orchestration.publish_markdown(summary_markdown(status, failed_chunks, error),
+                                   key=f"batch-{batch_id}-summary",
+                                   description=f"Summary of batch {batch_id}")

@@ -6,13 +6,13 @@ from typing import Any
 
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from batchops.callbacks import deliver_callback
 from batchops.errors import CallbackDeliveryFailed
+from batchops.orchestration import TaskRun
 from batchops.runtime import get_runtime
 from batchops.schemas import CallbackStatus
 from tasks.chunks import retry_transient_failures, state_exception

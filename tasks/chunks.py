@@ -1,4 +1,4 @@
-"""``run_chunk``: one task run per chunk of up to 500 items."""
+"""``run_chunk``: one task run per chunk (sized by work, see :mod:`batchops.planning`)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Any
 
 from prefect import Task, task
 from prefect.cache_policies import CachePolicy
-from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import Cancelled, State
 from prefect.tasks import exponential_backoff
 
 from batchops.errors import is_transient
 from batchops.execution import ChunkOutcome, execute_chunk
+from batchops.orchestration import TaskRun
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState, ChunkRef
 

@@ -7,19 +7,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from prefect import get_client, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.deployments import run_deployment
-from prefect.exceptions import MissingContextError, ObjectNotFound
+from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger, get_run_logger
-from prefect.states import Crashed
 
+from batchops import orchestration
 from batchops.batch_requests import BatchRequests
 from batchops.cancellation import settle_cancelled
 from batchops.errors import BatchFinished
 from batchops.execution import chunk_not_run, settle_chunks
 from batchops.limit_leases import LimitLeases
+from batchops.orchestration import FlowRun, StateType, SyncLimits
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchState
 from batchops.targets.http import upstream_limit_name
@@ -50,13 +49,10 @@ UNKNOWN = _Unknown()
 def _read_flow_run(flow_run_id: str) -> FlowRun | _Unknown | None:
     """The flow run; ``None`` when Prefect says it does not exist (deleted, or from a server
     whose database was replaced), :data:`UNKNOWN` when Prefect cannot be asked."""
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_flow_run(UUID(flow_run_id))
-        except ObjectNotFound:
-            return None
-        except Exception:
-            return UNKNOWN
+    try:
+        return orchestration.read_flow_run(flow_run_id)
+    except Exception:
+        return UNKNOWN
 
 
 def _lost(status: str, flow_run_id: str | None, run: FlowRun | None,
@@ -94,20 +90,18 @@ def _batch_of_run(flow_run_id: str) -> list[tuple[str, str, str | None]]:
 def _crash(run: FlowRun, batch_id: str) -> None:
     """Mark the dead run ``Crashed`` in Prefect (if it still looks alive there)."""
     if run.state is not None and not run.state.is_final():
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(
-                run.id, Crashed(message=f"batch {batch_id}: no sign of life; the reaper runs "
-                                        "the batch again from its checkpoint"), force=True)
+        orchestration.crash_flow_run(run.id, f"batch {batch_id}: no sign of life; the reaper "
+                                             "runs the batch again from its checkpoint")
 
 
 def _release_leases(batch_id: str) -> None:
     """Free the upstream-limit slots the dead run held (they would stay taken until their
     lease expired, or for good on a server without its repossessor)."""
     store = get_runtime().store
-    with get_client(sync_client=True) as client:
+    with SyncLimits.open() as limits:
         for lease_id in store.batch_leases(batch_id):
             try:
-                client.release_concurrency_slots_with_lease(UUID(lease_id))
+                limits.release_lease(UUID(lease_id))
             except Exception as exc:  # expired and revoked already
                 _logger().info("batch %s: lease %s: %s", batch_id, lease_id, exc)
             store.drop_lease(lease_id)
@@ -198,9 +192,9 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
             logger.error("batch %s: its run died %d times; marked failed", batch_id,
                          batch.recoveries)
             continue
-        new: FlowRun = run_deployment(  # type: ignore[assignment]
-            settings.process_batch_deployment, parameters={"batch_id": batch_id}, timeout=0,
-            as_subflow=False, flow_run_name=f"batch-{batch_id}",
+        new = orchestration.start_deployment_run(
+            settings.process_batch_deployment, {"batch_id": batch_id},
+            name=f"batch-{batch_id}",
             idempotency_key=f"batchops-recover-{batch_id}-{batch.recoveries}")
         runtime.store.set_flow_run_id(batch_id, str(new.id))
         logger.info("batch %s (%s): its run is gone; flow run %s resumes it", batch_id, status,

@@ -82,3 +82,54 @@ def test_the_check_sees_each_kind_of_private_use(tmp_path: Path) -> None:
     kinds = [v.split(": ", 1)[1].split(" ")[0] for v in _violations(sample)]
     assert sorted(set(kinds)) == ["Prefect's", "private"]
     assert len(kinds) == 5
+
+
+# What only batchops.orchestration may use: Prefect's client, and the calls made through it
+# (flow runs of deployments, artifacts).
+_CLIENT_MODULES = ("prefect.client.orchestration", "prefect.client.schemas",
+                   "prefect.deployments.flow_runs", "prefect.artifacts")
+_CLIENT_NAMES = {"get_client", "run_deployment", "arun_deployment", "PrefectClient",
+                 "SyncPrefectClient"}
+ORCHESTRATION = REPO / "batchops" / "orchestration.py"
+
+
+def _client_uses(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if not module.startswith("prefect"):
+                continue
+            names = {a.name for a in node.names}
+            if module.startswith(("prefect.client", *_CLIENT_MODULES)) or names & _CLIENT_NAMES:
+                found.append(f"{shown}:{node.lineno}: from {module} import "
+                             f"{', '.join(sorted(names))}")
+        elif isinstance(node, ast.Import):
+            found += [f"{shown}:{node.lineno}: import {a.name}" for a in node.names
+                      if a.name.startswith(("prefect.client", *_CLIENT_MODULES))]
+        elif isinstance(node, ast.Attribute) and node.attr in _CLIENT_NAMES:
+            found.append(f"{shown}:{node.lineno}: .{node.attr}")
+    return found
+
+
+def test_only_the_orchestration_module_talks_to_prefects_client() -> None:
+    files = [p for package in PACKAGES for p in (REPO / package).rglob("*.py")
+             if p != ORCHESTRATION]
+    assert [use for path in files for use in _client_uses(path)] == []
+    assert _client_uses(ORCHESTRATION)  # the check sees the uses where they are
+
+
+def test_the_client_check_sees_each_kind_of_use(tmp_path: Path) -> None:
+    sample = tmp_path / "client_sample.py"
+    sample.write_text(
+        "import prefect\n"
+        "import prefect.client.orchestration\n"
+        "from prefect import get_client, flow\n"
+        "from prefect.client.schemas.objects import FlowRun\n"
+        "from prefect.deployments import run_deployment\n"
+        "from prefect.artifacts import create_markdown_artifact\n"
+        "from prefect import task\n"
+        "prefect.get_client()\n")
+    assert len(_client_uses(sample)) == 6

@@ -30,12 +30,9 @@ def _check_store(runtime: Runtime) -> None:
 
 
 async def _check_prefect() -> None:
-    from prefect import get_client
+    from batchops.orchestration import check_api
 
-    async with get_client() as client:
-        problem = await client.api_healthcheck()
-    if problem is not None:
-        raise problem
+    await check_api()
 
 
 async def _probe(name: str, check: Any) -> tuple[str, str]:

@@ -52,12 +52,11 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import aiohttp
 import httpx
-from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import ObjectAlreadyExists
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -65,6 +64,7 @@ from tenacity.wait import wait_base, wait_random_exponential
 
 from batchops.errors import TransientError
 from batchops.limit_leases import LimitLeases, leases_logger
+from batchops.orchestration import Granted, UpstreamLimits
 from batchops.schemas import AttemptError, ItemErrorBody, ItemResult, ItemState, PlannedOperation
 from batchops.settings import UpstreamSpec
 from batchops.targets import ChunkContext
@@ -76,9 +76,6 @@ from batchops.targets.rate import (
     RedisGcra,
     rate_budget_key,
 )
-
-if TYPE_CHECKING:
-    from prefect.client.orchestration import PrefectClient
 
 __all__ = ["AdaptiveLimit", "HttpTarget", "parse_retry_after", "upstream_limit_name"]
 
@@ -215,11 +212,9 @@ class _BatchPool:
         self._holder = asyncio.create_task(self._hold())
 
     async def _hold(self) -> None:
-        from prefect import get_client
-
         name = upstream_limit_name(self.upstream)
         try:
-            async with get_client() as client:
+            async with UpstreamLimits() as client:
                 lease_id = await self._acquire(client, name)
                 if lease_id is None:
                     return  # every chunk left before the slots came
@@ -244,7 +239,7 @@ class _BatchPool:
             if not isinstance(exc, Exception):
                 raise
 
-    async def _acquire(self, client: PrefectClient, name: str) -> UUID | None:
+    async def _acquire(self, client: UpstreamLimits, name: str) -> UUID | None:
         """The lease on the pool's slots, once the limit has them free; ``None`` if every
         chunk left before."""
         wait = self.leases.slot_wait_seconds if self.leases is not None else SLOT_WAIT_SECONDS
@@ -252,21 +247,16 @@ class _BatchPool:
         reconcile_at = waiting_since + wait
         while not self._done.is_set():
             try:
-                response = await client.increment_concurrency_slots_with_lease(
-                    names=[name], slots=self.width, mode="concurrency",
-                    lease_duration=LEASE_SECONDS)
+                answer = await client.take(name, self.width, LEASE_SECONDS)
             except httpx.HTTPStatusError as exc:
-                if exc.response.status_code != 423:  # 423: not free now
-                    raise TransientError(f"no slots of {name}: {exc}") from exc
-                retry_after = parse_retry_after(exc.response.headers.get("retry-after"),
-                                                SLOT_POLL_SECONDS)
-            else:
-                granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
-                if not granted.limits:  # the limit is gone: the lease holds nothing
-                    await self._release(client, granted.lease_id, name)
+                raise TransientError(f"no slots of {name}: {exc}") from exc
+            if isinstance(answer, Granted):
+                if not answer.limit_found:  # the limit is gone: the lease holds nothing
+                    await self._release(client, answer.lease_id, name)
                     raise TransientError(f"the concurrency limit {name} does not exist")
                 GCL_CALLS.labels(self.upstream, "concurrency").inc()
-                return granted.lease_id
+                return answer.lease_id
+            retry_after = parse_retry_after(answer.retry_after, SLOT_POLL_SECONDS)
             now = time.monotonic()
             if now >= reconcile_at:
                 await self._reconcile_while_waiting(name, now - waiting_since)
@@ -294,7 +284,7 @@ class _BatchPool:
         logger.warning("batch %s: waited %.0f s for %d slot(s) of %s; %s; held by %s",
                        self.batch_id, waited, self.width, name, freed, held)
 
-    async def _keep(self, client: PrefectClient, lease_id: UUID, name: str) -> bool:
+    async def _keep(self, client: UpstreamLimits, lease_id: UUID, name: str) -> bool:
         """Renew the lease until the last chunk leaves: in the store every
         ``renew_seconds``, in Prefect every third of its duration. Whether the server forgot
         it meanwhile."""
@@ -327,27 +317,23 @@ class _BatchPool:
                         "batch's requests end", self.batch_id, lease_id, name)
         return lost
 
-    async def _renew(self, client: PrefectClient, lease_id: UUID) -> bool:
+    async def _renew(self, client: UpstreamLimits, lease_id: UUID) -> bool:
         """``False`` when the server no longer knows the lease (410); an unreachable server
         is asked again next time."""
         try:
-            await client.renew_concurrency_lease(lease_id, lease_duration=LEASE_SECONDS)
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 410:
-                return False
-            leases_logger().warning("lease %s not renewed: %s", lease_id, exc)
+            return await client.renew(lease_id, LEASE_SECONDS)
         except httpx.HTTPError as exc:
             leases_logger().warning("lease %s not renewed: %s", lease_id, exc)
         return True
 
-    async def _release(self, client: PrefectClient, lease_id: UUID, name: str) -> None:
+    async def _release(self, client: UpstreamLimits, lease_id: UUID, name: str) -> None:
         try:
-            await client.release_concurrency_slots_with_lease(lease_id)
+            await client.release(lease_id)
         except httpx.HTTPError as exc:  # the lease expires, or a reconciliation frees it
             leases_logger().warning("batch %s: lease %s on %s not released: %s",
                                     self.batch_id, lease_id, name, exc)
 
-    async def _end(self, client: PrefectClient, lease_id: UUID, name: str,
+    async def _end(self, client: UpstreamLimits, lease_id: UUID, name: str,
                    lost: bool) -> None:
         """Release the slots: with the lease while the server knows it, else (its release
         would be a no-op) by reconciling the limit once the record is gone."""
@@ -525,16 +511,14 @@ class HttpTarget:
         the slots of its concurrency limit that no live run holds (a server restart or a dead
         run left them). Prefect's upsert is read-then-write: one at a time here, and a create
         that lost a race with another process is tried again (then it updates)."""
-        from prefect import get_client
-
         async with up.limits_lock:
             if up.limits_ready:
                 return
             for attempt in (1, 2):
                 try:
-                    async with get_client() as client:
-                        await client.upsert_global_concurrency_limit_by_name(
-                            upstream_limit_name(up.name), up.spec.max_concurrency)
+                    async with UpstreamLimits() as limits:
+                        await limits.upsert(upstream_limit_name(up.name),
+                                            up.spec.max_concurrency)
                     break
                 except (ObjectAlreadyExists, httpx.HTTPStatusError):
                     if attempt == 2:
