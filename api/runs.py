@@ -12,7 +12,6 @@ it; the API does not wait for it. The Prefect calls go through :mod:`batchops.or
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -130,11 +129,12 @@ class BatchRunner:
         marked the batch final in the store, before the flow run's own end (artifacts,
         states).
         """
+        from prefect.settings import get_current_settings
+
         run = SyncRun(batch_id, asyncio.get_running_loop())
         self._runs[batch_id] = run
-        # The request's context travels with the run (Prefect settings live in context vars).
-        context = contextvars.copy_context()
-        run.future = self._pool.submit(context.run, self._run_in_thread, batch_id)
+        # The request's Prefect settings travel with the run (they live in context vars).
+        run.future = self._pool.submit(self._run_in_thread, batch_id, get_current_settings())
         run.future.add_done_callback(lambda _: self._run_ended(run))
         return run
 
@@ -142,31 +142,30 @@ class BatchRunner:
         self._runs.pop(run.batch_id, None)
         run.settle()
 
-    def _run_in_thread(self, batch_id: str) -> bool:
-        from prefect.context import SettingsContext, get_settings_context
-
+    def _run_in_thread(self, batch_id: str, settings: Any) -> bool:
         if self._store is not None and not self._store.take_queued_batch(batch_id):
             logger.info("batch %s: the reaper gave it a flow run while it waited here", batch_id)
             return False
-        mine = self._thread_settings()
-        with SettingsContext(profile=get_settings_context().profile, settings=mine.run_settings):
-            try:
-                flow_run = self._pending.create(mine.flow, {"batch_id": batch_id},
-                                                name=f"batch-{batch_id}")
-            except LookupError as exc:
-                raise TransientError(f"{exc}; retry") from None
-            state = self.worker.execute(mine.flow, flow_run)
+        mine = self._thread_settings(settings)
+        self._pending.run(mine.run_settings, self._run_batch, batch_id, mine.flow)
+        return True
+
+    def _run_batch(self, batch_id: str, flow: Any) -> None:
+        try:
+            flow_run = self._pending.create(flow, {"batch_id": batch_id},
+                                            name=f"batch-{batch_id}")
+        except LookupError as exc:
+            raise TransientError(f"{exc}; retry") from None
+        state = self.worker.execute(flow, flow_run)
         if state is not None and not state.is_completed():
             logger.warning("batch %s: its flow run ended %s: %s", batch_id, state.type.value,
                            state.message)
-        return True
 
-    def _thread_settings(self) -> _ThreadSettings:
-        """This thread's run settings and flow, for the current Prefect settings."""
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
+    def _thread_settings(self, settings: Any) -> _ThreadSettings:
+        """This thread's run settings and flow, for the request's Prefect ``settings``."""
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
         mine = self._settings
-        settings = get_current_settings()
         if mine.base_settings is not settings:
             # No flow heartbeat for a sync run inside the API: Prefect joins its heartbeat
             # thread, which sleeps in 1-second steps, at the end of every run (~0.5 s on each

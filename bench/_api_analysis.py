@@ -3,8 +3,9 @@
 Timelines join four clocks of one machine: the client's send/receive times, the store's batch
 row (``created_at``, ``started_at``, ``finished_at``), and the Prefect API's flow run (created,
 state times) and task runs (start/end). Profiles are ``py-spy record --idle --threads`` of the
-API process: every sample of the thread running the sync flow (``api.runs._run_flow``) is
-labelled by what the flow was doing, so shares are of wall time, waiting included.
+API process: every sample of the thread running the sync flow
+(``api.runs.BatchRunner._run_in_thread``) is labelled by what the flow was doing, so shares are
+of wall time, waiting included.
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ def summarize_flow_profile(raw: Path, flow_source: list[str], requests: int, rat
     chunk_total = loop_total = flow_total = 0
     for thread, frames, n in _parse_raw(raw):
         names = [_function(f) for f in frames]
-        if "_run_flow" in names:
+        if "BatchRunner._run_in_thread" in names:
             flow_total += n
             flow[_flow_label(frames, flow_source)] += n
         elif "run_chunk" in names:

@@ -43,14 +43,12 @@ PROGRESS_MIN_INTERVAL = 0.25  # seconds between two progress-artifact updates
 PROGRESS_TICK = 1.0  # during a long chunk, progress moves from its checkpoints this often
 
 
-def _flow_run_name() -> str:
-    batch_id = runtime.flow_run.parameters.get("batch_id")
-    return f"batch-{batch_id}" if batch_id else "batch-registering"
-
-
-def _rename_flow_run(name: str) -> None:
-    flow_run_id = runtime.flow_run.id
-    if flow_run_id:
+def _name_flow_run(batch_id: str) -> None:
+    """The run is named ``batch-<id>``: runs batchops starts are named so at their creation;
+    one started by hand (the UI, ``prefect deployment run``) is renamed once its batch is
+    known (no ``flow_run_name`` on the flow: the engine would write the name on every run)."""
+    flow_run_id, name = runtime.flow_run.id, f"batch-{batch_id}"
+    if flow_run_id and runtime.flow_run.name != name:
         orchestration.rename_flow_run(flow_run_id, name)
 
 
@@ -155,7 +153,6 @@ def _cancelled_in_prefect(flow: Any, flow_run: FlowRun, state: State) -> None:
 
 @flow(
     name="process-batch",
-    flow_run_name=_flow_run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=get_settings().chunk_workers),  # type: ignore[arg-type]
     log_prints=True,
     on_cancellation=[_cancelled_in_prefect],
@@ -196,8 +193,8 @@ def process_batch(
         if batch_id is None:
             batch_id = register_operations(operations, concurrency, source="flow",
                                            deadline_seconds=deadline_seconds)
-            _rename_flow_run(f"batch-{batch_id}")
         deadline_seconds = None  # counted from the registration
+    _name_flow_run(batch_id)
     if run_id is not None and (reopened := reopen_if_retried(batch_id, run_id)) is not None:
         logger.info("batch %s: this run is retried in Prefect: %d failed or skipped item(s) "
                     "run again", batch_id, reopened)
