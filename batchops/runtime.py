@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from batchops.handlers import load_handler_modules, registry
+from batchops.lifecycle import BatchLifecycle
 from batchops.limit_leases import LimitLeases
 from batchops.progress import RedisProgress
 from batchops.resources import Resource, build_resources
@@ -27,6 +28,11 @@ class Runtime:
     resources: dict[str, Resource]
     router: Router
     targets: dict[str, Target] = field(default_factory=dict)
+    # The only writer of the batches' status (and the finish listeners of this process).
+    lifecycle: BatchLifecycle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lifecycle = BatchLifecycle(self.store)
 
     def prepare(self) -> None:
         """Migrate the store and create the declared tables marked ``create``."""

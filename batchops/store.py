@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
-from batchops.errors import BatchFinished, BatchInProgress, BatchNotFound, TransientError
+from batchops.errors import BatchNotFound, TransientError
 from batchops.progress import RedisProgress
 from batchops.schemas import (
     BatchState,
@@ -164,7 +164,7 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
-def _deadline_from(now: datetime, seconds: float | None) -> datetime | None:
+def deadline_from(now: datetime, seconds: float | None) -> datetime | None:
     return None if seconds is None else now + timedelta(seconds=seconds)
 
 
@@ -280,19 +280,16 @@ def _checkpoint_json(result: ItemResult) -> str:
 
 
 class Store:
-    """Reads and writes batches; every method is one short transaction unless it takes ``conn``."""
+    """Reads and writes batches; every method is one short transaction unless it takes ``conn``.
+
+    A batch's status is not written here: :class:`batchops.lifecycle.BatchLifecycle` is its
+    only writer."""
 
     def __init__(self, url: str, engine: Engine | None = None,
                  progress: RedisProgress | None = None) -> None:
         self.url = url
         self.engine = engine or shared_engine(url)
         self.progress = progress  # status snapshots in Redis (batchops.progress), if set
-        self._finish_listeners: list[Callable[[str], None]] = []
-
-    def on_finished(self, listener: Callable[[str], None]) -> None:
-        """Call ``listener(batch_id)`` whenever this process has marked a batch finished
-        (committed; in the marking thread): the API answers a sync batch then."""
-        self._finish_listeners.append(listener)
 
     def read(self) -> Connection:
         """A connection for reads (on SQLite it does not take the write lock)."""
@@ -315,7 +312,7 @@ class Store:
                         if not sqlite:
                             conn.exec_driver_sql("SET LOCAL lock_timeout = '1s'")
                         conn.execute(batches.update().where(sa.false())
-                                     .values(status=batches.c.status))
+                                     .values(error=batches.c.error))
                         tx.rollback()
                 except sa.exc.OperationalError as exc:
                     if not (sqlite and "database is locked" in str(exc.orig)):
@@ -341,17 +338,6 @@ class Store:
         upgrade(self.engine, then=create)
 
     # -- registration -------------------------------------------------------------------
-
-    def insert_batch(self, conn: Connection, batch_id: str, *, concurrency: int,
-                     chunk_size: int, scope: str, source: str,
-                     deadline_seconds: float | None = None) -> None:
-        now = utcnow()
-        conn.execute(batches.insert().values(
-            id=batch_id, status=BatchState.QUEUED.value, scope=scope, source=source, total=0,
-            concurrency=concurrency, chunk_size=chunk_size, created_at=now,
-            deadline_seconds=deadline_seconds,
-            deadline_at=_deadline_from(now, deadline_seconds),
-        ))
 
     def insert_chunk(self, conn: Connection, ref: ChunkRef, ops: Sequence[PlannedOperation],
                      depends_on: Sequence[int]) -> None:
@@ -540,103 +526,27 @@ class Store:
         now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
-                deadline_seconds=seconds, deadline_at=_deadline_from(now, seconds)))
+                deadline_seconds=seconds, deadline_at=deadline_from(now, seconds)))
 
-    def mark_started(self, batch_id: str, flow_run_id: str | None) -> bool:
-        """Processing under this flow run; ``False`` when the batch was cancelled."""
-        with self.engine.begin() as conn:
-            started = conn.execute(batches.update().where(
-                batches.c.id == batch_id, batches.c.status != BatchState.CANCELLED.value,
-            ).values(
-                status=BatchState.PROCESSING.value, flow_run_id=flow_run_id,
-                started_at=sa.func.coalesce(batches.c.started_at, utcnow()),
-                finished_at=None, error=None, heartbeat_at=utcnow(),
-            )).rowcount == 1
-        self.publish_status(batch_id)
-        return started
-
-    def mark_finished(self, batch_id: str, state: BatchState, error: str | None = None) -> None:
-        """Final status, when every item has its result. A cancelled batch stays cancelled:
-        it gets its ``finished_at``, as its items have their results now too."""
-        b = batches.c
-        with self.engine.begin() as conn:
-            conn.execute(batches.update().where(
-                b.id == batch_id, b.status != BatchState.CANCELLED.value,
-            ).values(status=state.value, finished_at=utcnow(), error=error))
-            conn.execute(batches.update().where(
-                b.id == batch_id, b.status == BatchState.CANCELLED.value,
-                b.finished_at.is_(None)).values(finished_at=utcnow()))
-        for listener in self._finish_listeners:
-            listener(batch_id)
-        self.publish_status(batch_id)
-
-    def note_error(self, batch_id: str, error: str) -> None:
-        """Why the batch's run could not finish, on a batch left for the reaper to resume."""
-        with self.engine.begin() as conn:
-            conn.execute(batches.update().where(batches.c.id == batch_id).values(error=error))
-        self.publish_status(batch_id)
-
-    def cancel(self, batch_id: str) -> str:
-        """Queued or processing → cancelled, in one conditional update (a batch finishing
-        meanwhile is not cancelled); the status it had. Cancelling a cancelled batch changes
-        nothing; a batch that has completed or failed cannot be cancelled (:class:`BatchFinished`).
-
-        Its items that have no result yet get one (``skipped``, ``cancelled``) from whoever
-        stops its run — ``finished_at`` is set then (see :mod:`batchops.cancellation`).
-        """
-        b = batches.c
-        active = [BatchState.QUEUED.value, BatchState.PROCESSING.value]
-        with self.engine.begin() as conn:
-            was = conn.execute(sa.select(b.status).where(b.id == batch_id)
-                               .with_for_update()).scalar()
-            if was is None:
-                raise BatchNotFound(batch_id)
-            if was in active:
-                conn.execute(batches.update().where(b.id == batch_id, b.status.in_(active))
-                             .values(status=BatchState.CANCELLED.value))
-        if was in (BatchState.COMPLETED.value, BatchState.FAILED.value):
-            raise BatchFinished(f"batch {batch_id} has already {was}")
-        self.publish_status(batch_id)
-        return str(was)
-
-    def prepare_retry(self, batch_id: str) -> int:
-        """Open the batch's failed, skipped (and never-run) items for another run; how many.
-
-        Chunks with failures or skipped items are reopened (their succeeded results are kept
-        and not run again), the counters lose the failed and skipped items, the batch is
-        queued under a new generation so chunk cache keys change, and a batch with a deadline
-        gets a new one, ``deadline_seconds`` from now.
-        """
+    def recorded_unsucceeded(self, conn: Connection, batch_id: str) -> tuple[int, int]:
+        """``(failed, skipped)``: the items of the batch's recorded chunks that a retry runs
+        again."""
         c = batch_chunks.c
-        with self.engine.begin() as conn:
-            batch = conn.execute(batches.select().where(batches.c.id == batch_id)
-                                 .with_for_update()).mappings().first()
-            if batch is None:
-                raise BatchNotFound(batch_id)
-            if batch["status"] in (BatchState.QUEUED.value, BatchState.PROCESSING.value):
-                raise BatchInProgress(f"batch {batch_id} is {batch['status']}; retry it once it "
-                                      "has finished")
-            failed, skipped = (int(n) for n in conn.execute(sa.select(
-                sa.func.coalesce(sa.func.sum(c.failed), 0),
-                sa.func.coalesce(sa.func.sum(c.skipped), 0),
-            ).where(c.batch_id == batch_id, c.done.is_(True))).one())
-            to_run = int(batch["total"]) - int(batch["completed"]) + failed + skipped
-            if to_run == 0:
-                return 0  # every item succeeded: nothing to run, nothing changes
-            conn.execute(batch_chunks.update().where(
-                c.batch_id == batch_id, c.done.is_(True), (c.failed > 0) | (c.skipped > 0),
-            ).values(done=False))
-            self._carry_checkpoints(conn, batch_id, int(batch["generation"]))
-            conn.execute(batches.update().where(batches.c.id == batch_id).values(
-                status=BatchState.QUEUED.value, generation=batches.c.generation + 1,
-                heartbeat_at=utcnow(),
-                completed=batches.c.completed - failed - skipped,
-                failed=batches.c.failed - failed, skipped=batches.c.skipped - skipped,
-                deadline_at=_deadline_from(utcnow(), batch["deadline_seconds"]),
-                finished_at=None, error=None,
-            ))
-        self.publish_status(batch_id)
-        return to_run
+        failed, skipped = conn.execute(sa.select(
+            sa.func.coalesce(sa.func.sum(c.failed), 0),
+            sa.func.coalesce(sa.func.sum(c.skipped), 0),
+        ).where(c.batch_id == batch_id, c.done.is_(True))).one()
+        return int(failed), int(skipped)
+
+    def reopen_unsucceeded(self, conn: Connection, batch_id: str, generation: int) -> None:
+        """For a retry (:meth:`BatchLifecycle.retry`): the chunks with failed or skipped items
+        are open again (their succeeded results are kept and not run again), and the
+        checkpoints carried to the next generation."""
+        c = batch_chunks.c
+        conn.execute(batch_chunks.update().where(
+            c.batch_id == batch_id, c.done.is_(True), (c.failed > 0) | (c.skipped > 0),
+        ).values(done=False))
+        self._carry_checkpoints(conn, batch_id, generation)
 
     def _carry_checkpoints(self, conn: Connection, batch_id: str, generation: int) -> None:
         """A retry's new generation keeps the successes that a chunk which could not finish
@@ -654,13 +564,6 @@ class Store:
         if len(drop) < len(rows):
             conn.execute(t.update().where(t.c.batch_id == batch_id, t.c.generation == generation)
                          .values(generation=generation + 1))
-
-    def set_flow_run_id(self, batch_id: str, flow_run_id: str) -> None:
-        """The flow run that will process a queued batch (so its UI link shows at once)."""
-        with self.engine.begin() as conn:
-            conn.execute(batches.update().where(batches.c.id == batch_id)
-                         .values(flow_run_id=flow_run_id))
-        self.publish_status(batch_id)
 
     # -- idempotency --------------------------------------------------------------------
 
@@ -925,35 +828,6 @@ class Store:
             if n < batch:
                 break
         return gone
-
-    def take_queued_batch(self, batch_id: str) -> bool:
-        """Take a new batch for a run in this process: ``False`` when it is no longer queued
-        without a flow run (the reaper started one for it, or it was cancelled). Refreshes
-        its heartbeat, so the reaper sees it alive until the run marks it started."""
-        b = batches.c
-        with self.engine.begin() as conn:
-            return conn.execute(batches.update().where(
-                b.id == batch_id, b.status == BatchState.QUEUED.value, b.flow_run_id.is_(None),
-                b.recoveries == 0,
-            ).values(heartbeat_at=utcnow())).rowcount == 1
-
-    def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta,
-                         flow_run_id: str | None = None, *, detach: bool = False) -> bool:
-        """Take a stale batch for a new run: refreshes its heartbeat and counts a recovery,
-        unless it moved meanwhile (another reaper took it, or its run started or changed).
-        With ``detach`` the batch leaves its dead run (``flow_run_id`` unset until the new
-        run's is set), so nothing else takes it for that run again."""
-        cutoff = utcnow() - stale_after
-        b = batches.c
-        same_run = b.flow_run_id.is_(None) if flow_run_id is None else b.flow_run_id == flow_run_id
-        values: dict[str, Any] = {"heartbeat_at": utcnow(), "recoveries": b.recoveries + 1}
-        if detach:
-            values["flow_run_id"] = None
-        with self.engine.begin() as conn:
-            return conn.execute(batches.update().where(
-                b.id == batch_id, b.status == status, same_run,
-                sa.func.coalesce(b.heartbeat_at, b.created_at) < cutoff,
-            ).values(**values)).rowcount == 1
 
 
 def _dialect_insert(conn: Connection) -> Any:

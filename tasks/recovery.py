@@ -118,10 +118,10 @@ def _end_cancelled(batch_id: str) -> None:
     good, and the items its run did not record get their results (``cancelled``)."""
     runtime = get_runtime()
     try:
-        was = runtime.store.cancel(batch_id)  # nothing changes for one cancelled already
+        was = runtime.lifecycle.cancel(batch_id)  # nothing changes for one cancelled already
     except BatchFinished:
         return
-    settle_cancelled(runtime, batch_id, run_stopped=was != BatchState.QUEUED.value)
+    settle_cancelled(runtime, batch_id, run_stopped=was is not BatchState.QUEUED)
 
 
 @task(name="restart-stale-batches", cache_policy=NO_CACHE)
@@ -168,7 +168,7 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
         if status == BatchState.CANCELLED.value or cancelled_run:
             # Cancelled (here or in Prefect) and its run gone: it is not run again; the items
             # its run did not record get their results (cancelled).
-            if runtime.store.take_stale_batch(batch_id, status, stale_after, run_id):
+            if runtime.lifecycle.recover(batch_id, status, stale_after, run_id):
                 _end_cancelled(batch_id)
                 logger.info("batch %s: cancelled and its run is gone; not run again",
                             batch_id)
@@ -177,8 +177,7 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
             continue
         # Detached from the dead run: a second reaper (one the crash below triggers) finds
         # the batch no longer under it.
-        if not runtime.store.take_stale_batch(batch_id, status, stale_after, run_id,
-                                              detach=True):
+        if not runtime.lifecycle.recover(batch_id, status, stale_after, run_id, detach=True):
             continue  # it moved meanwhile, or another reaper took it
         if run is not None:
             try:
@@ -193,8 +192,8 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
             # Every item gets a result: the ones no run recorded fail (chunk_failed).
             asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(why)))
             if run_id is not None:  # the batch keeps the link to its last run
-                runtime.store.set_flow_run_id(batch_id, run_id)
-            runtime.store.mark_finished(batch_id, BatchState.FAILED, why)
+                runtime.lifecycle.attach_run(batch_id, run_id)
+            runtime.lifecycle.finish(batch_id, BatchState.FAILED, why)
             logger.error("batch %s: its run died %d times; marked failed", batch_id,
                          batch.recoveries)
             continue
@@ -202,7 +201,7 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
             settings.process_batch_deployment, parameters={"batch_id": batch_id}, timeout=0,
             as_subflow=False, flow_run_name=f"batch-{batch_id}",
             idempotency_key=f"batchops-recover-{batch_id}-{batch.recoveries}")
-        runtime.store.set_flow_run_id(batch_id, str(new.id))
+        runtime.lifecycle.attach_run(batch_id, str(new.id))
         logger.info("batch %s (%s): its run is gone; flow run %s resumes it", batch_id, status,
                     new.id)
         restarted.append(batch_id)

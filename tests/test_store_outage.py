@@ -191,7 +191,7 @@ def test_a_chunk_that_fails_for_good_records_its_items_failed_and_a_retry_runs_t
         with runtime.store.engine.begin() as conn:
             conn.exec_driver_sql("DROP TRIGGER users_bug ON users")
 
-    assert runtime.store.prepare_retry(batch_id) == 100
+    assert runtime.lifecycle.retry(batch_id) == 100
     assert process_batch(batch_id=batch_id, return_state=True).is_completed()
     _assert_every_user_written_once(runtime, batch_id, 300)
 

@@ -186,7 +186,7 @@ def test_a_crashed_batch_run_is_resumed_at_once_by_the_reaper_deployment_trigger
         # its batch processing under it with a fresh heartbeat: the sweep would wait a minute.
         dead = client.create_flow_run_from_deployment(
             deployment.id, parameters={"batch_id": batch_id}, state=Running())
-        assert runtime.store.mark_started(batch_id, str(dead.id))
+        assert runtime.lifecycle.start(batch_id, str(dead.id))
         # What Prefect's engine, or its zombie detection, does to such a run.
         client.set_flow_run_state(dead.id, Crashed(message="worker lost"), force=True)
 
