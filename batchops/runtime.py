@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from batchops.engine import shared_engine
 from batchops.handlers import load_handler_modules, registry
 from batchops.lifecycle import BatchLifecycle
 from batchops.limit_leases import LimitLeases
@@ -12,7 +13,7 @@ from batchops.progress import RedisProgress
 from batchops.resources import Resource, build_resources
 from batchops.routing import HTTP_TARGET, PYTHON_TARGET, SQL_TARGET, Router
 from batchops.settings import Settings, get_settings
-from batchops.store import Store, shared_engine
+from batchops.store import Store
 from batchops.targets import Target
 from batchops.targets.http import HttpTarget
 from batchops.targets.python import PythonTarget

@@ -11,17 +11,16 @@ Reading results walks the chunks in order.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
+from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, dialect_insert, shared_engine
 from batchops.errors import BatchNotFound, TransientError
 from batchops.progress import RedisProgress
 from batchops.schemas import (
@@ -33,8 +32,7 @@ from batchops.schemas import (
     PlannedOperation,
 )
 
-__all__ = ["BatchRecord", "Claims", "IdempotencyRecord", "Store", "create_engine", "metadata",
-           "utcnow"]
+__all__ = ["BatchRecord", "Claims", "IdempotencyRecord", "Store", "metadata", "utcnow"]
 
 metadata = sa.MetaData()
 
@@ -172,48 +170,6 @@ def _count(results: Sequence[ItemResult], *states: ItemState) -> tuple[int, ...]
     return tuple(sum(1 for r in results if r.state is state) for state in states)
 
 
-_SQLITE_BUSY_TIMEOUT_MS = 60_000  # a SQLite writer waits this long for the lock
-
-
-def create_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine with the settings batchops needs for the dialect (SQLite: threads, WAL)."""
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 60}, **kwargs
-        )
-
-        @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # Let pysqlite not issue BEGIN itself, so SAVEPOINTs work; WAL for readers.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across app crashes
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
-            cur.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Connection) -> None:
-            # Writers take the lock up front (IMMEDIATE): two writers never deadlock on an
-            # upgrade from read to write. Readers (``read_only``) do not block anyone in WAL.
-            if conn.get_execution_options().get("read_only"):
-                conn.exec_driver_sql("BEGIN")
-            else:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
-    # No pre-ping (a round trip per checkout): a connection that died raises, the pool drops
-    # it, and the chunk task's retry on connection errors runs the chunk again.
-    kwargs.setdefault("pool_recycle", 1800)
-    return sa.create_engine(url, **kwargs)
-
-
 @dataclass(frozen=True)
 class BatchRecord:
     id: str
@@ -254,19 +210,6 @@ class IdempotencyRecord:
     result: Any
     batch_id: str
     item_index: int
-
-
-_engines: dict[str, Engine] = {}
-_engines_lock = threading.Lock()
-
-
-def shared_engine(url: str) -> Engine:
-    """One engine (one pool) per database URL in this process."""
-    with _engines_lock:
-        engine = _engines.get(url)
-        if engine is None:
-            engine = _engines[url] = create_engine(url)
-        return engine
 
 
 def _checkpoint_json(result: ItemResult) -> str:
@@ -319,7 +262,7 @@ class Store:
                         raise
                 finally:
                     if sqlite:
-                        raw.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+                        raw.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         except sa.exc.DBAPIError as exc:
             message = (str(exc.orig).strip().splitlines() or [""])[0]
             raise TransientError(f"the store refuses writes: {message}") from exc
@@ -595,7 +538,7 @@ class Store:
                                       t.c.expires_at <= now))
         # A key saved already (by the chunk's checkpoint writer, or by a batch that ran it
         # first) keeps its first record.
-        conn.execute(_dialect_insert(conn)(t).on_conflict_do_nothing(), [
+        conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(), [
             {"scope": scope, "key": op.idempotency_key, "payload_hash": op.payload_hash,
              "status": r.status, "result": r.result, "batch_id": batch_id,
              "item_index": r.index, "created_at": now, "expires_at": now + retention}
@@ -633,7 +576,7 @@ class Store:
         rows = [{"scope": scope, "key": k, "batch_id": batch_id, "item_index": op.index,
                  "claimed_at": now} for k, op in by_key.items()]
         with self.engine.begin() as conn:
-            insert = _dialect_insert(conn)(t).on_conflict_do_nothing()
+            insert = dialect_insert(conn)(t).on_conflict_do_nothing()
             conn.execute(insert, rows)
             holders = conn.execute(
                 sa.select(t.c.key, t.c.batch_id, batches.c.heartbeat_at, batches.c.status)
@@ -786,7 +729,7 @@ class Store:
         t = limit_reconciliations
         now = utcnow()
         with self.engine.begin() as conn:
-            conn.execute(_dialect_insert(conn)(t).values(
+            conn.execute(dialect_insert(conn)(t).values(
                 limit_name=limit_name, claimed_until=now).on_conflict_do_nothing())
             return conn.execute(t.update().where(
                 t.c.limit_name == limit_name, t.c.claimed_until <= now,
@@ -828,13 +771,3 @@ class Store:
             if n < batch:
                 break
         return gone
-
-
-def _dialect_insert(conn: Connection) -> Any:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert
