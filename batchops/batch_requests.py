@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from batchops.errors import IdempotencyConflict
-from batchops.store import Store, batches, metadata, utcnow
+from batchops.store import Store
+from batchops.tables import batches, metadata, utcnow
 
 __all__ = [
     "BatchRequest",

@@ -47,7 +47,8 @@ from sqlalchemy.engine import Connection
 
 from batchops.errors import BatchFinished, BatchInProgress, BatchNotFound
 from batchops.schemas import BatchState
-from batchops.store import Store, batches, deadline_from, utcnow
+from batchops.store import Store, deadline_from
+from batchops.tables import batches, utcnow
 
 __all__ = ["TRANSITIONS", "BatchEvent", "BatchLifecycle", "next_state"]
 

@@ -54,7 +54,8 @@ from batchops.resources import Resource
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, BatchSummary
 from batchops.settings import SyncSpec
-from batchops.store import Store, metadata, utcnow
+from batchops.store import Store
+from batchops.tables import metadata, utcnow
 
 __all__ = [
     "BulkSync",

@@ -22,7 +22,7 @@ import pytest
 
 from batchops.registration import register_batch
 from batchops.runtime import Runtime, get_runtime
-from batchops.store import batches, utcnow
+from batchops.tables import batches, utcnow
 from tests.test_api import (  # noqa: F401 - fixtures
     poll_until_finished,
     start_api,

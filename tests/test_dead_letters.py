@@ -29,7 +29,7 @@ from batchops.errors import DeadLetterNotFound, DeadLetterReplayed, EmptyReplayF
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import AttemptError, BatchState, ItemErrorBody, ItemResult, ItemState
-from batchops.store import item_checkpoints
+from batchops.tables import item_checkpoints
 from flows.process_batch import process_batch
 from tests.conftest import _truncate_pg
 from tests.runner import serving_deployments

@@ -25,7 +25,7 @@ from batchops.lifecycle import TRANSITIONS, BatchEvent, next_state
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, ItemResult, ItemState
-from batchops.store import batches
+from batchops.tables import batches
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("api", "batchops", "cli", "deployments", "flows", "tasks")

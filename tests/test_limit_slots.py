@@ -25,7 +25,7 @@ from batchops.limit_leases import LimitLeases
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, ItemState
-from batchops.store import limit_leases, utcnow
+from batchops.tables import limit_leases, utcnow
 from batchops.targets.http import upstream_limit_name
 from deployments.local import wait_for_prefect
 from deployments.processes import Supervisor

@@ -15,7 +15,7 @@ from batchops.batch_requests import BatchRequests, batch_requests
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, ItemResult, ItemState, PlannedOperation
-from batchops.store import idempotency_records, item_claims
+from batchops.tables import idempotency_records, item_claims
 from flows.process_batch import process_batch
 from flows.reaper import reap_stale_batches
 

@@ -21,7 +21,7 @@ from prefect import get_client
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState
-from batchops.store import batches, utcnow
+from batchops.tables import batches, utcnow
 from flows.reaper import reap_stale_batches
 from tests.conftest import _truncate_pg
 from tests.test_api import deployment_runner, table_rows  # noqa: F401 - fixture

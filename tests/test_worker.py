@@ -78,7 +78,7 @@ def _flow_run(flow_run_id: str) -> Any:
 
 
 def _batches(runtime: Any) -> list[Any]:
-    from batchops.store import batches
+    from batchops.tables import batches
 
     with runtime.store.engine.connect() as conn:
         return list(conn.execute(batches.select()))
@@ -211,7 +211,7 @@ def test_prefect_flow_run_retry_reruns_the_failed_items_of_the_same_batch(
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from batchops.store import batches
+    from batchops.tables import batches
 
     runtime = configure(database_url=worker["database_url"])
     operations = [user(810), {"id": "rename", "method": "PATCH", "path": "/users/811",
