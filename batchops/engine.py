@@ -10,7 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["SQLITE_BUSY_TIMEOUT_MS", "create_engine", "dialect_insert", "shared_engine"]
+__all__ = ["SQLITE_BUSY_TIMEOUT_MS", "create_engine", "dialect_insert", "read_only",
+           "shared_engine"]
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000  # a SQLite writer waits this long for the lock
 
@@ -65,6 +66,11 @@ def shared_engine(url: str) -> Engine:
         if engine is None:
             engine = _engines[url] = create_engine(url)
         return engine
+
+
+def read_only(engine: Engine) -> Connection:
+    """A connection for reads (on SQLite it does not take the write lock)."""
+    return engine.connect().execution_options(read_only=True)
 
 
 def dialect_insert(conn: Connection) -> Any:

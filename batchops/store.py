@@ -20,8 +20,9 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
-from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, dialect_insert, shared_engine
+from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, dialect_insert, read_only, shared_engine
 from batchops.errors import BatchNotFound, TransientError
+from batchops.lease_records import LeaseRecords
 from batchops.progress import RedisProgress
 from batchops.schemas import (
     BatchState,
@@ -38,8 +39,6 @@ from batchops.tables import (
     idempotency_records,
     item_checkpoints,
     item_claims,
-    limit_leases,
-    limit_reconciliations,
     utcnow,
 )
 
@@ -120,10 +119,11 @@ class Store:
         self.url = url
         self.engine = engine or shared_engine(url)
         self.progress = progress  # status snapshots in Redis (batchops.progress), if set
+        self.leases = LeaseRecords(self.engine)
 
     def read(self) -> Connection:
         """A connection for reads (on SQLite it does not take the write lock)."""
-        return self.engine.connect().execution_options(read_only=True)
+        return read_only(self.engine)
 
     def check_writable(self) -> None:
         """Raise :class:`TransientError` unless the store accepts writes now: an update that
@@ -561,72 +561,6 @@ class Store:
                                b.finished_at.is_(None), last_sign < cutoff)),
             ).order_by(b.created_at).limit(limit)).all()
         return [(r.id, r.status, r.flow_run_id) for r in rows]
-
-    def add_lease(self, batch_id: str, lease_id: str, limit_name: str, slots: int) -> None:
-        now = utcnow()
-        with self.engine.begin() as conn:
-            conn.execute(limit_leases.insert().values(
-                lease_id=lease_id, batch_id=batch_id, limit_name=limit_name, slots=slots,
-                acquired_at=now, renewed_at=now))
-
-    def renew_lease(self, lease_id: str) -> bool:
-        """The lease's holder is alive; ``False`` when its record is gone (taken as dead)."""
-        with self.engine.begin() as conn:
-            return conn.execute(limit_leases.update().where(
-                limit_leases.c.lease_id == lease_id).values(renewed_at=utcnow())).rowcount == 1
-
-    def drop_lease(self, lease_id: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(limit_leases.delete().where(limit_leases.c.lease_id == lease_id))
-
-    def batch_leases(self, batch_id: str) -> list[str]:
-        with self.read() as conn:
-            return list(conn.execute(sa.select(limit_leases.c.lease_id).where(
-                limit_leases.c.batch_id == batch_id)).scalars())
-
-    def live_leases(self, limit_name: str, stale_after: timedelta) -> list[tuple[str, int]]:
-        """``(batch id, slots)`` of the leases on ``limit_name`` whose holder renewed them
-        within ``stale_after``."""
-        c = limit_leases.c
-        with self.read() as conn:
-            rows = conn.execute(sa.select(c.batch_id, c.slots).where(
-                c.limit_name == limit_name,
-                sa.func.coalesce(c.renewed_at, c.acquired_at) >= utcnow() - stale_after,
-            ).order_by(c.acquired_at)).all()
-        return [(r.batch_id, r.slots) for r in rows]
-
-    def stale_leases(self, limit_name: str, stale_after: timedelta) -> list[str]:
-        """Ids of the leases on ``limit_name`` that their holder stopped renewing."""
-        c = limit_leases.c
-        with self.read() as conn:
-            return list(conn.execute(sa.select(c.lease_id).where(
-                c.limit_name == limit_name,
-                sa.func.coalesce(c.renewed_at, c.acquired_at) < utcnow() - stale_after,
-            )).scalars())
-
-    def leased_limits(self) -> list[str]:
-        """Names of the limits with lease records."""
-        with self.read() as conn:
-            return list(conn.execute(
-                sa.select(limit_leases.c.limit_name).distinct()).scalars())
-
-    def claim_reconciliation(self, limit_name: str, seconds: float) -> bool:
-        """Take the turn to reconcile ``limit_name`` for up to ``seconds``; ``False`` while
-        another process has it."""
-        t = limit_reconciliations
-        now = utcnow()
-        with self.engine.begin() as conn:
-            conn.execute(dialect_insert(conn)(t).values(
-                limit_name=limit_name, claimed_until=now).on_conflict_do_nothing())
-            return conn.execute(t.update().where(
-                t.c.limit_name == limit_name, t.c.claimed_until <= now,
-            ).values(claimed_until=now + timedelta(seconds=seconds))).rowcount == 1
-
-    def end_reconciliation(self, limit_name: str) -> None:
-        t = limit_reconciliations
-        with self.engine.begin() as conn:
-            conn.execute(t.update().where(t.c.limit_name == limit_name)
-                         .values(claimed_until=utcnow()))
 
     def purge_expired(self, stale_after: timedelta, limit: int = 50_000) -> dict[str, int]:
         """Delete idempotency records past their retention, and the claims of batches that

@@ -105,12 +105,12 @@ def _release_leases(batch_id: str) -> None:
     lease expired, or for good on a server without its repossessor)."""
     store = get_runtime().store
     with get_client(sync_client=True) as client:
-        for lease_id in store.batch_leases(batch_id):
+        for lease_id in store.leases.of_batch(batch_id):
             try:
                 client.release_concurrency_slots_with_lease(UUID(lease_id))
             except Exception as exc:  # expired and revoked already
                 _logger().info("batch %s: lease %s: %s", batch_id, lease_id, exc)
-            store.drop_lease(lease_id)
+            store.leases.drop(lease_id)
 
 
 def _end_cancelled(batch_id: str) -> None:
