@@ -24,6 +24,7 @@ from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, dialect_insert, read_only, s
 from batchops.errors import BatchNotFound, TransientError
 from batchops.lease_records import LeaseRecords
 from batchops.progress import RedisProgress
+from batchops.purge import Purge
 from batchops.schemas import (
     BatchState,
     BatchStatus,
@@ -120,6 +121,7 @@ class Store:
         self.engine = engine or shared_engine(url)
         self.progress = progress  # status snapshots in Redis (batchops.progress), if set
         self.leases = LeaseRecords(self.engine)
+        self.purge = Purge(self.engine)
 
     def read(self) -> Connection:
         """A connection for reads (on SQLite it does not take the write lock)."""
@@ -561,34 +563,3 @@ class Store:
                                b.finished_at.is_(None), last_sign < cutoff)),
             ).order_by(b.created_at).limit(limit)).all()
         return [(r.id, r.status, r.flow_run_id) for r in rows]
-
-    def purge_expired(self, stale_after: timedelta, limit: int = 50_000) -> dict[str, int]:
-        """Delete idempotency records past their retention, and the claims of batches that
-        finished over ``stale_after`` ago (a run that died left them; they only ever get taken
-        over). At most ``limit`` rows of each; how many went."""
-        t, c, b = idempotency_records, item_claims, batches.c
-        now = utcnow()
-        finished = sa.select(b.id).where(
-            b.status.in_([s.value for s in BatchState if s.is_final]),
-            b.finished_at < now - stale_after)
-        return {
-            "idempotency_records": self.delete_in_batches(
-                t, (t.c.scope, t.c.key), t.c.expires_at <= now, limit),
-            "item_claims": self.delete_in_batches(
-                c, (c.c.scope, c.c.key), c.c.batch_id.in_(finished), limit),
-        }
-
-    def delete_in_batches(self, table: sa.Table, key: Sequence[sa.ColumnElement[Any]],
-                          condition: sa.ColumnElement[bool], limit: int = 50_000,
-                          batch: int = 5_000) -> int:
-        """Delete ``table``'s rows matching ``condition``, at most ``limit``, in transactions
-        of ``batch`` rows (each a semi-join on the primary key ``key``); how many went."""
-        gone = 0
-        while gone < limit:
-            some = sa.select(*key).where(condition).limit(min(batch, limit - gone))
-            with self.engine.begin() as conn:
-                n = conn.execute(table.delete().where(sa.tuple_(*key).in_(some))).rowcount
-            gone += n
-            if n < batch:
-                break
-        return gone

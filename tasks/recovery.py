@@ -228,7 +228,7 @@ def purge_expired(stale_after_seconds: float | None = None) -> dict[str, int]:
     runtime = get_runtime()
     settings = runtime.settings
     stale_after = timedelta(seconds=stale_after_seconds or settings.stale_after_seconds)
-    purged = runtime.store.purge_expired(stale_after)
+    purged = runtime.store.purge.expired(stale_after)
     retention = timedelta(hours=settings.idempotency_retention_hours)
     purged["batch_requests"] = BatchRequests(runtime.store, retention).purge_expired()
     if any(purged.values()):
