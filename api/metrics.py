@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState
-from batchops.store import batch_chunks, batches, utcnow
+from batchops.tables import batch_chunks, batches, utcnow
 
 __all__ = ["ApiMetrics", "StoreCollector"]
 

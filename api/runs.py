@@ -21,9 +21,9 @@ from uuid import UUID
 
 from batchops import orchestration
 from batchops.errors import TransientError
+from batchops.lifecycle import BatchLifecycle
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState
-from batchops.store import Store
 
 __all__ = ["BatchRunner", "SyncRun"]
 
@@ -104,7 +104,7 @@ class BatchRunner:
                                      name=f"batchops-api-{id(self):x}")
         # batch id → the sync run started here, until it ends
         self._runs: dict[str, SyncRun] = {}
-        self._store: Store | None = None
+        self._lifecycle: BatchLifecycle | None = None
 
     def attach(self, runtime: Runtime) -> None:
         """Hear from the store when a batch run here is final (see :meth:`SyncRun.wait`), and
@@ -114,8 +114,8 @@ class BatchRunner:
         a batch that stays queued without a flow run for long (its API may have died): taking
         it is a conditional update on each side, so exactly one of them runs it.
         """
-        self._store = runtime.store
-        runtime.store.on_finished(self._batch_finished)
+        self._lifecycle = runtime.lifecycle
+        runtime.lifecycle.on_finished(self._batch_finished)
 
     def _batch_finished(self, batch_id: str) -> None:
         run = self._runs.get(batch_id)
@@ -143,7 +143,7 @@ class BatchRunner:
         run.settle()
 
     def _run_in_thread(self, batch_id: str, settings: Any) -> bool:
-        if self._store is not None and not self._store.take_queued_batch(batch_id):
+        if self._lifecycle is not None and not self._lifecycle.take(batch_id):
             logger.info("batch %s: the reaper gave it a flow run while it waited here", batch_id)
             return False
         mine = self._thread_settings(settings)
@@ -191,12 +191,12 @@ class BatchRunner:
             reason = f"{type(exc).__name__}: {exc}"
             logger.error("batch %s: cannot start a flow run of %s: %s", batch_id,
                          self.deployment, reason)
-            await asyncio.to_thread(runtime.store.mark_finished, batch_id, BatchState.FAILED,
+            await asyncio.to_thread(runtime.lifecycle.finish, batch_id, BatchState.FAILED,
                                     f"could not start the flow run: {reason}")
             raise TransientError(
                 f"could not start a flow run of the deployment {self.deployment!r} for batch "
                 f"{batch_id}; retry the request") from None
-        await asyncio.to_thread(runtime.store.set_flow_run_id, batch_id, str(flow_run.id))
+        await asyncio.to_thread(runtime.lifecycle.attach_run, batch_id, str(flow_run.id))
         return flow_run.id
 
     def shutdown(self) -> None:

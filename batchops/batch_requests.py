@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from batchops.errors import IdempotencyConflict
-from batchops.store import Store, batches, metadata, utcnow
+from batchops.store import Store
+from batchops.tables import batches, metadata, utcnow
 
 __all__ = [
     "BatchRequest",
@@ -126,5 +127,5 @@ class BatchRequests:
     def purge_expired(self, limit: int = 50_000) -> int:
         """Delete claims past their expiry (at most ``limit``, in small transactions)."""
         t = batch_requests
-        return self.store.delete_in_batches(t, (t.c.scope, t.c.key), t.c.expires_at <= utcnow(),
-                                            limit)
+        return self.store.purge.delete_in_batches(t, (t.c.scope, t.c.key),
+                                                  t.c.expires_at <= utcnow(), limit)

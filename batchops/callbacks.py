@@ -45,7 +45,8 @@ from batchops.errors import (
 )
 from batchops.schemas import BatchStatus, CallbackState, CallbackStatus
 from batchops.settings import Settings
-from batchops.store import Store, metadata, utcnow
+from batchops.store import Store
+from batchops.tables import metadata, utcnow
 
 __all__ = [
     "DELIVERY_HEADER",

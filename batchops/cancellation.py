@@ -1,7 +1,7 @@
 """Cancelling a batch: no item starts after it, and every item still gets a result.
 
 A cancel (``POST /batches/{id}/cancel``, or the batch's flow run cancelled in Prefect) moves
-the batch to ``cancelled`` in one conditional update (:meth:`Store.cancel`). Then:
+the batch to ``cancelled`` in one conditional update (:meth:`BatchLifecycle.cancel`). Then:
 
 * a chunk running now reads the status within half a second (its checkpoint writer) and starts
   no further item; items already started finish and keep their results, the others are
@@ -31,10 +31,10 @@ __all__ = ["cancel_batch", "settle_cancelled"]
 
 
 def cancel_batch(runtime: Runtime, batch_id: str) -> None:
-    """Cancel the batch (:meth:`Store.cancel`: :class:`BatchFinished` for one that completed
-    or failed); a queued batch's items are recorded ``cancelled`` at once (no run is
+    """Cancel the batch (:meth:`BatchLifecycle.cancel`: :class:`BatchFinished` for one that
+    completed or failed); a queued batch's items are recorded ``cancelled`` at once (no run is
     executing them), a processing batch's by its run as it stops."""
-    if runtime.store.cancel(batch_id) == BatchState.QUEUED.value:
+    if runtime.lifecycle.cancel(batch_id) is BatchState.QUEUED:
         settle_cancelled(runtime, batch_id)
 
 
@@ -45,7 +45,7 @@ def settle_cancelled(runtime: Runtime, batch_id: str, *, run_stopped: bool = Fal
     stopped from outside (killed), so an item without a result may have run all the same."""
     asyncio.run(settle_chunks(runtime, batch_id,
                               _outcome_not_recorded if run_stopped else batch_cancelled))
-    runtime.store.mark_finished(batch_id, BatchState.CANCELLED)
+    runtime.lifecycle.settle(batch_id)
 
 
 def _outcome_not_recorded(op: PlannedOperation) -> ItemResult:

@@ -40,7 +40,8 @@ from batchops.errors import (
 from batchops.registration import new_batch_id, register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import AttemptError, ItemResult, ItemState, PlannedOperation
-from batchops.store import Store, metadata, utcnow
+from batchops.store import Store
+from batchops.tables import metadata, utcnow
 
 __all__ = [
     "DeadLetter",

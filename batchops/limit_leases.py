@@ -90,19 +90,19 @@ class LimitLeases:
     # -- a holder's records ----------------------------------------------------------------
 
     def held(self, batch_id: str, lease_id: UUID, limit_name: str, slots: int) -> None:
-        self.store.add_lease(batch_id, str(lease_id), limit_name, slots)
+        self.store.leases.add(batch_id, str(lease_id), limit_name, slots)
 
     def renewed(self, lease_id: UUID) -> bool:
         """The holder is alive; ``False`` when its record is gone (a reconciler took it as
         dead)."""
-        return self.store.renew_lease(str(lease_id))
+        return self.store.leases.renew(str(lease_id))
 
     def released(self, lease_id: UUID) -> None:
-        self.store.drop_lease(str(lease_id))
+        self.store.leases.drop(str(lease_id))
 
     def holders(self, limit_name: str) -> list[tuple[str, int]]:
         """``(batch id, slots)`` of the live leases on ``limit_name``."""
-        return self.store.live_leases(limit_name, self.stale_after)
+        return self.store.leases.live(limit_name, self.stale_after)
 
     # -- reconciliation --------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ class LimitLeases:
         """Release the leases of dead holders and give back the slots of ``limit_name`` that
         no live run holds; ``None`` when another process is at it or the limit does not
         exist."""
-        if not self.store.claim_reconciliation(limit_name, _CLAIM_SECONDS):
+        if not self.store.leases.claim_reconciliation(limit_name, _CLAIM_SECONDS):
             return None
         try:
             with SyncLimits.open() as limits:
@@ -127,7 +127,7 @@ class LimitLeases:
                     limits.release_slots(limit_name, freed)
                 active = limits.active_slots(limit_name) or 0
         finally:
-            self.store.end_reconciliation(limit_name)
+            self.store.leases.end_reconciliation(limit_name)
         held = sum(slots for _, slots in self.holders(limit_name))
         if freed or released:
             leases_logger().warning(
@@ -139,7 +139,7 @@ class LimitLeases:
     def reconcile_all(self, limit_names: list[str]) -> list[Reconciled]:
         """:meth:`reconcile` each of ``limit_names`` and each limit with lease records."""
         done = []
-        for name in dict.fromkeys([*limit_names, *self.store.leased_limits()]):
+        for name in dict.fromkeys([*limit_names, *self.store.leases.limits()]):
             try:
                 reconciled = self.reconcile(name)
             except Exception as exc:  # the others may still be reconciled
@@ -151,7 +151,7 @@ class LimitLeases:
 
     def _release_stale(self, limits: SyncLimits, limit_name: str) -> int:
         released = 0
-        for lease_id in self.store.stale_leases(limit_name, self.stale_after):
+        for lease_id in self.store.leases.stale(limit_name, self.stale_after):
             try:
                 # Frees the slots where the server still knows the lease; a no-op otherwise.
                 limits.release_lease(UUID(lease_id))
@@ -159,7 +159,7 @@ class LimitLeases:
                 leases_logger().warning("limit %s: lease %s not released: %s", limit_name, lease_id,
                                   exc)
                 continue
-            self.store.drop_lease(lease_id)
+            self.store.leases.drop(lease_id)
             released += 1
         return released
 

@@ -67,9 +67,9 @@ def register_batch(
     store = runtime.store
     transaction = store.engine.begin() if conn is None else nullcontext(conn)
     with transaction as tx:
-        store.insert_batch(tx, batch_id, concurrency=concurrency or settings.default_concurrency,
-                           chunk_size=size, scope=scope, source=source,
-                           deadline_seconds=deadline_seconds)
+        runtime.lifecycle.register(
+            tx, batch_id, concurrency=concurrency or settings.default_concurrency,
+            chunk_size=size, scope=scope, source=source, deadline_seconds=deadline_seconds)
         for index, raw in enumerate(operations):
             planned = validator.check(raw, index)
             if planned is None or validator.error_count:

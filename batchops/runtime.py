@@ -5,13 +5,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from batchops.engine import shared_engine
 from batchops.handlers import load_handler_modules, registry
+from batchops.lifecycle import BatchLifecycle
 from batchops.limit_leases import LimitLeases
 from batchops.progress import RedisProgress
 from batchops.resources import Resource, build_resources
 from batchops.routing import HTTP_TARGET, PYTHON_TARGET, SQL_TARGET, Router
 from batchops.settings import Settings, get_settings
-from batchops.store import Store, shared_engine
+from batchops.store import Store
 from batchops.targets import Target
 from batchops.targets.http import HttpTarget
 from batchops.targets.python import PythonTarget
@@ -27,6 +29,11 @@ class Runtime:
     resources: dict[str, Resource]
     router: Router
     targets: dict[str, Target] = field(default_factory=dict)
+    # The only writer of the batches' status (and the finish listeners of this process).
+    lifecycle: BatchLifecycle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lifecycle = BatchLifecycle(self.store)
 
     def prepare(self) -> None:
         """Migrate the store and create the declared tables marked ``create``."""

@@ -11,19 +11,20 @@ Reading results walks the chunks in order.
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
-from batchops.errors import BatchFinished, BatchInProgress, BatchNotFound, TransientError
+from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, dialect_insert, read_only, shared_engine
+from batchops.errors import BatchNotFound, TransientError
+from batchops.lease_records import LeaseRecords
 from batchops.progress import RedisProgress
+from batchops.purge import Purge
 from batchops.schemas import (
     BatchState,
     BatchStatus,
@@ -32,186 +33,28 @@ from batchops.schemas import (
     ItemState,
     PlannedOperation,
 )
-
-__all__ = ["BatchRecord", "Claims", "IdempotencyRecord", "Store", "create_engine", "metadata",
-           "utcnow"]
-
-metadata = sa.MetaData()
-
-batches = sa.Table(
-    "batches",
-    metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("scope", sa.String(128), nullable=False, server_default="default"),
-    sa.Column("source", sa.String(32), nullable=False, server_default="api"),
-    sa.Column("total", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("completed", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("concurrency", sa.Integer, nullable=False),
-    sa.Column("chunk_size", sa.Integer, nullable=False),
-    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("flow_run_id", sa.String(64)),
-    sa.Column("error", sa.Text),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("started_at", sa.DateTime(timezone=True)),
-    sa.Column("finished_at", sa.DateTime(timezone=True)),
-    sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
-    sa.Column("recoveries", sa.Integer, nullable=False, server_default="0"),
-    # No item starts after deadline_at; a retry moves it deadline_seconds past the retry.
-    sa.Column("deadline_seconds", sa.Float),
-    sa.Column("deadline_at", sa.DateTime(timezone=True)),
-)
-sa.Index("ix_batches_status_heartbeat", batches.c.status, batches.c.heartbeat_at)
-
-batch_chunks = sa.Table(
-    "batch_chunks",
-    metadata,
-    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("chunk_index", sa.Integer, primary_key=True),
-    sa.Column("start", sa.Integer, nullable=False),
-    sa.Column("end", sa.Integer, nullable=False),
-    sa.Column("cache_token", sa.String(64), nullable=False),
-    sa.Column("depends_on", sa.JSON, nullable=False),
-    sa.Column("operations", sa.Text, nullable=False),
-    sa.Column("done", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("results", sa.Text),  # JSON array of ItemResult, in index order, once done
-    sa.Column("completed_at", sa.DateTime(timezone=True)),
+from batchops.tables import (
+    aware,
+    batch_chunks,
+    batches,
+    idempotency_records,
+    item_checkpoints,
+    item_claims,
+    utcnow,
 )
 
-idempotency_records = sa.Table(
-    "idempotency_records",
-    metadata,
-    sa.Column("scope", sa.String(128), primary_key=True),
-    sa.Column("key", sa.String(255), primary_key=True),
-    sa.Column("payload_hash", sa.String(64), nullable=False),
-    sa.Column("status", sa.Integer, nullable=False),
-    sa.Column("result", sa.JSON),
-    sa.Column("batch_id", sa.String(64), nullable=False),
-    sa.Column("item_index", sa.Integer, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-)
-sa.Index("ix_idempotency_expires", idempotency_records.c.expires_at)
-
-# An idempotency key being executed right now, and by which batch: a second batch with the
-# same key waits for the first's result instead of sending it again.
-item_claims = sa.Table(
-    "item_claims",
-    metadata,
-    sa.Column("scope", sa.String(128), primary_key=True),
-    sa.Column("key", sa.String(255), primary_key=True),
-    sa.Column("batch_id", sa.String(64), nullable=False),
-    sa.Column("item_index", sa.Integer, nullable=False),
-    sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-# Prefect global-concurrency-limit leases a batch's run holds for its upstream requests, with
-# their slots and the last time their holder said it is alive: the slots of a limit that no
-# live lease accounts for are given back (batchops.limit_leases), and the reaper releases the
-# leases of a dead run before the re-run.
-limit_leases = sa.Table(
-    "limit_leases",
-    metadata,
-    sa.Column("lease_id", sa.String(36), primary_key=True),
-    sa.Column("batch_id", sa.String(64), nullable=False, index=True),
-    sa.Column("limit_name", sa.String(255), nullable=False),
-    sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("slots", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("renewed_at", sa.DateTime(timezone=True)),
-)
-
-# Who is reconciling a limit's slots with the leases, until when: one process at a time, or two
-# would give back the same slots twice.
-limit_reconciliations = sa.Table(
-    "limit_reconciliations",
-    metadata,
-    sa.Column("limit_name", sa.String(255), primary_key=True),
-    sa.Column("claimed_until", sa.DateTime(timezone=True), nullable=False),
-)
-
-# Each item's outcome as soon as it is known (before its chunk is recorded): a run that
-# resumes a crashed chunk answers these items from here instead of executing them again.
-item_checkpoints = sa.Table(
-    "item_checkpoints",
-    metadata,
-    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("generation", sa.Integer, primary_key=True),
-    sa.Column("item_index", sa.Integer, primary_key=True),
-    sa.Column("result", sa.Text, nullable=False),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
-)
+__all__ = ["BatchRecord", "Claims", "IdempotencyRecord", "Store", "deadline_from"]
 
 _OPS = TypeAdapter(list[PlannedOperation])
 _RESULTS = TypeAdapter(list[ItemResult])
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; they were written as UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def _deadline_from(now: datetime, seconds: float | None) -> datetime | None:
+def deadline_from(now: datetime, seconds: float | None) -> datetime | None:
     return None if seconds is None else now + timedelta(seconds=seconds)
 
 
 def _count(results: Sequence[ItemResult], *states: ItemState) -> tuple[int, ...]:
     return tuple(sum(1 for r in results if r.state is state) for state in states)
-
-
-_SQLITE_BUSY_TIMEOUT_MS = 60_000  # a SQLite writer waits this long for the lock
-
-
-def create_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine with the settings batchops needs for the dialect (SQLite: threads, WAL)."""
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 60}, **kwargs
-        )
-
-        @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # Let pysqlite not issue BEGIN itself, so SAVEPOINTs work; WAL for readers.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across app crashes
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
-            cur.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Connection) -> None:
-            # Writers take the lock up front (IMMEDIATE): two writers never deadlock on an
-            # upgrade from read to write. Readers (``read_only``) do not block anyone in WAL.
-            if conn.get_execution_options().get("read_only"):
-                conn.exec_driver_sql("BEGIN")
-            else:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
-    # No pre-ping (a round trip per checkout): a connection that died raises, the pool drops
-    # it, and the chunk task's retry on connection errors runs the chunk again.
-    kwargs.setdefault("pool_recycle", 1800)
-    return sa.create_engine(url, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -256,19 +99,6 @@ class IdempotencyRecord:
     item_index: int
 
 
-_engines: dict[str, Engine] = {}
-_engines_lock = threading.Lock()
-
-
-def shared_engine(url: str) -> Engine:
-    """One engine (one pool) per database URL in this process."""
-    with _engines_lock:
-        engine = _engines.get(url)
-        if engine is None:
-            engine = _engines[url] = create_engine(url)
-        return engine
-
-
 def _checkpoint_json(result: ItemResult) -> str:
     """The item's result with its attempts' errors, which API answers leave out: a run that
     resumes from the checkpoint records the item's dead letter from them."""
@@ -280,23 +110,22 @@ def _checkpoint_json(result: ItemResult) -> str:
 
 
 class Store:
-    """Reads and writes batches; every method is one short transaction unless it takes ``conn``."""
+    """Reads and writes batches; every method is one short transaction unless it takes ``conn``.
+
+    A batch's status is not written here: :class:`batchops.lifecycle.BatchLifecycle` is its
+    only writer."""
 
     def __init__(self, url: str, engine: Engine | None = None,
                  progress: RedisProgress | None = None) -> None:
         self.url = url
         self.engine = engine or shared_engine(url)
         self.progress = progress  # status snapshots in Redis (batchops.progress), if set
-        self._finish_listeners: list[Callable[[str], None]] = []
-
-    def on_finished(self, listener: Callable[[str], None]) -> None:
-        """Call ``listener(batch_id)`` whenever this process has marked a batch finished
-        (committed; in the marking thread): the API answers a sync batch then."""
-        self._finish_listeners.append(listener)
+        self.leases = LeaseRecords(self.engine)
+        self.purge = Purge(self.engine)
 
     def read(self) -> Connection:
         """A connection for reads (on SQLite it does not take the write lock)."""
-        return self.engine.connect().execution_options(read_only=True)
+        return read_only(self.engine)
 
     def check_writable(self) -> None:
         """Raise :class:`TransientError` unless the store accepts writes now: an update that
@@ -315,14 +144,14 @@ class Store:
                         if not sqlite:
                             conn.exec_driver_sql("SET LOCAL lock_timeout = '1s'")
                         conn.execute(batches.update().where(sa.false())
-                                     .values(status=batches.c.status))
+                                     .values(error=batches.c.error))
                         tx.rollback()
                 except sa.exc.OperationalError as exc:
                     if not (sqlite and "database is locked" in str(exc.orig)):
                         raise
                 finally:
                     if sqlite:
-                        raw.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+                        raw.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         except sa.exc.DBAPIError as exc:
             message = (str(exc.orig).strip().splitlines() or [""])[0]
             raise TransientError(f"the store refuses writes: {message}") from exc
@@ -341,17 +170,6 @@ class Store:
         upgrade(self.engine, then=create)
 
     # -- registration -------------------------------------------------------------------
-
-    def insert_batch(self, conn: Connection, batch_id: str, *, concurrency: int,
-                     chunk_size: int, scope: str, source: str,
-                     deadline_seconds: float | None = None) -> None:
-        now = utcnow()
-        conn.execute(batches.insert().values(
-            id=batch_id, status=BatchState.QUEUED.value, scope=scope, source=source, total=0,
-            concurrency=concurrency, chunk_size=chunk_size, created_at=now,
-            deadline_seconds=deadline_seconds,
-            deadline_at=_deadline_from(now, deadline_seconds),
-        ))
 
     def insert_chunk(self, conn: Connection, ref: ChunkRef, ops: Sequence[PlannedOperation],
                      depends_on: Sequence[int]) -> None:
@@ -374,7 +192,7 @@ class Store:
         data = dict(row)
         data.pop("source", None)
         for name in ("created_at", "started_at", "finished_at", "heartbeat_at", "deadline_at"):
-            data[name] = _aware(data[name])
+            data[name] = aware(data[name])
         return BatchRecord(**data)
 
     def batch_status(self, batch_id: str) -> str:
@@ -540,103 +358,27 @@ class Store:
         now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
-                deadline_seconds=seconds, deadline_at=_deadline_from(now, seconds)))
+                deadline_seconds=seconds, deadline_at=deadline_from(now, seconds)))
 
-    def mark_started(self, batch_id: str, flow_run_id: str | None) -> bool:
-        """Processing under this flow run; ``False`` when the batch was cancelled."""
-        with self.engine.begin() as conn:
-            started = conn.execute(batches.update().where(
-                batches.c.id == batch_id, batches.c.status != BatchState.CANCELLED.value,
-            ).values(
-                status=BatchState.PROCESSING.value, flow_run_id=flow_run_id,
-                started_at=sa.func.coalesce(batches.c.started_at, utcnow()),
-                finished_at=None, error=None, heartbeat_at=utcnow(),
-            )).rowcount == 1
-        self.publish_status(batch_id)
-        return started
-
-    def mark_finished(self, batch_id: str, state: BatchState, error: str | None = None) -> None:
-        """Final status, when every item has its result. A cancelled batch stays cancelled:
-        it gets its ``finished_at``, as its items have their results now too."""
-        b = batches.c
-        with self.engine.begin() as conn:
-            conn.execute(batches.update().where(
-                b.id == batch_id, b.status != BatchState.CANCELLED.value,
-            ).values(status=state.value, finished_at=utcnow(), error=error))
-            conn.execute(batches.update().where(
-                b.id == batch_id, b.status == BatchState.CANCELLED.value,
-                b.finished_at.is_(None)).values(finished_at=utcnow()))
-        for listener in self._finish_listeners:
-            listener(batch_id)
-        self.publish_status(batch_id)
-
-    def note_error(self, batch_id: str, error: str) -> None:
-        """Why the batch's run could not finish, on a batch left for the reaper to resume."""
-        with self.engine.begin() as conn:
-            conn.execute(batches.update().where(batches.c.id == batch_id).values(error=error))
-        self.publish_status(batch_id)
-
-    def cancel(self, batch_id: str) -> str:
-        """Queued or processing → cancelled, in one conditional update (a batch finishing
-        meanwhile is not cancelled); the status it had. Cancelling a cancelled batch changes
-        nothing; a batch that has completed or failed cannot be cancelled (:class:`BatchFinished`).
-
-        Its items that have no result yet get one (``skipped``, ``cancelled``) from whoever
-        stops its run — ``finished_at`` is set then (see :mod:`batchops.cancellation`).
-        """
-        b = batches.c
-        active = [BatchState.QUEUED.value, BatchState.PROCESSING.value]
-        with self.engine.begin() as conn:
-            was = conn.execute(sa.select(b.status).where(b.id == batch_id)
-                               .with_for_update()).scalar()
-            if was is None:
-                raise BatchNotFound(batch_id)
-            if was in active:
-                conn.execute(batches.update().where(b.id == batch_id, b.status.in_(active))
-                             .values(status=BatchState.CANCELLED.value))
-        if was in (BatchState.COMPLETED.value, BatchState.FAILED.value):
-            raise BatchFinished(f"batch {batch_id} has already {was}")
-        self.publish_status(batch_id)
-        return str(was)
-
-    def prepare_retry(self, batch_id: str) -> int:
-        """Open the batch's failed, skipped (and never-run) items for another run; how many.
-
-        Chunks with failures or skipped items are reopened (their succeeded results are kept
-        and not run again), the counters lose the failed and skipped items, the batch is
-        queued under a new generation so chunk cache keys change, and a batch with a deadline
-        gets a new one, ``deadline_seconds`` from now.
-        """
+    def recorded_unsucceeded(self, conn: Connection, batch_id: str) -> tuple[int, int]:
+        """``(failed, skipped)``: the items of the batch's recorded chunks that a retry runs
+        again."""
         c = batch_chunks.c
-        with self.engine.begin() as conn:
-            batch = conn.execute(batches.select().where(batches.c.id == batch_id)
-                                 .with_for_update()).mappings().first()
-            if batch is None:
-                raise BatchNotFound(batch_id)
-            if batch["status"] in (BatchState.QUEUED.value, BatchState.PROCESSING.value):
-                raise BatchInProgress(f"batch {batch_id} is {batch['status']}; retry it once it "
-                                      "has finished")
-            failed, skipped = (int(n) for n in conn.execute(sa.select(
-                sa.func.coalesce(sa.func.sum(c.failed), 0),
-                sa.func.coalesce(sa.func.sum(c.skipped), 0),
-            ).where(c.batch_id == batch_id, c.done.is_(True))).one())
-            to_run = int(batch["total"]) - int(batch["completed"]) + failed + skipped
-            if to_run == 0:
-                return 0  # every item succeeded: nothing to run, nothing changes
-            conn.execute(batch_chunks.update().where(
-                c.batch_id == batch_id, c.done.is_(True), (c.failed > 0) | (c.skipped > 0),
-            ).values(done=False))
-            self._carry_checkpoints(conn, batch_id, int(batch["generation"]))
-            conn.execute(batches.update().where(batches.c.id == batch_id).values(
-                status=BatchState.QUEUED.value, generation=batches.c.generation + 1,
-                heartbeat_at=utcnow(),
-                completed=batches.c.completed - failed - skipped,
-                failed=batches.c.failed - failed, skipped=batches.c.skipped - skipped,
-                deadline_at=_deadline_from(utcnow(), batch["deadline_seconds"]),
-                finished_at=None, error=None,
-            ))
-        self.publish_status(batch_id)
-        return to_run
+        failed, skipped = conn.execute(sa.select(
+            sa.func.coalesce(sa.func.sum(c.failed), 0),
+            sa.func.coalesce(sa.func.sum(c.skipped), 0),
+        ).where(c.batch_id == batch_id, c.done.is_(True))).one()
+        return int(failed), int(skipped)
+
+    def reopen_unsucceeded(self, conn: Connection, batch_id: str, generation: int) -> None:
+        """For a retry (:meth:`BatchLifecycle.retry`): the chunks with failed or skipped items
+        are open again (their succeeded results are kept and not run again), and the
+        checkpoints carried to the next generation."""
+        c = batch_chunks.c
+        conn.execute(batch_chunks.update().where(
+            c.batch_id == batch_id, c.done.is_(True), (c.failed > 0) | (c.skipped > 0),
+        ).values(done=False))
+        self._carry_checkpoints(conn, batch_id, generation)
 
     def _carry_checkpoints(self, conn: Connection, batch_id: str, generation: int) -> None:
         """A retry's new generation keeps the successes that a chunk which could not finish
@@ -654,13 +396,6 @@ class Store:
         if len(drop) < len(rows):
             conn.execute(t.update().where(t.c.batch_id == batch_id, t.c.generation == generation)
                          .values(generation=generation + 1))
-
-    def set_flow_run_id(self, batch_id: str, flow_run_id: str) -> None:
-        """The flow run that will process a queued batch (so its UI link shows at once)."""
-        with self.engine.begin() as conn:
-            conn.execute(batches.update().where(batches.c.id == batch_id)
-                         .values(flow_run_id=flow_run_id))
-        self.publish_status(batch_id)
 
     # -- idempotency --------------------------------------------------------------------
 
@@ -692,7 +427,7 @@ class Store:
                                       t.c.expires_at <= now))
         # A key saved already (by the chunk's checkpoint writer, or by a batch that ran it
         # first) keeps its first record.
-        conn.execute(_dialect_insert(conn)(t).on_conflict_do_nothing(), [
+        conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(), [
             {"scope": scope, "key": op.idempotency_key, "payload_hash": op.payload_hash,
              "status": r.status, "result": r.result, "batch_id": batch_id,
              "item_index": r.index, "created_at": now, "expires_at": now + retention}
@@ -730,7 +465,7 @@ class Store:
         rows = [{"scope": scope, "key": k, "batch_id": batch_id, "item_index": op.index,
                  "claimed_at": now} for k, op in by_key.items()]
         with self.engine.begin() as conn:
-            insert = _dialect_insert(conn)(t).on_conflict_do_nothing()
+            insert = dialect_insert(conn)(t).on_conflict_do_nothing()
             conn.execute(insert, rows)
             holders = conn.execute(
                 sa.select(t.c.key, t.c.batch_id, batches.c.heartbeat_at, batches.c.status)
@@ -741,7 +476,7 @@ class Store:
                 if holder == batch_id:
                     mine.add(key)
                     continue
-                beat = _aware(heartbeat)
+                beat = aware(heartbeat)
                 dead = (status is None or BatchState(status).is_final or beat is None
                         or beat < now - stale_after)
                 if dead and conn.execute(t.update().where(
@@ -828,139 +563,3 @@ class Store:
                                b.finished_at.is_(None), last_sign < cutoff)),
             ).order_by(b.created_at).limit(limit)).all()
         return [(r.id, r.status, r.flow_run_id) for r in rows]
-
-    def add_lease(self, batch_id: str, lease_id: str, limit_name: str, slots: int) -> None:
-        now = utcnow()
-        with self.engine.begin() as conn:
-            conn.execute(limit_leases.insert().values(
-                lease_id=lease_id, batch_id=batch_id, limit_name=limit_name, slots=slots,
-                acquired_at=now, renewed_at=now))
-
-    def renew_lease(self, lease_id: str) -> bool:
-        """The lease's holder is alive; ``False`` when its record is gone (taken as dead)."""
-        with self.engine.begin() as conn:
-            return conn.execute(limit_leases.update().where(
-                limit_leases.c.lease_id == lease_id).values(renewed_at=utcnow())).rowcount == 1
-
-    def drop_lease(self, lease_id: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(limit_leases.delete().where(limit_leases.c.lease_id == lease_id))
-
-    def batch_leases(self, batch_id: str) -> list[str]:
-        with self.read() as conn:
-            return list(conn.execute(sa.select(limit_leases.c.lease_id).where(
-                limit_leases.c.batch_id == batch_id)).scalars())
-
-    def live_leases(self, limit_name: str, stale_after: timedelta) -> list[tuple[str, int]]:
-        """``(batch id, slots)`` of the leases on ``limit_name`` whose holder renewed them
-        within ``stale_after``."""
-        c = limit_leases.c
-        with self.read() as conn:
-            rows = conn.execute(sa.select(c.batch_id, c.slots).where(
-                c.limit_name == limit_name,
-                sa.func.coalesce(c.renewed_at, c.acquired_at) >= utcnow() - stale_after,
-            ).order_by(c.acquired_at)).all()
-        return [(r.batch_id, r.slots) for r in rows]
-
-    def stale_leases(self, limit_name: str, stale_after: timedelta) -> list[str]:
-        """Ids of the leases on ``limit_name`` that their holder stopped renewing."""
-        c = limit_leases.c
-        with self.read() as conn:
-            return list(conn.execute(sa.select(c.lease_id).where(
-                c.limit_name == limit_name,
-                sa.func.coalesce(c.renewed_at, c.acquired_at) < utcnow() - stale_after,
-            )).scalars())
-
-    def leased_limits(self) -> list[str]:
-        """Names of the limits with lease records."""
-        with self.read() as conn:
-            return list(conn.execute(
-                sa.select(limit_leases.c.limit_name).distinct()).scalars())
-
-    def claim_reconciliation(self, limit_name: str, seconds: float) -> bool:
-        """Take the turn to reconcile ``limit_name`` for up to ``seconds``; ``False`` while
-        another process has it."""
-        t = limit_reconciliations
-        now = utcnow()
-        with self.engine.begin() as conn:
-            conn.execute(_dialect_insert(conn)(t).values(
-                limit_name=limit_name, claimed_until=now).on_conflict_do_nothing())
-            return conn.execute(t.update().where(
-                t.c.limit_name == limit_name, t.c.claimed_until <= now,
-            ).values(claimed_until=now + timedelta(seconds=seconds))).rowcount == 1
-
-    def end_reconciliation(self, limit_name: str) -> None:
-        t = limit_reconciliations
-        with self.engine.begin() as conn:
-            conn.execute(t.update().where(t.c.limit_name == limit_name)
-                         .values(claimed_until=utcnow()))
-
-    def purge_expired(self, stale_after: timedelta, limit: int = 50_000) -> dict[str, int]:
-        """Delete idempotency records past their retention, and the claims of batches that
-        finished over ``stale_after`` ago (a run that died left them; they only ever get taken
-        over). At most ``limit`` rows of each; how many went."""
-        t, c, b = idempotency_records, item_claims, batches.c
-        now = utcnow()
-        finished = sa.select(b.id).where(
-            b.status.in_([s.value for s in BatchState if s.is_final]),
-            b.finished_at < now - stale_after)
-        return {
-            "idempotency_records": self.delete_in_batches(
-                t, (t.c.scope, t.c.key), t.c.expires_at <= now, limit),
-            "item_claims": self.delete_in_batches(
-                c, (c.c.scope, c.c.key), c.c.batch_id.in_(finished), limit),
-        }
-
-    def delete_in_batches(self, table: sa.Table, key: Sequence[sa.ColumnElement[Any]],
-                          condition: sa.ColumnElement[bool], limit: int = 50_000,
-                          batch: int = 5_000) -> int:
-        """Delete ``table``'s rows matching ``condition``, at most ``limit``, in transactions
-        of ``batch`` rows (each a semi-join on the primary key ``key``); how many went."""
-        gone = 0
-        while gone < limit:
-            some = sa.select(*key).where(condition).limit(min(batch, limit - gone))
-            with self.engine.begin() as conn:
-                n = conn.execute(table.delete().where(sa.tuple_(*key).in_(some))).rowcount
-            gone += n
-            if n < batch:
-                break
-        return gone
-
-    def take_queued_batch(self, batch_id: str) -> bool:
-        """Take a new batch for a run in this process: ``False`` when it is no longer queued
-        without a flow run (the reaper started one for it, or it was cancelled). Refreshes
-        its heartbeat, so the reaper sees it alive until the run marks it started."""
-        b = batches.c
-        with self.engine.begin() as conn:
-            return conn.execute(batches.update().where(
-                b.id == batch_id, b.status == BatchState.QUEUED.value, b.flow_run_id.is_(None),
-                b.recoveries == 0,
-            ).values(heartbeat_at=utcnow())).rowcount == 1
-
-    def take_stale_batch(self, batch_id: str, status: str, stale_after: timedelta,
-                         flow_run_id: str | None = None, *, detach: bool = False) -> bool:
-        """Take a stale batch for a new run: refreshes its heartbeat and counts a recovery,
-        unless it moved meanwhile (another reaper took it, or its run started or changed).
-        With ``detach`` the batch leaves its dead run (``flow_run_id`` unset until the new
-        run's is set), so nothing else takes it for that run again."""
-        cutoff = utcnow() - stale_after
-        b = batches.c
-        same_run = b.flow_run_id.is_(None) if flow_run_id is None else b.flow_run_id == flow_run_id
-        values: dict[str, Any] = {"heartbeat_at": utcnow(), "recoveries": b.recoveries + 1}
-        if detach:
-            values["flow_run_id"] = None
-        with self.engine.begin() as conn:
-            return conn.execute(batches.update().where(
-                b.id == batch_id, b.status == status, same_run,
-                sa.func.coalesce(b.heartbeat_at, b.created_at) < cutoff,
-            ).values(**values)).rowcount == 1
-
-
-def _dialect_insert(conn: Connection) -> Any:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert

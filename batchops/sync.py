@@ -46,6 +46,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from batchops.csvio import CsvImport, line_of, open_operations
+from batchops.engine import shared_engine
 from batchops.errors import BadRequest, BatchInProgress, BatchNotFound, ConfigurationError
 from batchops.jsonable import json_value
 from batchops.registration import new_batch_id, register_batch
@@ -53,7 +54,8 @@ from batchops.resources import Resource
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, BatchSummary
 from batchops.settings import SyncSpec
-from batchops.store import Store, metadata, shared_engine, utcnow
+from batchops.store import Store
+from batchops.tables import metadata, utcnow
 
 __all__ = [
     "BulkSync",

@@ -42,7 +42,7 @@ from typing import Any
 
 import psycopg2
 
-from batchops.store import metadata as store_metadata
+from batchops.tables import metadata as store_metadata
 from bench import _baselines as baselines
 from bench._data import DUP_MODES, make_dataset
 from bench._prefect_server import PrefectServer

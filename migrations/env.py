@@ -10,7 +10,7 @@ import batchops.batch_requests
 import batchops.callbacks
 import batchops.dead_letters
 import batchops.sync  # noqa: F401
-from batchops.store import metadata
+from batchops.tables import metadata
 
 config = context.config
 target_metadata = metadata

@@ -56,11 +56,11 @@ def reopen_if_retried(batch_id: str, flow_run_id: str) -> int | None:
     """When this flow run already finished the batch — Prefect is running it again, a retry
     from the UI or ``prefect flow-run retry`` — reopen the batch's failed and skipped items
     (a new generation: new chunk cache keys) and say how many; ``None`` otherwise."""
-    store = get_runtime().store
-    batch = store.get_batch(batch_id)
+    runtime = get_runtime()
+    batch = runtime.store.get_batch(batch_id)
     if batch.flow_run_id != flow_run_id or not BatchState(batch.status).is_final:
         return None
-    return store.prepare_retry(batch_id)
+    return runtime.lifecycle.retry(batch_id)
 
 
 def load_batch(batch_id: str, flow_run_id: str | None,
@@ -70,12 +70,13 @@ def load_batch(batch_id: str, flow_run_id: str | None,
 
     ``deadline_seconds`` sets the batch's deadline that many seconds from now.
     """
-    store = get_runtime().store
+    runtime = get_runtime()
+    store = runtime.store
     if deadline_seconds is not None:
         store.set_deadline(batch_id, deadline_seconds)
     batch = store.get_batch(batch_id)
     plan = store.chunk_plan(batch_id)
-    started = store.mark_started(batch_id, flow_run_id)
+    started = runtime.lifecycle.start(batch_id, flow_run_id)
     return {"total": batch.total, "concurrency": batch.concurrency, "scope": batch.scope,
             "generation": batch.generation, "chunks": plan if started else [],
             "cancelled": not started,
@@ -123,14 +124,15 @@ def finish_batch(batch_id: str, failures: list[tuple[ChunkRef, BaseException]],
     if store.batch_status(batch_id) == BatchState.CANCELLED.value:
         settle_cancelled(runtime, batch_id)
     elif any(is_transient(exc) for _, exc in failures):
-        store.note_error(batch_id, error)
+        runtime.lifecycle.note_error(batch_id, error)
     else:
         why = {ref.chunk_index: _describe(exc) for ref, exc in failures}
         for ref in store.unrecorded_chunks(batch_id):
             reason = why.get(ref.chunk_index, "a chunk it waits for could not finish")
             asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(reason), [ref]))
-        store.mark_finished(batch_id, BatchState.FAILED if failures else BatchState.COMPLETED,
-                            error or None)
+        runtime.lifecycle.finish(batch_id,
+                                 BatchState.FAILED if failures else BatchState.COMPLETED,
+                                 error or None)
     status = store.status(batch_id)
     return status.summary(), status
 

@@ -99,12 +99,12 @@ def _release_leases(batch_id: str) -> None:
     lease expired, or for good on a server without its repossessor)."""
     store = get_runtime().store
     with SyncLimits.open() as limits:
-        for lease_id in store.batch_leases(batch_id):
+        for lease_id in store.leases.of_batch(batch_id):
             try:
                 limits.release_lease(UUID(lease_id))
             except Exception as exc:  # expired and revoked already
                 _logger().info("batch %s: lease %s: %s", batch_id, lease_id, exc)
-            store.drop_lease(lease_id)
+            store.leases.drop(lease_id)
 
 
 def _end_cancelled(batch_id: str) -> None:
@@ -112,10 +112,10 @@ def _end_cancelled(batch_id: str) -> None:
     good, and the items its run did not record get their results (``cancelled``)."""
     runtime = get_runtime()
     try:
-        was = runtime.store.cancel(batch_id)  # nothing changes for one cancelled already
+        was = runtime.lifecycle.cancel(batch_id)  # nothing changes for one cancelled already
     except BatchFinished:
         return
-    settle_cancelled(runtime, batch_id, run_stopped=was != BatchState.QUEUED.value)
+    settle_cancelled(runtime, batch_id, run_stopped=was is not BatchState.QUEUED)
 
 
 @task(name="restart-stale-batches", cache_policy=NO_CACHE)
@@ -162,7 +162,7 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
         if status == BatchState.CANCELLED.value or cancelled_run:
             # Cancelled (here or in Prefect) and its run gone: it is not run again; the items
             # its run did not record get their results (cancelled).
-            if runtime.store.take_stale_batch(batch_id, status, stale_after, run_id):
+            if runtime.lifecycle.recover(batch_id, status, stale_after, run_id):
                 _end_cancelled(batch_id)
                 logger.info("batch %s: cancelled and its run is gone; not run again",
                             batch_id)
@@ -171,8 +171,7 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
             continue
         # Detached from the dead run: a second reaper (one the crash below triggers) finds
         # the batch no longer under it.
-        if not runtime.store.take_stale_batch(batch_id, status, stale_after, run_id,
-                                              detach=True):
+        if not runtime.lifecycle.recover(batch_id, status, stale_after, run_id, detach=True):
             continue  # it moved meanwhile, or another reaper took it
         if run is not None:
             try:
@@ -187,8 +186,8 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
             # Every item gets a result: the ones no run recorded fail (chunk_failed).
             asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(why)))
             if run_id is not None:  # the batch keeps the link to its last run
-                runtime.store.set_flow_run_id(batch_id, run_id)
-            runtime.store.mark_finished(batch_id, BatchState.FAILED, why)
+                runtime.lifecycle.attach_run(batch_id, run_id)
+            runtime.lifecycle.finish(batch_id, BatchState.FAILED, why)
             logger.error("batch %s: its run died %d times; marked failed", batch_id,
                          batch.recoveries)
             continue
@@ -196,7 +195,7 @@ def restart_stale_batches(stale_after_seconds: float | None = None,
             settings.process_batch_deployment, {"batch_id": batch_id},
             name=f"batch-{batch_id}",
             idempotency_key=f"batchops-recover-{batch_id}-{batch.recoveries}")
-        runtime.store.set_flow_run_id(batch_id, str(new.id))
+        runtime.lifecycle.attach_run(batch_id, str(new.id))
         logger.info("batch %s (%s): its run is gone; flow run %s resumes it", batch_id, status,
                     new.id)
         restarted.append(batch_id)
@@ -223,7 +222,7 @@ def purge_expired(stale_after_seconds: float | None = None) -> dict[str, int]:
     runtime = get_runtime()
     settings = runtime.settings
     stale_after = timedelta(seconds=stale_after_seconds or settings.stale_after_seconds)
-    purged = runtime.store.purge_expired(stale_after)
+    purged = runtime.store.purge.expired(stale_after)
     retention = timedelta(hours=settings.idempotency_retention_hours)
     purged["batch_requests"] = BatchRequests(runtime.store, retention).purge_expired()
     if any(purged.values()):

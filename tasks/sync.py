@@ -61,7 +61,7 @@ def advance_watermark(sync_name: str, batch_id: str) -> WatermarkMove:
       cache_policy=NO_CACHE)
 def reopen_failed_items(batch_id: str) -> int:
     """Queue the batch's failed (and never-run) items for another run; how many there are."""
-    return get_runtime().store.prepare_retry(batch_id)
+    return get_runtime().lifecycle.retry(batch_id)
 
 
 @task(name="batch-summary", cache_policy=NO_CACHE)

@@ -49,7 +49,7 @@ def pg_database(_services: None) -> Iterator[str]:
     try:
         yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
     finally:
-        from batchops.store import _engines
+        from batchops.engine import _engines
 
         for url, engine in list(_engines.items()):
             if name in url:

@@ -55,7 +55,7 @@ def ensure_redis() -> None:
 def restart_postgres() -> None:
     """Restart the machine's PostgreSQL (a fault test), then drop this process's pooled
     connections to it, which the restart closed."""
-    from batchops.store import _engines
+    from batchops.engine import _engines
 
     _pg_ctlcluster("restart", check=True)
     ensure_postgres()

@@ -36,7 +36,7 @@ def test_retry_runs_only_the_failed_items(runtime: Runtime) -> None:
 
     with runtime.store.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM users WHERE id >= 100"))
-    assert runtime.store.prepare_retry(batch_id) == 2
+    assert runtime.lifecycle.retry(batch_id) == 2
     assert runtime.store.status(batch_id).status is BatchState.QUEUED
     process_batch(batch_id=batch_id)
 
@@ -53,7 +53,7 @@ def test_retry_runs_only_the_failed_items(runtime: Runtime) -> None:
 def test_a_running_batch_cannot_be_retried(runtime: Runtime) -> None:
     batch_id, _ = register_batch(runtime, [{"method": "GET", "path": "/users/1"}])
     with pytest.raises(BatchInProgress):
-        runtime.store.prepare_retry(batch_id)
+        runtime.lifecycle.retry(batch_id)
 
 
 def test_cancel_before_the_run_executes_nothing_and_records_every_item_cancelled(
@@ -186,7 +186,7 @@ def test_a_run_cancelled_in_prefect_is_not_run_again_by_the_reaper(runtime: Runt
         # with it, or the run was cancelled before a worker took it).
         run = client.create_flow_run(process_batch, parameters={"batch_id": batch_id},
                                      state=Cancelled(message="cancelled in the UI"))
-    assert runtime.store.mark_started(batch_id, str(run.id))
+    assert runtime.lifecycle.start(batch_id, str(run.id))
     time.sleep(0.3)
 
     assert reap_stale_batches(stale_after_seconds=0.2) == []

@@ -22,7 +22,7 @@ import pytest
 
 from batchops.registration import register_batch
 from batchops.runtime import Runtime, get_runtime
-from batchops.store import batches, utcnow
+from batchops.tables import batches, utcnow
 from tests.test_api import (  # noqa: F401 - fixtures
     poll_until_finished,
     start_api,
@@ -136,7 +136,7 @@ def test_a_batch_waiting_for_a_thread_runs_once_when_the_reaper_also_wants_it(
         runtime: Runtime) -> None:
     """The API's thread and the reaper each take a queued batch by a conditional update:
     whichever comes first runs it, the other leaves it."""
-    store = runtime.store
+    store, lifecycle = runtime.store, runtime.lifecycle
     for reaper_first in (True, False):
         batch_id, _ = register_batch(runtime, [{"method": "POST", "path": "/users",
                                                 "body": {"email": f"{reaper_first}@x.org"}}])
@@ -144,11 +144,11 @@ def test_a_batch_waiting_for_a_thread_runs_once_when_the_reaper_also_wants_it(
             conn.execute(batches.update().where(batches.c.id == batch_id)
                          .values(created_at=utcnow() - timedelta(hours=1)))
         if reaper_first:
-            assert store.take_stale_batch(batch_id, "queued", timedelta(seconds=60))
-            assert not store.take_queued_batch(batch_id)
+            assert lifecycle.recover(batch_id, "queued", timedelta(seconds=60))
+            assert not lifecycle.take(batch_id)
         else:
-            assert store.take_queued_batch(batch_id)
-            assert not store.take_stale_batch(batch_id, "queued", timedelta(seconds=60))
+            assert lifecycle.take(batch_id)
+            assert not lifecycle.recover(batch_id, "queued", timedelta(seconds=60))
 
 
 def test_concurrent_requests_with_one_idempotency_key_make_one_batch(

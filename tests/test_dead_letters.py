@@ -29,7 +29,7 @@ from batchops.errors import DeadLetterNotFound, DeadLetterReplayed, EmptyReplayF
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import AttemptError, BatchState, ItemErrorBody, ItemResult, ItemState
-from batchops.store import item_checkpoints
+from batchops.tables import item_checkpoints
 from flows.process_batch import process_batch
 from tests.conftest import _truncate_pg
 from tests.runner import serving_deployments
@@ -176,17 +176,17 @@ def test_a_retry_keeps_what_a_chunk_that_could_not_finish_had_checkpointed(
     batch_id, _ = register_batch(rt, [contact(1), contact(2)])
     [(ref, _)] = rt.store.chunk_plan(batch_id)
     op1, op2 = rt.store.chunk_operations(batch_id, ref.chunk_index)
-    rt.store.mark_started(batch_id, None)
+    rt.lifecycle.start(batch_id, None)
     with CheckpointWriter(rt, batch_id, 0, "default") as writer:
         writer.put(op1, ItemResult(id="c1", index=0, status=201, state=ItemState.SUCCEEDED,
                                    result={"id": "first-run"}))
         writer.put(op2, ItemResult(id="c2", index=1, status=503, state=ItemState.FAILED,
                                    attempts=3, error=ItemErrorBody(
                                        code="upstream_unavailable", message="gave up")))
-    rt.store.mark_finished(batch_id, BatchState.FAILED, "chunk 0: OperationalError")
+    rt.lifecycle.finish(batch_id, BatchState.FAILED, "chunk 0: OperationalError")
     state.config = UpstreamConfig()  # healthy now
 
-    assert rt.store.prepare_retry(batch_id) == 2
+    assert rt.lifecycle.retry(batch_id) == 2
     process_batch(batch_id=batch_id)
 
     assert [r.key for r in state.requests] == [f"{batch_id}:1"]  # only c2 was sent
@@ -266,14 +266,14 @@ def test_a_retried_batch_that_now_succeeds_leaves_no_dead_letters(
     batch_id = run(rt, [contact(1), contact(2)])
     assert len(find(rt, batch_id=batch_id)) == 2
     state.config = UpstreamConfig(fail_paths={"/contacts": 503})  # every attempt fails
-    rt.store.prepare_retry(batch_id)
+    rt.lifecycle.retry(batch_id)
     process_batch(batch_id=batch_id)
     again = find(rt, batch_id=batch_id)
     assert [d.item_index for d in again] == [0, 1]  # one dead letter per item, the latest
     assert all(d.code == "http_503" for d in again)
 
     state.config = UpstreamConfig()
-    rt.store.prepare_retry(batch_id)
+    rt.lifecycle.retry(batch_id)
     process_batch(batch_id=batch_id)
     assert rt.store.status(batch_id).succeeded == 2
     assert find(rt, batch_id=batch_id) == []

@@ -60,7 +60,7 @@ def test_deadline_skips_the_rest_and_a_retry_runs_them(configure: Callable[..., 
     assert len(starts) == status.succeeded
     assert max(starts) <= status.deadline_at + CLOCK_SLACK
 
-    assert runtime.store.prepare_retry(batch_id) == status.skipped
+    assert runtime.lifecycle.retry(batch_id) == status.skipped
     retried = runtime.store.status(batch_id)
     assert (retried.status, retried.skipped, retried.completed) == (
         BatchState.QUEUED, 0, status.succeeded)

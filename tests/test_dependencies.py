@@ -147,7 +147,7 @@ def test_a_failed_dependency_fails_its_dependents_and_a_retry_runs_them(
 
     with runtime.store.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM users WHERE id = 100"))
-    assert runtime.store.prepare_retry(batch_id) == 5
+    assert runtime.lifecycle.retry(batch_id) == 5
     process_batch(batch_id=batch_id)
     again = {r.id: r for r in runtime.store.iter_results(batch_id)}
     assert {k: r.status for k, r in again.items()} == {

@@ -262,7 +262,7 @@ def test_cancel_of_a_completed_or_failed_batch_is_409_batch_finished_and_changes
         api: httpx.Client) -> None:
     completed = api.post("/batches", json={"operations": [user(1)]}).json()["batch_id"]
     failed = api.post("/batches", json={"operations": [user(2)]}).json()["batch_id"]
-    get_runtime().store.mark_finished(failed, BatchState.FAILED, "for the test")
+    get_runtime().lifecycle.finish(failed, BatchState.FAILED, "for the test")
 
     for batch_id, status in ((completed, "completed"), (failed, "failed")):
         before = api.get(f"/batches/{batch_id}/status").json()

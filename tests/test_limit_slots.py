@@ -25,7 +25,7 @@ from batchops.limit_leases import LimitLeases
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, ItemState
-from batchops.store import limit_leases, utcnow
+from batchops.tables import limit_leases, utcnow
 from batchops.targets.http import upstream_limit_name
 from deployments.local import wait_for_prefect
 from deployments.processes import Supervisor
@@ -100,8 +100,8 @@ def test_reconciling_a_limit_gives_back_the_slots_no_live_run_holds_and_keeps_th
     assert (done.released_leases, done.freed_slots, done.active_slots, done.held_slots) == (
         1, 3, 4, 4)
     assert active_slots(name) == 4
-    assert runtime.store.batch_leases("dead-batch") == []
-    assert runtime.store.batch_leases("live-batch") == [str(live)]
+    assert runtime.store.leases.of_batch("dead-batch") == []
+    assert runtime.store.leases.of_batch("live-batch") == [str(live)]
     again = leases.reconcile(name)
     assert again is not None and (again.freed_slots, again.active_slots) == (0, 4)
 
@@ -131,7 +131,7 @@ def test_a_batch_waiting_for_slots_no_live_run_holds_gets_them_and_completes(
         assert [r.state for r in results] == [ItemState.SUCCEEDED] * 20
         assert len(state.executions) == 25 and set(state.executions.values()) == {1}
         wait_for(lambda: active_slots(limit) == 0, 10, "the slots to be released")
-        assert runtime.store.batch_leases(second) == []
+        assert runtime.store.leases.of_batch(second) == []
 
 
 def test_batches_complete_after_the_prefect_server_and_the_runner_are_killed_mid_batch(
@@ -182,7 +182,7 @@ def test_batches_complete_after_the_prefect_server_and_the_runner_are_killed_mid
 
                 with get_client(sync_client=True) as client:
                     runs = [(r.name, r.state_name) for r in client.read_flow_runs()]
-                    leases = runtime.store.live_leases(limit, timedelta(hours=1))
+                    leases = runtime.store.leases.live(limit, timedelta(hours=1))
                 return (f"batches {[runtime.store.status(b).model_dump() for b in (first, second)]}"
                         f"; flow runs {runs}; {len(state.requests)} requests upstream; "
                         f"{active_slots(limit)} slots taken; lease records {leases}")

@@ -15,7 +15,7 @@ from batchops.batch_requests import BatchRequests, batch_requests
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, ItemResult, ItemState, PlannedOperation
-from batchops.store import idempotency_records, item_claims
+from batchops.tables import idempotency_records, item_claims
 from flows.process_batch import process_batch
 from flows.reaper import reap_stale_batches
 
@@ -45,8 +45,8 @@ def test_the_reaper_purges_expired_records_and_claims_of_long_finished_batches(
     for batch_id in (done, waiting):  # both claimed their keys; `done` then died and failed
         store.claim_keys("default", batch_id, _operations(runtime, batch_id),
                          timedelta(seconds=60))
-    store.mark_started(done, None)
-    store.mark_finished(done, BatchState.FAILED, "chunk 0: the database went away")
+    runtime.lifecycle.start(done, None)
+    runtime.lifecycle.finish(done, BatchState.FAILED, "chunk 0: the database went away")
     ops = _operations(runtime, done)
     with store.engine.begin() as conn:
         for op, retention in zip(ops, (timedelta(seconds=-1), timedelta(hours=1)), strict=True):

@@ -21,7 +21,7 @@ from prefect import get_client
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState
-from batchops.store import batches, utcnow
+from batchops.tables import batches, utcnow
 from flows.reaper import reap_stale_batches
 from tests.conftest import _truncate_pg
 from tests.test_api import deployment_runner, table_rows  # noqa: F401 - fixture
@@ -50,7 +50,7 @@ def test_the_reaper_starts_queued_batches_whose_run_never_started_or_is_gone(
     runtime = configure(database_url=deployment_runner, max_sync_wait_seconds=0)
     never_started, _ = register_batch(runtime, _users("never", 3))
     run_gone, _ = register_batch(runtime, _users("gone", 2))
-    runtime.store.set_flow_run_id(run_gone, str(uuid.uuid4()))  # no such flow run
+    runtime.lifecycle.attach_run(run_gone, str(uuid.uuid4()))  # no such flow run
     young, _ = register_batch(runtime, _users("young", 1))  # registered just now
     with runtime.store.engine.begin() as conn:  # the other two were registered an hour ago
         conn.execute(batches.update().where(batches.c.id.in_([never_started, run_gone]))
@@ -83,7 +83,7 @@ def test_a_silent_run_reported_by_prefect_is_resumed_once_its_batch_stopped_beat
         deployment = client.read_deployment_by_name("process-batch/process-batch")
         silent = client.create_flow_run_from_deployment(
             deployment.id, parameters={"batch_id": batch_id}, state=Running())
-    assert runtime.store.mark_started(batch_id, str(silent.id))
+    assert runtime.lifecycle.start(batch_id, str(silent.id))
     event_id = f"prefect.flow-run.{silent.id}"  # how the trigger names the run
 
     # Prefect missed its heartbeats, but the batch beat 1 s ago: alive, left alone.

@@ -8,7 +8,7 @@ from alembic.script import ScriptDirectory
 
 from batchops.migrate import alembic_config
 from batchops.runtime import Runtime
-from batchops.store import metadata
+from batchops.tables import metadata
 
 
 def test_migrations_build_exactly_the_schema_the_code_uses(runtime: Runtime) -> None:

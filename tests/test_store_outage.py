@@ -21,10 +21,10 @@ import sqlalchemy as sa
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+from batchops.engine import shared_engine
 from batchops.registration import register_batch
 from batchops.runtime import Runtime
 from batchops.schemas import BatchState, ItemState
-from batchops.store import shared_engine
 from flows.process_batch import process_batch
 from flows.reaper import reap_stale_batches
 from tests.conftest import PG_ADMIN_URL, _truncate_pg
@@ -191,7 +191,7 @@ def test_a_chunk_that_fails_for_good_records_its_items_failed_and_a_retry_runs_t
         with runtime.store.engine.begin() as conn:
             conn.exec_driver_sql("DROP TRIGGER users_bug ON users")
 
-    assert runtime.store.prepare_retry(batch_id) == 100
+    assert runtime.lifecycle.retry(batch_id) == 100
     assert process_batch(batch_id=batch_id, return_state=True).is_completed()
     _assert_every_user_written_once(runtime, batch_id, 300)
 
@@ -253,8 +253,9 @@ def _ready_until(api: httpx.Client, done: Callable[[httpx.Response], bool],
 
 def test_the_readiness_probe_refuses_a_read_only_sqlite_file_but_not_a_busy_one(
         tmp_path: Any) -> None:
+    from batchops.engine import create_engine
     from batchops.errors import TransientError
-    from batchops.store import Store, create_engine
+    from batchops.store import Store
 
     path = tmp_path / "store.db"
     store = Store(f"sqlite:///{path}", engine=create_engine(f"sqlite:///{path}"))

@@ -78,7 +78,7 @@ def _flow_run(flow_run_id: str) -> Any:
 
 
 def _batches(runtime: Any) -> list[Any]:
-    from batchops.store import batches
+    from batchops.tables import batches
 
     with runtime.store.engine.connect() as conn:
         return list(conn.execute(batches.select()))
@@ -186,7 +186,7 @@ def test_a_crashed_batch_run_is_resumed_at_once_by_the_reaper_deployment_trigger
         # its batch processing under it with a fresh heartbeat: the sweep would wait a minute.
         dead = client.create_flow_run_from_deployment(
             deployment.id, parameters={"batch_id": batch_id}, state=Running())
-        assert runtime.store.mark_started(batch_id, str(dead.id))
+        assert runtime.lifecycle.start(batch_id, str(dead.id))
         # What Prefect's engine, or its zombie detection, does to such a run.
         client.set_flow_run_state(dead.id, Crashed(message="worker lost"), force=True)
 
@@ -211,7 +211,7 @@ def test_prefect_flow_run_retry_reruns_the_failed_items_of_the_same_batch(
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from batchops.store import batches
+    from batchops.tables import batches
 
     runtime = configure(database_url=worker["database_url"])
     operations = [user(810), {"id": "rename", "method": "PATCH", "path": "/users/811",

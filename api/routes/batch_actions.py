@@ -66,7 +66,7 @@ async def retry_batch(batch_id: BatchId, request: Request, runtime: RuntimeDep,
     again, from now. ``202`` with the status URL, or ``200`` with the status when no item
     needs another run. A batch still running answers 409."""
     _owned_batch(runtime, batch_id, scope)
-    to_run = await asyncio.to_thread(runtime.store.prepare_retry, batch_id)
+    to_run = await asyncio.to_thread(runtime.lifecycle.retry, batch_id)
     if to_run == 0:
         status = runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
         return JSONResponse(status.model_dump(mode="json"))

@@ -413,7 +413,7 @@ def _could_not_run(runtime: Runtime, batch_id: str, run: SyncRun) -> None:
     example the Prefect API is unreachable). The batch is marked failed, so it can be retried."""
     error = run.error()
     reason = f"{type(error).__name__}: {error}" if error else "the flow run did not finish"
-    runtime.store.mark_finished(batch_id, BatchState.FAILED, f"could not run: {reason}")
+    runtime.lifecycle.finish(batch_id, BatchState.FAILED, f"could not run: {reason}")
     raise TransientError(f"batch {batch_id} could not run ({reason}); retry it")
 
 

@@ -121,7 +121,7 @@ async def replay(request: Request, body: DeadLetterReplay, runtime: RuntimeDep, 
         # Nothing of the batch ran: the dead letters are replayable again, the batch is not.
         await quota.refund(charge, outcome.replayed)
         await asyncio.to_thread(DeadLetters(runtime.store).release, scope, batch_id)
-        await asyncio.to_thread(runtime.store.cancel, batch_id)
+        await asyncio.to_thread(runtime.lifecycle.cancel, batch_id)
         raise
     status_url = str(request.url_for("get_batch_status", batch_id=batch_id))
     return JSONResponse(

@@ -30,12 +30,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 
+from batchops.engine import shared_engine
 from batchops.errors import ConfigurationError, TransientError, is_transient
 from batchops.jsonable import row_to_json
 from batchops.planning import PAGE_ROWS
 from batchops.resources import Resource
 from batchops.schemas import ItemResult, PlannedOperation
-from batchops.store import shared_engine
 from batchops.targets import ChunkContext
 
 __all__ = ["SqlTarget", "classify_db_error", "split_runs"]
