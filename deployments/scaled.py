@@ -154,13 +154,15 @@ class ScaledSystem:
             raise RuntimeError(f"{what} did not answer at {url}; see the logs {logs or 'under '}"
                                f"{self.processes.log_dir}")
 
-    def start_worker(self, index: int) -> None:
-        """Worker ``index`` (1-based name ``worker-{index}``) on the work pool."""
+    def start_worker(self, index: int, limit: int | None = None) -> None:
+        """Worker ``index`` (1-based name ``worker-{index}``) on the work pool, running at
+        most ``limit`` flow runs at once (default: the topology's ``worker_limit``)."""
         t = self.topology
         name = f"worker-{index}"
         self.processes.start(
             name, [sys.executable, "-m", "prefect", "worker", "start", "--pool", t.work_pool,
-                   "--type", "batchops", "--name", name, "--limit", str(t.worker_limit)],
+                   "--type", "batchops", "--name", name,
+                   "--limit", str(limit or t.worker_limit)],
             t.env(name, index - 1), cwd=REPO)
 
     def start(self) -> None:
