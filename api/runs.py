@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from batchops import orchestration
+from batchops import batch_runs, orchestration
 from batchops.errors import TransientError
 from batchops.lifecycle import BatchLifecycle
 from batchops.runtime import Runtime
-from batchops.schemas import BatchState
 
 __all__ = ["BatchRunner", "SyncRun"]
 
@@ -178,26 +177,13 @@ class BatchRunner:
 
     async def start_deployment(self, runtime: Runtime, batch_id: str,
                                generation: int = 0) -> UUID:
-        """Create a flow run of the deployment for the batch; its id.
+        """A flow run of the deployment for the queued batch (:func:`batchops.batch_runs.
+        start_run`); its id.
 
         Raises:
             TransientError: the flow run could not be created (the batch is marked failed).
         """
-        try:
-            flow_run = await orchestration.start_deployment_run_async(
-                self.deployment, {"batch_id": batch_id}, name=f"batch-{batch_id}",
-                idempotency_key=f"batchops-batch-{batch_id}-g{generation}")
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            logger.error("batch %s: cannot start a flow run of %s: %s", batch_id,
-                         self.deployment, reason)
-            await asyncio.to_thread(runtime.lifecycle.finish, batch_id, BatchState.FAILED,
-                                    f"could not start the flow run: {reason}")
-            raise TransientError(
-                f"could not start a flow run of the deployment {self.deployment!r} for batch "
-                f"{batch_id}; retry the request") from None
-        await asyncio.to_thread(runtime.lifecycle.attach_run, batch_id, str(flow_run.id))
-        return flow_run.id
+        return await asyncio.to_thread(batch_runs.start_run, runtime, batch_id, generation)
 
     def shutdown(self) -> None:
         """Let the sync batches taken in finish (graceful shutdown); accept no new ones."""

@@ -59,6 +59,7 @@ __all__ = [
     "start_deployment_run",
     "start_deployment_run_async",
     "update_progress",
+    "wait_for_run",
 ]
 
 T = TypeVar("T")
@@ -100,6 +101,17 @@ def start_deployment_run(deployment: str, parameters: dict[str, Any], *, name: s
         deployment, parameters=parameters, timeout=0, as_subflow=False, flow_run_name=name,
         idempotency_key=idempotency_key)
     return run
+
+
+def wait_for_run(flow_run_id: UUID, timeout: float | None = None) -> FlowRun:
+    """The flow run once it has reached a final state (every 2 s a read; ``timeout`` seconds
+    at most, or for as long as it takes)."""
+    import asyncio
+
+    from prefect.flow_runs import wait_for_flow_run
+
+    return asyncio.run(wait_for_flow_run(flow_run_id, timeout=None if timeout is None
+                                         else int(timeout), poll_interval=2))
 
 
 async def start_deployment_run_async(deployment: str, parameters: dict[str, Any], *,

@@ -6,9 +6,12 @@ None of them is cached: each reads or moves state that changes between calls of 
 
 from __future__ import annotations
 
+from uuid import UUID
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from batchops import batch_runs
 from batchops.runtime import get_runtime
 from batchops.schemas import BatchSummary
 from batchops.sync import BulkSync, SyncBatch, SyncState, WatermarkMove
@@ -18,7 +21,7 @@ __all__ = [
     "advance_watermark",
     "batch_summary",
     "next_sync_batch",
-    "reopen_failed_items",
+    "retry_batch",
     "sync_names",
     "sync_state",
 ]
@@ -57,11 +60,14 @@ def advance_watermark(sync_name: str, batch_id: str) -> WatermarkMove:
     return BulkSync(get_runtime(), sync_name).advance(batch_id)
 
 
-@task(name="reopen-failed-items", task_run_name="reopen failed items of {batch_id}",
+@task(name="retry-batch", task_run_name="retry the failed items of {batch_id}",
       cache_policy=NO_CACHE)
-def reopen_failed_items(batch_id: str) -> int:
-    """Queue the batch's failed (and never-run) items for another run; how many there are."""
-    return get_runtime().lifecycle.retry(batch_id)
+def retry_batch(batch_id: str) -> tuple[int, UUID | None]:
+    """Reopen the batch's failed (and never-run) items and start a run of the deployment for
+    them (:func:`batchops.batch_runs.retry`): how many, and the new flow run's id (``None``
+    when nothing failed)."""
+    retried = batch_runs.retry(get_runtime(), batch_id)
+    return retried.to_run, retried.flow_run_id
 
 
 @task(name="batch-summary", cache_policy=NO_CACHE)

@@ -25,7 +25,6 @@ from batchops.schemas import BatchState, ItemState
 from batchops.sync import BulkSync, read_sync_state
 from flows.bulk_sync import bulk_sync
 from flows.process_batch import process_batch
-from flows.retry_failed import retry_failed
 from tests.faults import arm_user_insert_fault, disarm_fault, remove_fault
 from tests.runner import serving_deployments
 
@@ -386,36 +385,6 @@ def test_csv_directory_sync_reads_new_files_only(configure: Configure, tmp_path:
         (7,), (1000,)]
 
 
-# -- retry-failed ------------------------------------------------------------------------------
-
-
-def test_retry_failed_runs_only_the_failed_items(configure: Configure, tmp_path: Path) -> None:
-    runtime = configure(database_url=f"sqlite:///{tmp_path / 'store.db'}")
-    with runtime.store.engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO users (id, email) VALUES (100, 'u3@x.io'), "
-                             "(101, 'u7@x.io')"))
-    ops = [{"method": "POST", "path": "/users", "body": {"id": i, "email": f"u{i}@x.io"}}
-           for i in range(10)]
-    batch_id, _ = register_batch(runtime, ops)
-    first = process_batch(batch_id=batch_id)
-    assert (first.succeeded, first.failed) == (8, 2)
-    with runtime.store.engine.begin() as conn:
-        conn.execute(sa.text("DELETE FROM users WHERE id >= 100"))
-
-    summary = retry_failed(batch_id)
-
-    assert (summary.total, summary.succeeded, summary.failed) == (10, 10, 0)
-    # Had the 8 successes run again, their inserts would now be 409 conflicts.
-    results = list(runtime.store.iter_results(batch_id))
-    assert [(r.status, r.state) for r in results] == [(201, ItemState.SUCCEEDED)] * 10
-    generation = runtime.store.get_batch(batch_id).generation
-
-    again = retry_failed(batch_id)  # nothing failed: nothing runs
-
-    assert (again.total, again.succeeded) == (10, 10)
-    assert runtime.store.get_batch(batch_id).generation == generation
-
-
 # -- deployments -------------------------------------------------------------------------------
 
 
@@ -538,7 +507,25 @@ def test_deployments_run_end_to_end_from_a_runner(runner: Runtime) -> None:
         runtime, "SELECT id, succeeded FROM batches WHERE source = 'flow'")
     assert succeeded == 5
     assert finished[0].name == f"batch-{batch_id}"  # named after the batch it registered
+    # retry-failed ran the failed item again, in a new process-batch run of the same batch;
+    # the 4 successes were not run again (their inserts would now be 409 conflicts).
     assert runtime.store.status(failed_batch).failed == 0
+    assert [(r.status, r.state) for r in runtime.store.iter_results(failed_batch)] == [
+        (201, ItemState.SUCCEEDED)] * 5
+    generation = runtime.store.get_batch(failed_batch).generation
+    assert generation == 1
+    retry_run = runtime.store.get_batch(failed_batch).flow_run_id
+    assert retry_run is not None and retry_run != str(finished[1].id)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(UUID(retry_run)).deployment_id == deployments[
+            "process-batch"].id
+    # Nothing failed any more: a second retry-failed run changes nothing and starts no run.
+    [again] = wait_for_runs([run_deployment("retry-failed/retry-failed",
+                                            parameters={"batch_id": failed_batch},
+                                            timeout=0).id])
+    assert again.state is not None and again.state.is_completed()
+    assert runtime.store.get_batch(failed_batch).generation == generation
+    assert runtime.store.get_batch(failed_batch).flow_run_id == retry_run
     assert query(runtime, "SELECT id FROM users ORDER BY id") == [
         (i,) for i in [*range(1, 6), *range(101, 106)]]
     assert query(runtime, "SELECT count(*), sum(price) FROM products")[0] == (

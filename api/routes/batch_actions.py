@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.body import CSV_MEDIA_TYPES, require_media_type
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
 from api.routes.batches import BatchAccepted, BatchId, _accepted, _errors, _owned_batch, item_json
-from batchops import cancellation
+from batchops import batch_runs, cancellation
 from batchops.csvio import CsvImport, count_operations, open_operations
 from batchops.errors import (
     BadRequest,
@@ -66,12 +66,10 @@ async def retry_batch(batch_id: BatchId, request: Request, runtime: RuntimeDep,
     again, from now. ``202`` with the status URL, or ``200`` with the status when no item
     needs another run. A batch still running answers 409."""
     _owned_batch(runtime, batch_id, scope)
-    to_run = await asyncio.to_thread(runtime.lifecycle.retry, batch_id)
-    if to_run == 0:
+    retried = await asyncio.to_thread(batch_runs.retry, runtime, batch_id)
+    if retried.flow_run_id is None:
         status = runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
         return JSONResponse(status.model_dump(mode="json"))
-    generation = runtime.store.get_batch(batch_id).generation
-    await runner.start_deployment(runtime, batch_id, generation)
     return _accepted(request, batch_id, BatchState.QUEUED)
 
 
