@@ -136,8 +136,8 @@ class CheckpointWriter:
             with store.engine.begin() as conn:
                 store.save_checkpoints(conn, self.batch_id, self.generation,
                                        [r for _, r in entries])
-                store.idempotency_save(conn, self.scope, self.batch_id, remember, retention)
-                store.release_claims(conn, self.scope, self.batch_id,
+                store.idempotency.save(conn, self.scope, self.batch_id, remember, retention)
+                store.idempotency.release(conn, self.scope, self.batch_id,
                                      [op.idempotency_key for op, _ in keyed
                                       if op.idempotency_key is not None])
                 if beat:

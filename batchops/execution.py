@@ -33,12 +33,12 @@ from sqlalchemy.engine import Connection
 
 from batchops.checkpoints import CheckpointWriter
 from batchops.dead_letters import record_dead_letters
+from batchops.idempotency import IdempotencyRecord
 from batchops.planning import record_order
 from batchops.references import UnresolvedReference, find_references, resolve_body
 from batchops.routing import SQL_TARGET
 from batchops.runtime import Runtime
 from batchops.schemas import ChunkRef, ItemResult, ItemState, Operation, PlannedOperation
-from batchops.store import IdempotencyRecord
 from batchops.targets import ChunkContext, batch_cancelled, deadline_exceeded
 from batchops.targets.sql import SqlTarget
 from batchops.validation import OperationValidator
@@ -243,14 +243,14 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         keys = [op.idempotency_key for op in todo if op.idempotency_key is not None]
         if atomic:
             # Two chunks with one key: the second waits here, then replays the first's record.
-            store.lock_keys(conn, scope, keys)
+            store.idempotency.lock_keys(conn, scope, keys)
             checkpointed: dict[int, ItemResult] = {}
         else:
             checkpointed = store.checkpoints(conn, ref.batch_id, generation,
                                              [op.index for op in todo])
         answered, to_run = _replay_or_reject(
             [op for op in todo if op.index not in checkpointed],
-            store.idempotency_lookup(conn, scope, keys))
+            store.idempotency.lookup(conn, scope, keys))
         answered.update(checkpointed)
         settled = {**kept, **answered}
         alias = _repeated_keys(todo, to_run, answered)
@@ -258,7 +258,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
             executed = [settle_with(op) for op in to_run]
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
                               rerun=bool(recorded))
-            store.release_claims(conn, scope, ref.batch_id, [
+            store.idempotency.release(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
             store.drop_checkpoints(conn, ref, generation)
         elif atomic:
@@ -281,7 +281,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         with store.engine.begin() as conn:
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
                               rerun=bool(recorded))
-            store.release_claims(conn, scope, ref.batch_id, [
+            store.idempotency.release(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
             store.drop_checkpoints(conn, ref, generation)
     store.publish_status(ref.batch_id)  # committed: the Redis snapshot may move
@@ -335,22 +335,22 @@ async def _run_claimed(runtime: Runtime, batch_id: str, scope: str,
             keys = [op.idempotency_key for op in pending if op.idempotency_key is not None]
             with store.read() as conn:
                 answered, pending = _replay_or_reject(
-                    pending, store.idempotency_lookup(conn, scope, keys))
+                    pending, store.idempotency.lookup(conn, scope, keys))
             results += [ctx.item_done(op, answered[op.index]) for op in ops
                         if op.index in answered]
             if not pending:
                 break
         first = False
         # Free keys, keys this batch held before a crash, and keys of dead holders are ours.
-        claims = store.claim_keys(scope, batch_id, pending, stale_after)
+        claims = store.idempotency.claim(scope, batch_id, pending, stale_after)
         runnable = [op for op in pending
                     if op.idempotency_key is None or op.idempotency_key in claims.mine]
         if claims.mine:
             # A key its holder finished (and released) since this chunk looked is replayed.
             with store.engine.begin() as conn:
-                answered, runnable = _replay_or_reject(runnable, store.idempotency_lookup(
+                answered, runnable = _replay_or_reject(runnable, store.idempotency.lookup(
                     conn, scope, list(claims.mine)))
-                store.release_claims(conn, scope, batch_id, [
+                store.idempotency.release(conn, scope, batch_id, [
                     op.idempotency_key for op in pending
                     if op.index in answered and op.idempotency_key is not None])
             results += [ctx.item_done(op, answered[op.index]) for op in pending
@@ -405,7 +405,7 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
                 and by_index[op.index].state is ItemState.SUCCEEDED
                 and not by_index[op.index].replayed]
     retention = timedelta(hours=runtime.settings.idempotency_retention_hours)
-    runtime.store.idempotency_save(conn, scope, ref.batch_id, remember, retention)
+    runtime.store.idempotency.save(conn, scope, ref.batch_id, remember, retention)
     # Items that ran out of retries, in this run or in a run that checkpointed them before it
     # died (answered from the checkpoint, not replayed); a re-run chunk's items replace their
     # earlier ones.

@@ -20,8 +20,9 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
-from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, dialect_insert, read_only, shared_engine
+from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, read_only, shared_engine
 from batchops.errors import BatchNotFound, TransientError
+from batchops.idempotency import IdempotencyStore
 from batchops.lease_records import LeaseRecords
 from batchops.progress import RedisProgress
 from batchops.purge import Purge
@@ -37,13 +38,11 @@ from batchops.tables import (
     aware,
     batch_chunks,
     batches,
-    idempotency_records,
     item_checkpoints,
-    item_claims,
     utcnow,
 )
 
-__all__ = ["BatchRecord", "Claims", "IdempotencyRecord", "Store", "deadline_from"]
+__all__ = ["BatchRecord", "Store", "deadline_from"]
 
 _OPS = TypeAdapter(list[PlannedOperation])
 _RESULTS = TypeAdapter(list[ItemResult])
@@ -81,24 +80,6 @@ class BatchRecord:
     deadline_at: datetime | None = None
 
 
-@dataclass(frozen=True)
-class Claims:
-    """Outcome of claiming idempotency keys: ``mine`` to execute, ``busy`` held elsewhere."""
-
-    mine: set[str]
-    busy: set[str]
-
-
-@dataclass(frozen=True)
-class IdempotencyRecord:
-    key: str
-    payload_hash: str
-    status: int
-    result: Any
-    batch_id: str
-    item_index: int
-
-
 def _checkpoint_json(result: ItemResult) -> str:
     """The item's result with its attempts' errors, which API answers leave out: a run that
     resumes from the checkpoint records the item's dead letter from them."""
@@ -120,6 +101,7 @@ class Store:
         self.url = url
         self.engine = engine or shared_engine(url)
         self.progress = progress  # status snapshots in Redis (batchops.progress), if set
+        self.idempotency = IdempotencyStore(self.engine)
         self.leases = LeaseRecords(self.engine)
         self.purge = Purge(self.engine)
 
@@ -397,107 +379,7 @@ class Store:
             conn.execute(t.update().where(t.c.batch_id == batch_id, t.c.generation == generation)
                          .values(generation=generation + 1))
 
-    # -- idempotency --------------------------------------------------------------------
-
-    def idempotency_lookup(self, conn: Connection, scope: str,
-                           keys: Sequence[str]) -> dict[str, IdempotencyRecord]:
-        """Unexpired records for ``keys`` (expired ones count as absent)."""
-        if not keys:
-            return {}
-        t = idempotency_records
-        rows = conn.execute(sa.select(t).where(
-            t.c.scope == scope, t.c.key.in_(list(set(keys))), t.c.expires_at > utcnow(),
-        )).mappings()
-        return {
-            r["key"]: IdempotencyRecord(r["key"], r["payload_hash"], r["status"], r["result"],
-                                        r["batch_id"], r["item_index"])
-            for r in rows
-        }
-
-    def idempotency_save(self, conn: Connection, scope: str, batch_id: str,
-                         entries: Sequence[tuple[PlannedOperation, ItemResult]],
-                         retention: timedelta) -> None:
-        """Remember succeeded items by key (an expired record is replaced)."""
-        if not entries:
-            return
-        now = utcnow()
-        t = idempotency_records
-        keys = [op.idempotency_key for op, _ in entries]
-        conn.execute(t.delete().where(t.c.scope == scope, t.c.key.in_(keys),
-                                      t.c.expires_at <= now))
-        # A key saved already (by the chunk's checkpoint writer, or by a batch that ran it
-        # first) keeps its first record.
-        conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(), [
-            {"scope": scope, "key": op.idempotency_key, "payload_hash": op.payload_hash,
-             "status": r.status, "result": r.result, "batch_id": batch_id,
-             "item_index": r.index, "created_at": now, "expires_at": now + retention}
-            for op, r in entries
-        ])
-
-
-
-
-    # -- claims, checkpoints, heartbeats ------------------------------------------------
-
-    def lock_keys(self, conn: Connection, scope: str, keys: Sequence[str]) -> None:
-        """Serialize transactions over the same idempotency keys until they commit
-        (PostgreSQL advisory locks, in one order; SQLite's writer lock already does)."""
-        if conn.dialect.name != "postgresql" or not keys:
-            return
-        conn.execute(sa.text(
-            "SELECT pg_advisory_xact_lock(hashtextextended(:scope || chr(31) || k, 0)) "
-            "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY k"),
-            {"scope": scope, "keys": sorted(set(keys))})
-
-    def claim_keys(self, scope: str, batch_id: str, ops: Sequence[PlannedOperation],
-                   stale_after: timedelta) -> Claims:
-        """Claim the operations' idempotency keys for this batch.
-
-        A key is ``mine`` when nobody held it, when this batch held it already (a run resuming
-        after a crash), or when its holder's heartbeat is older than ``stale_after`` (the
-        holder died); otherwise it is ``busy``: another batch is executing it right now.
-        """
-        by_key = {op.idempotency_key: op for op in ops if op.idempotency_key is not None}
-        if not by_key:
-            return Claims(set(), set())
-        t = item_claims
-        now = utcnow()
-        rows = [{"scope": scope, "key": k, "batch_id": batch_id, "item_index": op.index,
-                 "claimed_at": now} for k, op in by_key.items()]
-        with self.engine.begin() as conn:
-            insert = dialect_insert(conn)(t).on_conflict_do_nothing()
-            conn.execute(insert, rows)
-            holders = conn.execute(
-                sa.select(t.c.key, t.c.batch_id, batches.c.heartbeat_at, batches.c.status)
-                .select_from(t.outerjoin(batches, batches.c.id == t.c.batch_id))
-                .where(t.c.scope == scope, t.c.key.in_(list(by_key)))).all()
-            mine, busy = set(), set()
-            for key, holder, heartbeat, status in holders:
-                if holder == batch_id:
-                    mine.add(key)
-                    continue
-                beat = aware(heartbeat)
-                dead = (status is None or BatchState(status).is_final or beat is None
-                        or beat < now - stale_after)
-                if dead and conn.execute(t.update().where(
-                        t.c.scope == scope, t.c.key == key, t.c.batch_id == holder,
-                ).values(batch_id=batch_id, item_index=by_key[key].index,
-                         claimed_at=now)).rowcount == 1:
-                    mine.add(key)
-                else:
-                    busy.add(key)
-            # A key whose holder released it between the insert (which it refused) and the
-            # select has no row now: not claimed, so busy, and the caller looks again
-            # (it was dropped before, and its item had no result).
-            busy.update(by_key.keys() - mine - busy)
-        return Claims(mine, busy)
-
-    def release_claims(self, conn: Connection, scope: str, batch_id: str,
-                       keys: Sequence[str]) -> None:
-        if keys:
-            t = item_claims
-            conn.execute(t.delete().where(t.c.scope == scope, t.c.batch_id == batch_id,
-                                          t.c.key.in_(list(set(keys)))))
+    # -- checkpoints, heartbeats ------------------------------------------------------
 
     def save_checkpoints(self, conn: Connection, batch_id: str, generation: int,
                          results: Sequence[ItemResult]) -> None:

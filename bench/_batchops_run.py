@@ -180,6 +180,7 @@ def instrument() -> None:
     import flows.process_batch as flow_mod
     import tasks.batches as batches_mod
     import tasks.chunks as chunks_mod
+    from batchops.idempotency import IdempotencyStore
     from batchops.planning import ChunkPlanner
     from batchops.store import Store
     from batchops.targets.sql import SqlTarget
@@ -187,8 +188,8 @@ def instrument() -> None:
 
     chunks_mod.execute_chunk = TIMERS.wrap("chunk.execute_chunk", chunks_mod.execute_chunk)
     for cls, names in ((Store, ("chunk_operations", "open_chunk", "lock_chunk", "recorded_results",
-                                "idempotency_lookup", "record_chunk", "idempotency_save",
-                                "insert_chunk", "chunk_plan", "iter_results")),
+                                "record_chunk", "insert_chunk", "chunk_plan", "iter_results")),
+                       (IdempotencyStore, ("lookup", "save")),
                        (SqlTarget, ("execute_on",)),
                        (OperationValidator, ("check",)),
                        (ChunkPlanner, ("_close",))):
