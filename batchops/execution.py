@@ -246,8 +246,8 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
             store.idempotency.lock_keys(conn, scope, keys)
             checkpointed: dict[int, ItemResult] = {}
         else:
-            checkpointed = store.checkpoints(conn, ref.batch_id, generation,
-                                             [op.index for op in todo])
+            checkpointed = store.checkpoints.of_items(conn, ref.batch_id, generation,
+                                                      [op.index for op in todo])
         answered, to_run = _replay_or_reject(
             [op for op in todo if op.index not in checkpointed],
             store.idempotency.lookup(conn, scope, keys))
@@ -260,7 +260,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
                               rerun=bool(recorded))
             store.idempotency.release(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
-            store.drop_checkpoints(conn, ref, generation)
+            store.checkpoints.drop(conn, ref, generation)
         elif atomic:
             ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn,
                                deadline=deadline, batch_concurrency=batch_concurrency)
@@ -283,7 +283,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
                               rerun=bool(recorded))
             store.idempotency.release(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
-            store.drop_checkpoints(conn, ref, generation)
+            store.checkpoints.drop(conn, ref, generation)
     store.publish_status(ref.batch_id)  # committed: the Redis snapshot may move
     return _outcome(ref, results, executed=[r for r in executed if r.attempts],
                     already=len(kept), started=started)

@@ -10,7 +10,6 @@ Reading results walks the chunks in order.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
+from batchops.checkpoint_records import CheckpointRecords
 from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, read_only, shared_engine
 from batchops.errors import BatchNotFound, TransientError
 from batchops.idempotency import IdempotencyStore
@@ -38,7 +38,6 @@ from batchops.tables import (
     aware,
     batch_chunks,
     batches,
-    item_checkpoints,
     utcnow,
 )
 
@@ -80,16 +79,6 @@ class BatchRecord:
     deadline_at: datetime | None = None
 
 
-def _checkpoint_json(result: ItemResult) -> str:
-    """The item's result with its attempts' errors, which API answers leave out: a run that
-    resumes from the checkpoint records the item's dead letter from them."""
-    if not result.attempt_errors:
-        return result.model_dump_json()
-    data = result.model_dump(mode="json")
-    data["attempt_errors"] = [e.model_dump(mode="json") for e in result.attempt_errors]
-    return json.dumps(data)
-
-
 class Store:
     """Reads and writes batches; every method is one short transaction unless it takes ``conn``.
 
@@ -101,6 +90,7 @@ class Store:
         self.url = url
         self.engine = engine or shared_engine(url)
         self.progress = progress  # status snapshots in Redis (batchops.progress), if set
+        self.checkpoints = CheckpointRecords(self.engine)
         self.idempotency = IdempotencyStore(self.engine)
         self.leases = LeaseRecords(self.engine)
         self.purge = Purge(self.engine)
@@ -360,67 +350,9 @@ class Store:
         conn.execute(batch_chunks.update().where(
             c.batch_id == batch_id, c.done.is_(True), (c.failed > 0) | (c.skipped > 0),
         ).values(done=False))
-        self._carry_checkpoints(conn, batch_id, generation)
+        self.checkpoints.carry(conn, batch_id, generation)
 
-    def _carry_checkpoints(self, conn: Connection, batch_id: str, generation: int) -> None:
-        """A retry's new generation keeps the successes that a chunk which could not finish
-        had checkpointed (they are not executed again); its other checkpoints go, so their
-        items run again, and so do any of older generations."""
-        t = item_checkpoints
-        rows = conn.execute(sa.select(t.c.item_index, t.c.result).where(
-            t.c.batch_id == batch_id, t.c.generation == generation)).all()
-        drop = [i for i, raw in rows
-                if ItemResult.model_validate_json(raw).state is not ItemState.SUCCEEDED]
-        conn.execute(t.delete().where(t.c.batch_id == batch_id, t.c.generation != generation))
-        for start in range(0, len(drop), 1000):
-            conn.execute(t.delete().where(t.c.batch_id == batch_id, t.c.generation == generation,
-                                          t.c.item_index.in_(drop[start:start + 1000])))
-        if len(drop) < len(rows):
-            conn.execute(t.update().where(t.c.batch_id == batch_id, t.c.generation == generation)
-                         .values(generation=generation + 1))
-
-    # -- checkpoints, heartbeats ------------------------------------------------------
-
-    def save_checkpoints(self, conn: Connection, batch_id: str, generation: int,
-                         results: Sequence[ItemResult]) -> None:
-        if results:
-            now = utcnow()
-            conn.execute(item_checkpoints.insert(), [
-                {"batch_id": batch_id, "generation": generation, "item_index": r.index,
-                 "result": _checkpoint_json(r), "recorded_at": now} for r in results])
-
-    def drop_checkpoints(self, conn: Connection, ref: ChunkRef, generation: int) -> None:
-        """The chunk is recorded: its items' checkpoints have served their purpose."""
-        t = item_checkpoints
-        conn.execute(t.delete().where(t.c.batch_id == ref.batch_id, t.c.generation == generation,
-                                      t.c.item_index >= ref.start, t.c.item_index < ref.end))
-
-    def checkpointed_count(self, batch_id: str, generation: int) -> int:
-        """How many items of the batch's chunks in flight have a checkpointed outcome."""
-        t = item_checkpoints
-        with self.read() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(t).where(
-                t.c.batch_id == batch_id, t.c.generation == generation)).scalar_one())
-
-    def checkpoints(self, conn: Connection, batch_id: str, generation: int,
-                    indices: Sequence[int]) -> dict[int, ItemResult]:
-        """Outcomes checkpointed by an earlier run of this generation, by item index."""
-        if not indices:
-            return {}
-        t = item_checkpoints
-        rows = conn.execute(sa.select(t.c.item_index, t.c.result).where(
-            t.c.batch_id == batch_id, t.c.generation == generation,
-            t.c.item_index.between(min(indices), max(indices)))).all()
-        wanted = set(indices)
-        return {i: ItemResult.model_validate_json(r) for i, r in rows if i in wanted}
-
-    def heartbeat(self, batch_id: str) -> None:
-        with self.engine.begin() as conn:
-            self.heartbeat_in(conn, batch_id)
-
-    def heartbeat_in(self, conn: Connection, batch_id: str) -> None:
-        conn.execute(batches.update().where(batches.c.id == batch_id)
-                     .values(heartbeat_at=utcnow()))
+    # -- recovery ---------------------------------------------------------------------
 
     def stale_batches(self, stale_after: timedelta, unstarted_after: timedelta | None = None,
                       limit: int = 100) -> list[tuple[str, str, str | None]]:

@@ -85,7 +85,7 @@ def load_batch(batch_id: str, flow_run_id: str | None,
 
 def checkpointed_items(batch_id: str, generation: int) -> int:
     """Items of the batch's running chunks whose outcome is checkpointed (not yet recorded)."""
-    return get_runtime().store.checkpointed_count(batch_id, generation)
+    return get_runtime().store.checkpoints.count(batch_id, generation)
 
 
 def cancel_for_flow_run(flow_run_id: str, *, run_stopped: bool) -> str | None:

@@ -164,7 +164,7 @@ def test_an_item_that_ran_out_of_retries_before_a_crash_still_becomes_a_dead_let
     assert (dead.item_id, dead.code, dead.attempts) == ("c1", "upstream_unavailable", 3)
     assert [e.attempt for e in dead.attempt_errors] == [1, 2, 3]
     with rt.store.read() as conn:  # the chunk is recorded: its checkpoints are gone
-        assert rt.store.checkpoints(conn, batch_id, 0, [0, 1]) == {}
+        assert rt.store.checkpoints.of_items(conn, batch_id, 0, [0, 1]) == {}
 
 
 def test_a_retry_keeps_what_a_chunk_that_could_not_finish_had_checkpointed(
