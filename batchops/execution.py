@@ -182,7 +182,7 @@ def _known_results(runtime: Runtime, conn: Connection, ref: ChunkRef,
     if not wanted:
         return dict(settled)
     outside = wanted - settled.keys() - {op.index for op in ops} - alias.keys()
-    return {**runtime.store.item_results(conn, ref.batch_id, outside), **settled}
+    return {**runtime.store.results.of_items(conn, ref.batch_id, outside), **settled}
 
 
 async def _run_items(runtime: Runtime, ops: Sequence[PlannedOperation], ctx: ChunkContext,

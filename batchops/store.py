@@ -10,7 +10,7 @@ Reading results walks the chunks in order.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +26,7 @@ from batchops.idempotency import IdempotencyStore
 from batchops.lease_records import LeaseRecords
 from batchops.progress import RedisProgress
 from batchops.purge import Purge
+from batchops.results import ResultPages
 from batchops.schemas import (
     BatchState,
     BatchStatus,
@@ -93,6 +94,7 @@ class Store:
         self.checkpoints = CheckpointRecords(self.engine)
         self.idempotency = IdempotencyStore(self.engine)
         self.leases = LeaseRecords(self.engine)
+        self.results = ResultPages(self.engine)
         self.purge = Purge(self.engine)
 
     def read(self) -> Connection:
@@ -254,37 +256,6 @@ class Store:
         recorded = [] if row.results is None else _RESULTS.validate_json(row.results)
         return ops, done, recorded
 
-    def iter_results(self, batch_id: str, *, state: ItemState | None = None, after: int = -1,
-                     limit: int | None = None, chunks_per_read: int = 8) -> Iterator[ItemResult]:
-        """Recorded results in index order, ``after`` an index, read a few chunks at a time
-        (constant memory for big batches). Items of chunks still running are not listed."""
-        c = batch_chunks.c
-        emitted = 0
-        next_chunk = 0
-        while True:
-            query = sa.select(c.chunk_index, c.results).where(
-                c.batch_id == batch_id, c.chunk_index >= next_chunk, c.end > after + 1,
-                c.done.is_(True))
-            if state is ItemState.FAILED:
-                query = query.where(c.failed > 0)
-            elif state is ItemState.SUCCEEDED:
-                query = query.where(c.succeeded > 0)
-            elif state is ItemState.SKIPPED:
-                query = query.where(c.skipped > 0)
-            with self.read() as conn:
-                rows = conn.execute(query.order_by(c.chunk_index).limit(chunks_per_read)).all()
-            if not rows:
-                return
-            for row in rows:
-                for item in _RESULTS.validate_json(row.results):
-                    if item.index <= after or (state is not None and item.state != state):
-                        continue
-                    yield item
-                    emitted += 1
-                    if limit is not None and emitted >= limit:
-                        return
-            next_chunk = rows[-1].chunk_index + 1
-
     # -- recording ----------------------------------------------------------------------
 
     def record_chunk(self, conn: Connection, ref: ChunkRef, results: Sequence[ItemResult],
@@ -308,22 +279,6 @@ class Store:
             failed=batches.c.failed + (len(new) - new_succeeded - new_skipped),
             heartbeat_at=utcnow(),
         ))
-
-    def item_results(self, conn: Connection, batch_id: str,
-                     indexes: Collection[int]) -> dict[int, ItemResult]:
-        """The recorded results of ``indexes`` (items of chunks not recorded are absent)."""
-        if not indexes:
-            return {}
-        c = batch_chunks.c
-        rows = conn.execute(sa.select(c.start, c.end, c.results).where(
-            c.batch_id == batch_id, c.start <= max(indexes), c.end > min(indexes),
-            c.results.is_not(None)).order_by(c.chunk_index)).all()
-        found: dict[int, ItemResult] = {}
-        for row in rows:
-            if any(row.start <= i < row.end for i in indexes):
-                found.update((r.index, r) for r in _RESULTS.validate_json(row.results)
-                             if r.index in indexes)
-        return found
 
     def set_deadline(self, batch_id: str, seconds: float) -> None:
         """No item of the batch starts later than ``seconds`` from now (and from a retry)."""

@@ -158,14 +158,14 @@ def report_batch(status: BatchStatus, failed_chunks: list[ChunkRef], error: str 
     batch_id = status.batch_id
     limit = runtime.settings.artifact_max_rows
     if status.total <= limit:
-        items = list(store.iter_results(batch_id))
+        items = list(store.results.of_batch(batch_id))
         description = f"Every item of batch {batch_id}"
     else:
         # A big import: its failures first, then successes up to the limit.
-        items = list(store.iter_results(batch_id, state=ItemState.FAILED, limit=limit))
+        items = list(store.results.of_batch(batch_id, state=ItemState.FAILED, limit=limit))
         if len(items) < limit:
-            items += store.iter_results(batch_id, state=ItemState.SUCCEEDED,
-                                        limit=limit - len(items))
+            items += store.results.of_batch(batch_id, state=ItemState.SUCCEEDED,
+                                            limit=limit - len(items))
         items.sort(key=lambda r: r.index)
         description = (f"{len(items)} of the {status.total} items of batch {batch_id}, "
                        "failures first; all of them: `batchops results ID --format csv`")

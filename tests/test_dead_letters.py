@@ -88,7 +88,7 @@ def test_items_that_run_out_of_retries_become_dead_letters_with_every_attempt(
         {"id": "bad", "method": "POST", "path": "/crm/bad", "body": {"x": 1}},
     ])
 
-    results = list(rt.store.iter_results(batch_id))
+    results = list(rt.store.results.of_batch(batch_id))
     assert [(r.state, r.status) for r in results] == [
         (ItemState.FAILED, 503), (ItemState.FAILED, 503), (ItemState.FAILED, 422)]
     # The 422 was not worth retrying: an ordinary failed item, not a dead letter.
@@ -157,7 +157,7 @@ def test_an_item_that_ran_out_of_retries_before_a_crash_still_becomes_a_dead_let
     process_batch(batch_id=batch_id)
 
     assert [r.key for r in state.requests] == [f"{batch_id}:1"]  # c1 was not sent again
-    results = {r.id: r for r in rt.store.iter_results(batch_id)}
+    results = {r.id: r for r in rt.store.results.of_batch(batch_id)}
     assert (results["c1"].state, results["c1"].attempts) == (ItemState.FAILED, 3)
     assert results["c2"].state is ItemState.SUCCEEDED
     [dead] = find(rt, batch_id=batch_id)
@@ -190,7 +190,7 @@ def test_a_retry_keeps_what_a_chunk_that_could_not_finish_had_checkpointed(
     process_batch(batch_id=batch_id)
 
     assert [r.key for r in state.requests] == [f"{batch_id}:1"]  # only c2 was sent
-    results = {r.id: r for r in rt.store.iter_results(batch_id)}
+    results = {r.id: r for r in rt.store.results.of_batch(batch_id)}
     assert (results["c1"].status, results["c1"].result) == (201, {"id": "first-run"})
     assert (results["c2"].state, results["c2"].status) == (ItemState.SUCCEEDED, 201)
     status = rt.store.status(batch_id)
@@ -212,7 +212,7 @@ def test_replay_by_ids_and_by_filter_runs_a_new_batch_and_marks_them_replayed(
     assert by_ids.replayed == 1 and by_ids.batch_id is not None
     process_batch(batch_id=by_ids.batch_id)
 
-    [item] = rt.store.iter_results(by_ids.batch_id)
+    [item] = rt.store.results.of_batch(by_ids.batch_id)
     assert (item.id, item.state, item.status) == ("c1", ItemState.SUCCEEDED, 201)
     assert rt.store.status(by_ids.batch_id).status == "completed"
     replayed = DeadLetters(rt.store).get("default", c1.id)
@@ -234,7 +234,7 @@ def test_replay_by_ids_and_by_filter_runs_a_new_batch_and_marks_them_replayed(
         rt, "default", DeadLetterReplay.model_validate({"filter": {"batchId": first}}))
     assert by_filter.replayed == 2 and by_filter.batch_id is not None
     process_batch(batch_id=by_filter.batch_id)
-    results = list(rt.store.iter_results(by_filter.batch_id))
+    results = list(rt.store.results.of_batch(by_filter.batch_id))
     assert [(r.id, r.state) for r in results] == [("c2", ItemState.SUCCEEDED),
                                                   ("c3", ItemState.SUCCEEDED)]
     assert state.executions[f"{first}:1"] == 1 and state.executions[f"{first}:2"] == 1
@@ -410,7 +410,7 @@ def test_the_replay_deployment_runs_dead_letters_as_a_new_batch(
     [new_batch] = {d.replayed_batch_id for d in erp}
     assert new_batch is not None
     assert runtime.store.status(new_batch).status == "completed"
-    assert [(r.id, r.state) for r in runtime.store.iter_results(new_batch)] == [
+    assert [(r.id, r.state) for r in runtime.store.results.of_batch(new_batch)] == [
         ("c2", ItemState.SUCCEEDED), ("c3", ItemState.SUCCEEDED)]
     # A second run finds nothing left to replay (no new batch); the crm one is still waiting.
     replay(filter={"resource": "erp"})

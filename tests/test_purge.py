@@ -67,5 +67,5 @@ def test_the_reaper_purges_expired_records_and_claims_of_long_finished_batches(
     # A key whose record expired is new again: the next batch executes it.
     again, _ = register_batch(runtime, _users("done", 1))
     process_batch(batch_id=again)
-    [result] = store.iter_results(again)
+    [result] = store.results.of_batch(again)
     assert (result.state, result.replayed) == (ItemState.SUCCEEDED, False)
