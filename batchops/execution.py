@@ -233,7 +233,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
     store = runtime.store
     executed: list[ItemResult] = []
     with store.engine.begin() as conn:
-        ops, done, recorded = store.open_chunk(conn, ref)
+        ops, done, recorded = store.chunks.open(conn, ref)
         if done:
             return _outcome(ref, recorded, executed=[], already=len(recorded), started=started)
         atomic = _is_atomic(runtime, ops)
@@ -308,7 +308,7 @@ async def settle_chunks(runtime: Runtime, batch_id: str,
     a run that died had checkpointed, and items answered by their idempotency keys, are
     recorded as they are. A chunk recorded meanwhile is left as it is."""
     batch = runtime.store.get_batch(batch_id)
-    for ref in runtime.store.unrecorded_chunks(batch_id) if refs is None else refs:
+    for ref in runtime.store.chunks.unrecorded(batch_id) if refs is None else refs:
         await execute_chunk(runtime, ref, concurrency=1, scope=batch.scope,
                             generation=batch.generation, settle_with=not_run)
 
@@ -399,7 +399,7 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
             "id": op.id, "index": op.index, "replayed": True, "attempts": 0})
     new = [*executed, *answered.values()]
     results = sorted([*new, *kept.values()], key=lambda r: r.index)
-    runtime.store.record_chunk(conn, ref, results, new)
+    runtime.store.chunks.record(conn, ref, results, new)
     remember = [(op, by_index[op.index]) for op in to_run
                 if op.idempotency_key is not None
                 and by_index[op.index].state is ItemState.SUCCEEDED

@@ -1,11 +1,15 @@
-"""The batch store (SQLAlchemy 2 Core): batches, their chunks, idempotency records.
+"""The batch store (SQLAlchemy 2 Core): a batch's row, read and published, and the
+repositories of the rest, one per concern, each on the store's engine:
 
-The chunk is the unit of storage as it is of orchestration: a batch's operations are stored
-per chunk (one row per chunk, as JSON; chunks are sized by work, see
-``batchops.planning.ChunkSizing``), so registering a 100,000-item batch writes a few dozen
-rows, and a chunk's item results are written into its row in one update (with its
-checkpoint), together with the batch counters in one more, in the chunk's transaction.
-Reading results walks the chunks in order.
+* ``chunks`` (:mod:`batchops.chunk_records`): a batch's chunks, their operations and results;
+* ``results`` (:mod:`batchops.results`): recorded results, paged;
+* ``idempotency`` (:mod:`batchops.idempotency`): item idempotency records and key claims;
+* ``checkpoints`` (:mod:`batchops.checkpoint_records`): item checkpoints and heartbeats;
+* ``leases`` (:mod:`batchops.lease_records`): concurrency-limit lease records;
+* ``purge`` (:mod:`batchops.purge`): deleting what is kept for a while only.
+
+The tables are in :mod:`batchops.tables`, the engines in :mod:`batchops.engine`; a batch's
+status is written by :mod:`batchops.lifecycle` only.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
 from batchops.checkpoint_records import CheckpointRecords
+from batchops.chunk_records import ChunkRecords
 from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, read_only, shared_engine
 from batchops.errors import BatchNotFound, TransientError
 from batchops.idempotency import IdempotencyStore
@@ -27,33 +31,14 @@ from batchops.lease_records import LeaseRecords
 from batchops.progress import RedisProgress
 from batchops.purge import Purge
 from batchops.results import ResultPages
-from batchops.schemas import (
-    BatchState,
-    BatchStatus,
-    ChunkRef,
-    ItemResult,
-    ItemState,
-    PlannedOperation,
-)
-from batchops.tables import (
-    aware,
-    batch_chunks,
-    batches,
-    utcnow,
-)
+from batchops.schemas import BatchState, BatchStatus
+from batchops.tables import aware, batches, utcnow
 
 __all__ = ["BatchRecord", "Store", "deadline_from"]
-
-_OPS = TypeAdapter(list[PlannedOperation])
-_RESULTS = TypeAdapter(list[ItemResult])
 
 
 def deadline_from(now: datetime, seconds: float | None) -> datetime | None:
     return None if seconds is None else now + timedelta(seconds=seconds)
-
-
-def _count(results: Sequence[ItemResult], *states: ItemState) -> tuple[int, ...]:
-    return tuple(sum(1 for r in results if r.state is state) for state in states)
 
 
 @dataclass(frozen=True)
@@ -91,6 +76,7 @@ class Store:
         self.url = url
         self.engine = engine or shared_engine(url)
         self.progress = progress  # status snapshots in Redis (batchops.progress), if set
+        self.chunks = ChunkRecords(self.engine)
         self.checkpoints = CheckpointRecords(self.engine)
         self.idempotency = IdempotencyStore(self.engine)
         self.leases = LeaseRecords(self.engine)
@@ -144,14 +130,6 @@ class Store:
         upgrade(self.engine, then=create)
 
     # -- registration -------------------------------------------------------------------
-
-    def insert_chunk(self, conn: Connection, ref: ChunkRef, ops: Sequence[PlannedOperation],
-                     depends_on: Sequence[int]) -> None:
-        conn.execute(batch_chunks.insert().values(
-            batch_id=ref.batch_id, chunk_index=ref.chunk_index, start=ref.start, end=ref.end,
-            cache_token=ref.cache_token, depends_on=list(depends_on),
-            operations=_OPS.dump_json(list(ops)).decode(),
-        ))
 
     def set_total(self, conn: Connection, batch_id: str, total: int) -> None:
         conn.execute(batches.update().where(batches.c.id == batch_id).values(total=total))
@@ -209,76 +187,7 @@ class Store:
         if self.progress is not None:
             self.progress.publish(self.stored_status(batch_id))
 
-    def chunk_plan(self, batch_id: str) -> list[tuple[ChunkRef, list[int]]]:
-        """Every chunk of the batch, in order, with the chunks it must wait for."""
-        c = batch_chunks.c
-        query = sa.select(c.chunk_index, c.start, c.end, c.cache_token, c.depends_on).where(
-            c.batch_id == batch_id)
-        with self.read() as conn:
-            rows = conn.execute(query.order_by(c.chunk_index)).all()
-        return [(ChunkRef(batch_id=batch_id, chunk_index=r.chunk_index, start=r.start, end=r.end,
-                          cache_token=r.cache_token), list(r.depends_on)) for r in rows]
-
-    def unrecorded_chunks(self, batch_id: str) -> list[ChunkRef]:
-        """The batch's chunks that have no results yet, in order."""
-        c = batch_chunks.c
-        with self.read() as conn:
-            rows = conn.execute(sa.select(c.chunk_index, c.start, c.end, c.cache_token).where(
-                c.batch_id == batch_id, c.done.is_(False)).order_by(c.chunk_index)).all()
-        return [ChunkRef(batch_id=batch_id, chunk_index=r.chunk_index, start=r.start, end=r.end,
-                         cache_token=r.cache_token) for r in rows]
-
-    def chunk_operations(self, batch_id: str, chunk_index: int) -> list[PlannedOperation]:
-        with self.read() as conn:
-            raw = conn.execute(sa.select(batch_chunks.c.operations).where(
-                batch_chunks.c.batch_id == batch_id, batch_chunks.c.chunk_index == chunk_index,
-            )).scalar_one()
-        return _OPS.validate_json(raw)
-
-    def open_chunk(self, conn: Connection,
-                   ref: ChunkRef) -> tuple[list[PlannedOperation], bool, list[ItemResult]]:
-        """``(operations, done, results)`` of a chunk, its row locked for ``conn``'s
-        transaction so runs of one chunk serialize (PostgreSQL row lock; SQLite's writer lock
-        already does): one round trip where reading, locking and looking took three.
-
-        ``results`` are a done chunk's results, or what a chunk reopened for a retry had
-        recorded before (empty for a chunk that never completed); a done chunk's operations
-        are not parsed (``[]``): it does not run again.
-        """
-        c = batch_chunks.c
-        query = sa.select(c.operations, c.done, c.results).where(
-            c.batch_id == ref.batch_id, c.chunk_index == ref.chunk_index)
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        row = conn.execute(query).one()
-        done = bool(row.done) and row.results is not None
-        ops = [] if done else _OPS.validate_json(row.operations)
-        recorded = [] if row.results is None else _RESULTS.validate_json(row.results)
-        return ops, done, recorded
-
     # -- recording ----------------------------------------------------------------------
-
-    def record_chunk(self, conn: Connection, ref: ChunkRef, results: Sequence[ItemResult],
-                     new: Sequence[ItemResult]) -> None:
-        """The chunk's results and checkpoint (one update), the counters (one update).
-
-        ``results`` is every item of the chunk; ``new`` the ones not counted before (all of
-        them, except on a retry, where the kept successes were counted already).
-        """
-        succeeded, skipped = _count(results, ItemState.SUCCEEDED, ItemState.SKIPPED)
-        new_succeeded, new_skipped = _count(new, ItemState.SUCCEEDED, ItemState.SKIPPED)
-        conn.execute(batch_chunks.update().where(
-            batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
-        ).values(done=True, completed_at=utcnow(), succeeded=succeeded, skipped=skipped,
-                 failed=len(results) - succeeded - skipped,
-                 results=_RESULTS.dump_json(list(results)).decode()))
-        conn.execute(batches.update().where(batches.c.id == ref.batch_id).values(
-            completed=batches.c.completed + len(new),
-            succeeded=batches.c.succeeded + new_succeeded,
-            skipped=batches.c.skipped + new_skipped,
-            failed=batches.c.failed + (len(new) - new_succeeded - new_skipped),
-            heartbeat_at=utcnow(),
-        ))
 
     def set_deadline(self, batch_id: str, seconds: float) -> None:
         """No item of the batch starts later than ``seconds`` from now (and from a retry)."""
@@ -286,26 +195,6 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
                 deadline_seconds=seconds, deadline_at=deadline_from(now, seconds)))
-
-    def recorded_unsucceeded(self, conn: Connection, batch_id: str) -> tuple[int, int]:
-        """``(failed, skipped)``: the items of the batch's recorded chunks that a retry runs
-        again."""
-        c = batch_chunks.c
-        failed, skipped = conn.execute(sa.select(
-            sa.func.coalesce(sa.func.sum(c.failed), 0),
-            sa.func.coalesce(sa.func.sum(c.skipped), 0),
-        ).where(c.batch_id == batch_id, c.done.is_(True))).one()
-        return int(failed), int(skipped)
-
-    def reopen_unsucceeded(self, conn: Connection, batch_id: str, generation: int) -> None:
-        """For a retry (:meth:`BatchLifecycle.retry`): the chunks with failed or skipped items
-        are open again (their succeeded results are kept and not run again), and the
-        checkpoints carried to the next generation."""
-        c = batch_chunks.c
-        conn.execute(batch_chunks.update().where(
-            c.batch_id == batch_id, c.done.is_(True), (c.failed > 0) | (c.skipped > 0),
-        ).values(done=False))
-        self.checkpoints.carry(conn, batch_id, generation)
 
     # -- recovery ---------------------------------------------------------------------
 

@@ -180,16 +180,15 @@ def instrument() -> None:
     import flows.process_batch as flow_mod
     import tasks.batches as batches_mod
     import tasks.chunks as chunks_mod
+    from batchops.chunk_records import ChunkRecords
     from batchops.idempotency import IdempotencyStore
     from batchops.planning import ChunkPlanner
     from batchops.results import ResultPages
-    from batchops.store import Store
     from batchops.targets.sql import SqlTarget
     from batchops.validation import OperationValidator
 
     chunks_mod.execute_chunk = TIMERS.wrap("chunk.execute_chunk", chunks_mod.execute_chunk)
-    for cls, names in ((Store, ("chunk_operations", "open_chunk", "lock_chunk", "recorded_results",
-                                "record_chunk", "insert_chunk", "chunk_plan")),
+    for cls, names in ((ChunkRecords, ("operations", "open", "record", "insert", "plan")),
                        (IdempotencyStore, ("lookup", "save")),
                        (ResultPages, ("of_batch",)),
                        (SqlTarget, ("execute_on",)),

@@ -75,7 +75,7 @@ def load_batch(batch_id: str, flow_run_id: str | None,
     if deadline_seconds is not None:
         store.set_deadline(batch_id, deadline_seconds)
     batch = store.get_batch(batch_id)
-    plan = store.chunk_plan(batch_id)
+    plan = store.chunks.plan(batch_id)
     started = runtime.lifecycle.start(batch_id, flow_run_id)
     return {"total": batch.total, "concurrency": batch.concurrency, "scope": batch.scope,
             "generation": batch.generation, "chunks": plan if started else [],
@@ -127,7 +127,7 @@ def finish_batch(batch_id: str, failures: list[tuple[ChunkRef, BaseException]],
         runtime.lifecycle.note_error(batch_id, error)
     else:
         why = {ref.chunk_index: _describe(exc) for ref, exc in failures}
-        for ref in store.unrecorded_chunks(batch_id):
+        for ref in store.chunks.unrecorded(batch_id):
             reason = why.get(ref.chunk_index, "a chunk it waits for could not finish")
             asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(reason), [ref]))
         runtime.lifecycle.finish(batch_id,

@@ -39,7 +39,7 @@ def email(i: int, latency: float = 0.002) -> dict[str, Any]:
 
 
 def chunk_sizes(runtime: Runtime, batch_id: str) -> list[int]:
-    return [ref.end - ref.start for ref, _ in runtime.store.chunk_plan(batch_id)]
+    return [ref.end - ref.start for ref, _ in runtime.store.chunks.plan(batch_id)]
 
 
 def test_a_large_sql_batch_runs_in_a_few_chunk_task_runs(runtime: Runtime) -> None:

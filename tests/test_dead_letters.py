@@ -142,8 +142,8 @@ def test_an_item_that_ran_out_of_retries_before_a_crash_still_becomes_a_dead_let
     resumes answers c1 from its checkpoint (no request) and records its dead letter."""
     _, state = upstream
     batch_id, _ = register_batch(rt, [contact(1), contact(2)])
-    [(ref, _)] = rt.store.chunk_plan(batch_id)
-    op1 = rt.store.chunk_operations(batch_id, ref.chunk_index)[0]
+    [(ref, _)] = rt.store.chunks.plan(batch_id)
+    op1 = rt.store.chunks.operations(batch_id, ref.chunk_index)[0]
     at = datetime.now(UTC)
     errors = [AttemptError(attempt=n, at=at, status=503, code="upstream_unavailable",
                            message="503 from upstream") for n in (1, 2, 3)]
@@ -174,8 +174,8 @@ def test_a_retry_keeps_what_a_chunk_that_could_not_finish_had_checkpointed(
     its checkpointed success (no second request), c2 runs again, and no checkpoint is left."""
     _, state = upstream
     batch_id, _ = register_batch(rt, [contact(1), contact(2)])
-    [(ref, _)] = rt.store.chunk_plan(batch_id)
-    op1, op2 = rt.store.chunk_operations(batch_id, ref.chunk_index)
+    [(ref, _)] = rt.store.chunks.plan(batch_id)
+    op1, op2 = rt.store.chunks.operations(batch_id, ref.chunk_index)
     rt.lifecycle.start(batch_id, None)
     with CheckpointWriter(rt, batch_id, 0, "default") as writer:
         writer.put(op1, ItemResult(id="c1", index=0, status=201, state=ItemState.SUCCEEDED,

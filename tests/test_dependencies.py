@@ -114,7 +114,7 @@ def test_refs_take_values_from_earlier_results_in_this_and_earlier_chunks(
     assert [tuple(o) for o in orders] == [(1, "user7@x.io"), (7, "new")]
     assert subject == "Welcome, User 7!"
     # The stored operation keeps its reference (a retry resolves it again).
-    [stored] = [op for op in runtime.store.chunk_operations(batch_id, 1) if op.id == "o2"]
+    [stored] = [op for op in runtime.store.chunks.operations(batch_id, 1) if op.id == "o2"]
     assert stored.body == {"id": {"$ref": "u7.result.id"}, "status": "new"}
 
 

@@ -28,8 +28,8 @@ def _users(tag: str, n: int) -> list[dict[str, Any]]:
 
 
 def _operations(runtime: Runtime, batch_id: str) -> list[PlannedOperation]:
-    [(ref, _)] = runtime.store.chunk_plan(batch_id)
-    return runtime.store.chunk_operations(batch_id, ref.chunk_index)
+    [(ref, _)] = runtime.store.chunks.plan(batch_id)
+    return runtime.store.chunks.operations(batch_id, ref.chunk_index)
 
 
 def _keys(runtime: Runtime, table: sa.Table) -> set[str]:
