@@ -120,7 +120,7 @@ class CheckpointWriter:
         # second).
         self._beaten_at = time.monotonic()
         try:
-            self.runtime.store.heartbeat(self.batch_id)
+            self.runtime.store.checkpoints.heartbeat(self.batch_id)
         except Exception as exc:  # a missed beat is not fatal; the next one may work
             logger.warning("batch %s: heartbeat not written: %s", self.batch_id, exc)
 
@@ -134,14 +134,14 @@ class CheckpointWriter:
         beat = now - self._beaten_at >= self.runtime.settings.heartbeat_seconds
         try:
             with store.engine.begin() as conn:
-                store.save_checkpoints(conn, self.batch_id, self.generation,
+                store.checkpoints.save(conn, self.batch_id, self.generation,
                                        [r for _, r in entries])
-                store.idempotency_save(conn, self.scope, self.batch_id, remember, retention)
-                store.release_claims(conn, self.scope, self.batch_id,
-                                     [op.idempotency_key for op, _ in keyed
-                                      if op.idempotency_key is not None])
+                store.idempotency.save(conn, self.scope, self.batch_id, remember, retention)
+                store.idempotency.release(conn, self.scope, self.batch_id,
+                                          [op.idempotency_key for op, _ in keyed
+                                           if op.idempotency_key is not None])
                 if beat:
-                    store.heartbeat_in(conn, self.batch_id)
+                    store.checkpoints.heartbeat_in(conn, self.batch_id)
             if beat:
                 self._beaten_at = now
         except Exception as exc:

@@ -33,12 +33,12 @@ from sqlalchemy.engine import Connection
 
 from batchops.checkpoints import CheckpointWriter
 from batchops.dead_letters import record_dead_letters
+from batchops.idempotency import IdempotencyRecord
 from batchops.planning import record_order
 from batchops.references import UnresolvedReference, find_references, resolve_body
 from batchops.routing import SQL_TARGET
 from batchops.runtime import Runtime
 from batchops.schemas import ChunkRef, ItemResult, ItemState, Operation, PlannedOperation
-from batchops.store import IdempotencyRecord
 from batchops.targets import ChunkContext, batch_cancelled, deadline_exceeded
 from batchops.targets.sql import SqlTarget
 from batchops.validation import OperationValidator
@@ -182,7 +182,7 @@ def _known_results(runtime: Runtime, conn: Connection, ref: ChunkRef,
     if not wanted:
         return dict(settled)
     outside = wanted - settled.keys() - {op.index for op in ops} - alias.keys()
-    return {**runtime.store.item_results(conn, ref.batch_id, outside), **settled}
+    return {**runtime.store.results.of_items(conn, ref.batch_id, outside), **settled}
 
 
 async def _run_items(runtime: Runtime, ops: Sequence[PlannedOperation], ctx: ChunkContext,
@@ -233,7 +233,7 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
     store = runtime.store
     executed: list[ItemResult] = []
     with store.engine.begin() as conn:
-        ops, done, recorded = store.open_chunk(conn, ref)
+        ops, done, recorded = store.chunks.open(conn, ref)
         if done:
             return _outcome(ref, recorded, executed=[], already=len(recorded), started=started)
         atomic = _is_atomic(runtime, ops)
@@ -243,14 +243,14 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         keys = [op.idempotency_key for op in todo if op.idempotency_key is not None]
         if atomic:
             # Two chunks with one key: the second waits here, then replays the first's record.
-            store.lock_keys(conn, scope, keys)
+            store.idempotency.lock_keys(conn, scope, keys)
             checkpointed: dict[int, ItemResult] = {}
         else:
-            checkpointed = store.checkpoints(conn, ref.batch_id, generation,
-                                             [op.index for op in todo])
+            checkpointed = store.checkpoints.of_items(conn, ref.batch_id, generation,
+                                                      [op.index for op in todo])
         answered, to_run = _replay_or_reject(
             [op for op in todo if op.index not in checkpointed],
-            store.idempotency_lookup(conn, scope, keys))
+            store.idempotency.lookup(conn, scope, keys))
         answered.update(checkpointed)
         settled = {**kept, **answered}
         alias = _repeated_keys(todo, to_run, answered)
@@ -258,9 +258,9 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
             executed = [settle_with(op) for op in to_run]
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
                               rerun=bool(recorded))
-            store.release_claims(conn, scope, ref.batch_id, [
+            store.idempotency.release(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
-            store.drop_checkpoints(conn, ref, generation)
+            store.checkpoints.drop(conn, ref, generation)
         elif atomic:
             ctx = ChunkContext(ref.batch_id, concurrency, store_connection=conn,
                                deadline=deadline, batch_concurrency=batch_concurrency)
@@ -281,9 +281,9 @@ async def execute_chunk(runtime: Runtime, ref: ChunkRef, *, concurrency: int,
         with store.engine.begin() as conn:
             results = _record(runtime, conn, ref, scope, todo, to_run, answered, executed, kept,
                               rerun=bool(recorded))
-            store.release_claims(conn, scope, ref.batch_id, [
+            store.idempotency.release(conn, scope, ref.batch_id, [
                 op.idempotency_key for op in to_run if op.idempotency_key is not None])
-            store.drop_checkpoints(conn, ref, generation)
+            store.checkpoints.drop(conn, ref, generation)
     store.publish_status(ref.batch_id)  # committed: the Redis snapshot may move
     return _outcome(ref, results, executed=[r for r in executed if r.attempts],
                     already=len(kept), started=started)
@@ -308,7 +308,7 @@ async def settle_chunks(runtime: Runtime, batch_id: str,
     a run that died had checkpointed, and items answered by their idempotency keys, are
     recorded as they are. A chunk recorded meanwhile is left as it is."""
     batch = runtime.store.get_batch(batch_id)
-    for ref in runtime.store.unrecorded_chunks(batch_id) if refs is None else refs:
+    for ref in runtime.store.chunks.unrecorded(batch_id) if refs is None else refs:
         await execute_chunk(runtime, ref, concurrency=1, scope=batch.scope,
                             generation=batch.generation, settle_with=not_run)
 
@@ -335,22 +335,22 @@ async def _run_claimed(runtime: Runtime, batch_id: str, scope: str,
             keys = [op.idempotency_key for op in pending if op.idempotency_key is not None]
             with store.read() as conn:
                 answered, pending = _replay_or_reject(
-                    pending, store.idempotency_lookup(conn, scope, keys))
+                    pending, store.idempotency.lookup(conn, scope, keys))
             results += [ctx.item_done(op, answered[op.index]) for op in ops
                         if op.index in answered]
             if not pending:
                 break
         first = False
         # Free keys, keys this batch held before a crash, and keys of dead holders are ours.
-        claims = store.claim_keys(scope, batch_id, pending, stale_after)
+        claims = store.idempotency.claim(scope, batch_id, pending, stale_after)
         runnable = [op for op in pending
                     if op.idempotency_key is None or op.idempotency_key in claims.mine]
         if claims.mine:
             # A key its holder finished (and released) since this chunk looked is replayed.
             with store.engine.begin() as conn:
-                answered, runnable = _replay_or_reject(runnable, store.idempotency_lookup(
+                answered, runnable = _replay_or_reject(runnable, store.idempotency.lookup(
                     conn, scope, list(claims.mine)))
-                store.release_claims(conn, scope, batch_id, [
+                store.idempotency.release(conn, scope, batch_id, [
                     op.idempotency_key for op in pending
                     if op.index in answered and op.idempotency_key is not None])
             results += [ctx.item_done(op, answered[op.index]) for op in pending
@@ -399,13 +399,13 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
             "id": op.id, "index": op.index, "replayed": True, "attempts": 0})
     new = [*executed, *answered.values()]
     results = sorted([*new, *kept.values()], key=lambda r: r.index)
-    runtime.store.record_chunk(conn, ref, results, new)
+    runtime.store.chunks.record(conn, ref, results, new)
     remember = [(op, by_index[op.index]) for op in to_run
                 if op.idempotency_key is not None
                 and by_index[op.index].state is ItemState.SUCCEEDED
                 and not by_index[op.index].replayed]
     retention = timedelta(hours=runtime.settings.idempotency_retention_hours)
-    runtime.store.idempotency_save(conn, scope, ref.batch_id, remember, retention)
+    runtime.store.idempotency.save(conn, scope, ref.batch_id, remember, retention)
     # Items that ran out of retries, in this run or in a run that checkpointed them before it
     # died (answered from the checkpoint, not replayed); a re-run chunk's items replace their
     # earlier ones.

@@ -214,11 +214,12 @@ class BatchLifecycle:
             if next_state(BatchState(batch.status), BatchEvent.RETRY) is None:
                 raise BatchInProgress(f"batch {batch_id} is {batch.status}; retry it once it "
                                       "has finished")
-            failed, skipped = self.store.recorded_unsucceeded(conn, batch_id)
+            failed, skipped = self.store.chunks.recorded_unsucceeded(conn, batch_id)
             to_run = batch.total - batch.completed + failed + skipped
             if to_run == 0:
                 return 0  # every item succeeded: nothing to run, nothing changes
-            self.store.reopen_unsucceeded(conn, batch_id, batch.generation)
+            self.store.chunks.reopen_unsucceeded(conn, batch_id)
+            self.store.checkpoints.carry(conn, batch_id, batch.generation)
             self._apply(conn, BatchEvent.RETRY, batch_id,
                         generation=b.generation + 1, heartbeat_at=utcnow(),
                         completed=b.completed - failed - skipped,

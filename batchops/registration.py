@@ -76,13 +76,13 @@ def register_batch(
                 continue  # keep validating to report every error; nothing will be stored
             plan = planner.add(planned)
             if plan is not None:
-                store.insert_chunk(tx, plan.ref, plan.operations, plan.depends_on)
+                store.chunks.insert(tx, plan.ref, plan.operations, plan.depends_on)
         validator.finish()
         if validator.count == 0 and empty_message is not None:
             raise EmptyBatch("operations", empty_message)
         last = planner.finish()
         if last is not None:
-            store.insert_chunk(tx, last.ref, last.operations, last.depends_on)
+            store.chunks.insert(tx, last.ref, last.operations, last.depends_on)
         store.set_total(tx, batch_id, validator.count)
         if callback_url is not None:
             CallbackRecords(store).add(tx, batch_id, callback_url, status_url)

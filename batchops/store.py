@@ -1,60 +1,44 @@
-"""The batch store (SQLAlchemy 2 Core): batches, their chunks, idempotency records.
+"""The batch store (SQLAlchemy 2 Core): a batch's row, read and published, and the
+repositories of the rest, one per concern, each on the store's engine:
 
-The chunk is the unit of storage as it is of orchestration: a batch's operations are stored
-per chunk (one row per chunk, as JSON; chunks are sized by work, see
-``batchops.planning.ChunkSizing``), so registering a 100,000-item batch writes a few dozen
-rows, and a chunk's item results are written into its row in one update (with its
-checkpoint), together with the batch counters in one more, in the chunk's transaction.
-Reading results walks the chunks in order.
+* ``chunks`` (:mod:`batchops.chunk_records`): a batch's chunks, their operations and results;
+* ``results`` (:mod:`batchops.results`): recorded results, paged;
+* ``idempotency`` (:mod:`batchops.idempotency`): item idempotency records and key claims;
+* ``checkpoints`` (:mod:`batchops.checkpoint_records`): item checkpoints and heartbeats;
+* ``leases`` (:mod:`batchops.lease_records`): concurrency-limit lease records;
+* ``purge`` (:mod:`batchops.purge`): deleting what is kept for a while only.
+
+The tables are in :mod:`batchops.tables`, the engines in :mod:`batchops.engine`; a batch's
+status is written by :mod:`batchops.lifecycle` only.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
-from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, dialect_insert, read_only, shared_engine
+from batchops.checkpoint_records import CheckpointRecords
+from batchops.chunk_records import ChunkRecords
+from batchops.engine import SQLITE_BUSY_TIMEOUT_MS, read_only, shared_engine
 from batchops.errors import BatchNotFound, TransientError
+from batchops.idempotency import IdempotencyStore
 from batchops.lease_records import LeaseRecords
 from batchops.progress import RedisProgress
 from batchops.purge import Purge
-from batchops.schemas import (
-    BatchState,
-    BatchStatus,
-    ChunkRef,
-    ItemResult,
-    ItemState,
-    PlannedOperation,
-)
-from batchops.tables import (
-    aware,
-    batch_chunks,
-    batches,
-    idempotency_records,
-    item_checkpoints,
-    item_claims,
-    utcnow,
-)
+from batchops.results import ResultPages
+from batchops.schemas import BatchState, BatchStatus
+from batchops.tables import aware, batches, utcnow
 
-__all__ = ["BatchRecord", "Claims", "IdempotencyRecord", "Store", "deadline_from"]
-
-_OPS = TypeAdapter(list[PlannedOperation])
-_RESULTS = TypeAdapter(list[ItemResult])
+__all__ = ["BatchRecord", "Store", "deadline_from"]
 
 
 def deadline_from(now: datetime, seconds: float | None) -> datetime | None:
     return None if seconds is None else now + timedelta(seconds=seconds)
-
-
-def _count(results: Sequence[ItemResult], *states: ItemState) -> tuple[int, ...]:
-    return tuple(sum(1 for r in results if r.state is state) for state in states)
 
 
 @dataclass(frozen=True)
@@ -81,34 +65,6 @@ class BatchRecord:
     deadline_at: datetime | None = None
 
 
-@dataclass(frozen=True)
-class Claims:
-    """Outcome of claiming idempotency keys: ``mine`` to execute, ``busy`` held elsewhere."""
-
-    mine: set[str]
-    busy: set[str]
-
-
-@dataclass(frozen=True)
-class IdempotencyRecord:
-    key: str
-    payload_hash: str
-    status: int
-    result: Any
-    batch_id: str
-    item_index: int
-
-
-def _checkpoint_json(result: ItemResult) -> str:
-    """The item's result with its attempts' errors, which API answers leave out: a run that
-    resumes from the checkpoint records the item's dead letter from them."""
-    if not result.attempt_errors:
-        return result.model_dump_json()
-    data = result.model_dump(mode="json")
-    data["attempt_errors"] = [e.model_dump(mode="json") for e in result.attempt_errors]
-    return json.dumps(data)
-
-
 class Store:
     """Reads and writes batches; every method is one short transaction unless it takes ``conn``.
 
@@ -120,7 +76,11 @@ class Store:
         self.url = url
         self.engine = engine or shared_engine(url)
         self.progress = progress  # status snapshots in Redis (batchops.progress), if set
+        self.chunks = ChunkRecords(self.engine)
+        self.checkpoints = CheckpointRecords(self.engine)
+        self.idempotency = IdempotencyStore(self.engine)
         self.leases = LeaseRecords(self.engine)
+        self.results = ResultPages(self.engine)
         self.purge = Purge(self.engine)
 
     def read(self) -> Connection:
@@ -170,14 +130,6 @@ class Store:
         upgrade(self.engine, then=create)
 
     # -- registration -------------------------------------------------------------------
-
-    def insert_chunk(self, conn: Connection, ref: ChunkRef, ops: Sequence[PlannedOperation],
-                     depends_on: Sequence[int]) -> None:
-        conn.execute(batch_chunks.insert().values(
-            batch_id=ref.batch_id, chunk_index=ref.chunk_index, start=ref.start, end=ref.end,
-            cache_token=ref.cache_token, depends_on=list(depends_on),
-            operations=_OPS.dump_json(list(ops)).decode(),
-        ))
 
     def set_total(self, conn: Connection, batch_id: str, total: int) -> None:
         conn.execute(batches.update().where(batches.c.id == batch_id).values(total=total))
@@ -235,123 +187,7 @@ class Store:
         if self.progress is not None:
             self.progress.publish(self.stored_status(batch_id))
 
-    def chunk_plan(self, batch_id: str) -> list[tuple[ChunkRef, list[int]]]:
-        """Every chunk of the batch, in order, with the chunks it must wait for."""
-        c = batch_chunks.c
-        query = sa.select(c.chunk_index, c.start, c.end, c.cache_token, c.depends_on).where(
-            c.batch_id == batch_id)
-        with self.read() as conn:
-            rows = conn.execute(query.order_by(c.chunk_index)).all()
-        return [(ChunkRef(batch_id=batch_id, chunk_index=r.chunk_index, start=r.start, end=r.end,
-                          cache_token=r.cache_token), list(r.depends_on)) for r in rows]
-
-    def unrecorded_chunks(self, batch_id: str) -> list[ChunkRef]:
-        """The batch's chunks that have no results yet, in order."""
-        c = batch_chunks.c
-        with self.read() as conn:
-            rows = conn.execute(sa.select(c.chunk_index, c.start, c.end, c.cache_token).where(
-                c.batch_id == batch_id, c.done.is_(False)).order_by(c.chunk_index)).all()
-        return [ChunkRef(batch_id=batch_id, chunk_index=r.chunk_index, start=r.start, end=r.end,
-                         cache_token=r.cache_token) for r in rows]
-
-    def chunk_operations(self, batch_id: str, chunk_index: int) -> list[PlannedOperation]:
-        with self.read() as conn:
-            raw = conn.execute(sa.select(batch_chunks.c.operations).where(
-                batch_chunks.c.batch_id == batch_id, batch_chunks.c.chunk_index == chunk_index,
-            )).scalar_one()
-        return _OPS.validate_json(raw)
-
-    def open_chunk(self, conn: Connection,
-                   ref: ChunkRef) -> tuple[list[PlannedOperation], bool, list[ItemResult]]:
-        """``(operations, done, results)`` of a chunk, its row locked for ``conn``'s
-        transaction so runs of one chunk serialize (PostgreSQL row lock; SQLite's writer lock
-        already does): one round trip where reading, locking and looking took three.
-
-        ``results`` are a done chunk's results, or what a chunk reopened for a retry had
-        recorded before (empty for a chunk that never completed); a done chunk's operations
-        are not parsed (``[]``): it does not run again.
-        """
-        c = batch_chunks.c
-        query = sa.select(c.operations, c.done, c.results).where(
-            c.batch_id == ref.batch_id, c.chunk_index == ref.chunk_index)
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        row = conn.execute(query).one()
-        done = bool(row.done) and row.results is not None
-        ops = [] if done else _OPS.validate_json(row.operations)
-        recorded = [] if row.results is None else _RESULTS.validate_json(row.results)
-        return ops, done, recorded
-
-    def iter_results(self, batch_id: str, *, state: ItemState | None = None, after: int = -1,
-                     limit: int | None = None, chunks_per_read: int = 8) -> Iterator[ItemResult]:
-        """Recorded results in index order, ``after`` an index, read a few chunks at a time
-        (constant memory for big batches). Items of chunks still running are not listed."""
-        c = batch_chunks.c
-        emitted = 0
-        next_chunk = 0
-        while True:
-            query = sa.select(c.chunk_index, c.results).where(
-                c.batch_id == batch_id, c.chunk_index >= next_chunk, c.end > after + 1,
-                c.done.is_(True))
-            if state is ItemState.FAILED:
-                query = query.where(c.failed > 0)
-            elif state is ItemState.SUCCEEDED:
-                query = query.where(c.succeeded > 0)
-            elif state is ItemState.SKIPPED:
-                query = query.where(c.skipped > 0)
-            with self.read() as conn:
-                rows = conn.execute(query.order_by(c.chunk_index).limit(chunks_per_read)).all()
-            if not rows:
-                return
-            for row in rows:
-                for item in _RESULTS.validate_json(row.results):
-                    if item.index <= after or (state is not None and item.state != state):
-                        continue
-                    yield item
-                    emitted += 1
-                    if limit is not None and emitted >= limit:
-                        return
-            next_chunk = rows[-1].chunk_index + 1
-
     # -- recording ----------------------------------------------------------------------
-
-    def record_chunk(self, conn: Connection, ref: ChunkRef, results: Sequence[ItemResult],
-                     new: Sequence[ItemResult]) -> None:
-        """The chunk's results and checkpoint (one update), the counters (one update).
-
-        ``results`` is every item of the chunk; ``new`` the ones not counted before (all of
-        them, except on a retry, where the kept successes were counted already).
-        """
-        succeeded, skipped = _count(results, ItemState.SUCCEEDED, ItemState.SKIPPED)
-        new_succeeded, new_skipped = _count(new, ItemState.SUCCEEDED, ItemState.SKIPPED)
-        conn.execute(batch_chunks.update().where(
-            batch_chunks.c.batch_id == ref.batch_id, batch_chunks.c.chunk_index == ref.chunk_index,
-        ).values(done=True, completed_at=utcnow(), succeeded=succeeded, skipped=skipped,
-                 failed=len(results) - succeeded - skipped,
-                 results=_RESULTS.dump_json(list(results)).decode()))
-        conn.execute(batches.update().where(batches.c.id == ref.batch_id).values(
-            completed=batches.c.completed + len(new),
-            succeeded=batches.c.succeeded + new_succeeded,
-            skipped=batches.c.skipped + new_skipped,
-            failed=batches.c.failed + (len(new) - new_succeeded - new_skipped),
-            heartbeat_at=utcnow(),
-        ))
-
-    def item_results(self, conn: Connection, batch_id: str,
-                     indexes: Collection[int]) -> dict[int, ItemResult]:
-        """The recorded results of ``indexes`` (items of chunks not recorded are absent)."""
-        if not indexes:
-            return {}
-        c = batch_chunks.c
-        rows = conn.execute(sa.select(c.start, c.end, c.results).where(
-            c.batch_id == batch_id, c.start <= max(indexes), c.end > min(indexes),
-            c.results.is_not(None)).order_by(c.chunk_index)).all()
-        found: dict[int, ItemResult] = {}
-        for row in rows:
-            if any(row.start <= i < row.end for i in indexes):
-                found.update((r.index, r) for r in _RESULTS.validate_json(row.results)
-                             if r.index in indexes)
-        return found
 
     def set_deadline(self, batch_id: str, seconds: float) -> None:
         """No item of the batch starts later than ``seconds`` from now (and from a retry)."""
@@ -360,185 +196,7 @@ class Store:
             conn.execute(batches.update().where(batches.c.id == batch_id).values(
                 deadline_seconds=seconds, deadline_at=deadline_from(now, seconds)))
 
-    def recorded_unsucceeded(self, conn: Connection, batch_id: str) -> tuple[int, int]:
-        """``(failed, skipped)``: the items of the batch's recorded chunks that a retry runs
-        again."""
-        c = batch_chunks.c
-        failed, skipped = conn.execute(sa.select(
-            sa.func.coalesce(sa.func.sum(c.failed), 0),
-            sa.func.coalesce(sa.func.sum(c.skipped), 0),
-        ).where(c.batch_id == batch_id, c.done.is_(True))).one()
-        return int(failed), int(skipped)
-
-    def reopen_unsucceeded(self, conn: Connection, batch_id: str, generation: int) -> None:
-        """For a retry (:meth:`BatchLifecycle.retry`): the chunks with failed or skipped items
-        are open again (their succeeded results are kept and not run again), and the
-        checkpoints carried to the next generation."""
-        c = batch_chunks.c
-        conn.execute(batch_chunks.update().where(
-            c.batch_id == batch_id, c.done.is_(True), (c.failed > 0) | (c.skipped > 0),
-        ).values(done=False))
-        self._carry_checkpoints(conn, batch_id, generation)
-
-    def _carry_checkpoints(self, conn: Connection, batch_id: str, generation: int) -> None:
-        """A retry's new generation keeps the successes that a chunk which could not finish
-        had checkpointed (they are not executed again); its other checkpoints go, so their
-        items run again, and so do any of older generations."""
-        t = item_checkpoints
-        rows = conn.execute(sa.select(t.c.item_index, t.c.result).where(
-            t.c.batch_id == batch_id, t.c.generation == generation)).all()
-        drop = [i for i, raw in rows
-                if ItemResult.model_validate_json(raw).state is not ItemState.SUCCEEDED]
-        conn.execute(t.delete().where(t.c.batch_id == batch_id, t.c.generation != generation))
-        for start in range(0, len(drop), 1000):
-            conn.execute(t.delete().where(t.c.batch_id == batch_id, t.c.generation == generation,
-                                          t.c.item_index.in_(drop[start:start + 1000])))
-        if len(drop) < len(rows):
-            conn.execute(t.update().where(t.c.batch_id == batch_id, t.c.generation == generation)
-                         .values(generation=generation + 1))
-
-    # -- idempotency --------------------------------------------------------------------
-
-    def idempotency_lookup(self, conn: Connection, scope: str,
-                           keys: Sequence[str]) -> dict[str, IdempotencyRecord]:
-        """Unexpired records for ``keys`` (expired ones count as absent)."""
-        if not keys:
-            return {}
-        t = idempotency_records
-        rows = conn.execute(sa.select(t).where(
-            t.c.scope == scope, t.c.key.in_(list(set(keys))), t.c.expires_at > utcnow(),
-        )).mappings()
-        return {
-            r["key"]: IdempotencyRecord(r["key"], r["payload_hash"], r["status"], r["result"],
-                                        r["batch_id"], r["item_index"])
-            for r in rows
-        }
-
-    def idempotency_save(self, conn: Connection, scope: str, batch_id: str,
-                         entries: Sequence[tuple[PlannedOperation, ItemResult]],
-                         retention: timedelta) -> None:
-        """Remember succeeded items by key (an expired record is replaced)."""
-        if not entries:
-            return
-        now = utcnow()
-        t = idempotency_records
-        keys = [op.idempotency_key for op, _ in entries]
-        conn.execute(t.delete().where(t.c.scope == scope, t.c.key.in_(keys),
-                                      t.c.expires_at <= now))
-        # A key saved already (by the chunk's checkpoint writer, or by a batch that ran it
-        # first) keeps its first record.
-        conn.execute(dialect_insert(conn)(t).on_conflict_do_nothing(), [
-            {"scope": scope, "key": op.idempotency_key, "payload_hash": op.payload_hash,
-             "status": r.status, "result": r.result, "batch_id": batch_id,
-             "item_index": r.index, "created_at": now, "expires_at": now + retention}
-            for op, r in entries
-        ])
-
-
-
-
-    # -- claims, checkpoints, heartbeats ------------------------------------------------
-
-    def lock_keys(self, conn: Connection, scope: str, keys: Sequence[str]) -> None:
-        """Serialize transactions over the same idempotency keys until they commit
-        (PostgreSQL advisory locks, in one order; SQLite's writer lock already does)."""
-        if conn.dialect.name != "postgresql" or not keys:
-            return
-        conn.execute(sa.text(
-            "SELECT pg_advisory_xact_lock(hashtextextended(:scope || chr(31) || k, 0)) "
-            "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY k"),
-            {"scope": scope, "keys": sorted(set(keys))})
-
-    def claim_keys(self, scope: str, batch_id: str, ops: Sequence[PlannedOperation],
-                   stale_after: timedelta) -> Claims:
-        """Claim the operations' idempotency keys for this batch.
-
-        A key is ``mine`` when nobody held it, when this batch held it already (a run resuming
-        after a crash), or when its holder's heartbeat is older than ``stale_after`` (the
-        holder died); otherwise it is ``busy``: another batch is executing it right now.
-        """
-        by_key = {op.idempotency_key: op for op in ops if op.idempotency_key is not None}
-        if not by_key:
-            return Claims(set(), set())
-        t = item_claims
-        now = utcnow()
-        rows = [{"scope": scope, "key": k, "batch_id": batch_id, "item_index": op.index,
-                 "claimed_at": now} for k, op in by_key.items()]
-        with self.engine.begin() as conn:
-            insert = dialect_insert(conn)(t).on_conflict_do_nothing()
-            conn.execute(insert, rows)
-            holders = conn.execute(
-                sa.select(t.c.key, t.c.batch_id, batches.c.heartbeat_at, batches.c.status)
-                .select_from(t.outerjoin(batches, batches.c.id == t.c.batch_id))
-                .where(t.c.scope == scope, t.c.key.in_(list(by_key)))).all()
-            mine, busy = set(), set()
-            for key, holder, heartbeat, status in holders:
-                if holder == batch_id:
-                    mine.add(key)
-                    continue
-                beat = aware(heartbeat)
-                dead = (status is None or BatchState(status).is_final or beat is None
-                        or beat < now - stale_after)
-                if dead and conn.execute(t.update().where(
-                        t.c.scope == scope, t.c.key == key, t.c.batch_id == holder,
-                ).values(batch_id=batch_id, item_index=by_key[key].index,
-                         claimed_at=now)).rowcount == 1:
-                    mine.add(key)
-                else:
-                    busy.add(key)
-            # A key whose holder released it between the insert (which it refused) and the
-            # select has no row now: not claimed, so busy, and the caller looks again
-            # (it was dropped before, and its item had no result).
-            busy.update(by_key.keys() - mine - busy)
-        return Claims(mine, busy)
-
-    def release_claims(self, conn: Connection, scope: str, batch_id: str,
-                       keys: Sequence[str]) -> None:
-        if keys:
-            t = item_claims
-            conn.execute(t.delete().where(t.c.scope == scope, t.c.batch_id == batch_id,
-                                          t.c.key.in_(list(set(keys)))))
-
-    def save_checkpoints(self, conn: Connection, batch_id: str, generation: int,
-                         results: Sequence[ItemResult]) -> None:
-        if results:
-            now = utcnow()
-            conn.execute(item_checkpoints.insert(), [
-                {"batch_id": batch_id, "generation": generation, "item_index": r.index,
-                 "result": _checkpoint_json(r), "recorded_at": now} for r in results])
-
-    def drop_checkpoints(self, conn: Connection, ref: ChunkRef, generation: int) -> None:
-        """The chunk is recorded: its items' checkpoints have served their purpose."""
-        t = item_checkpoints
-        conn.execute(t.delete().where(t.c.batch_id == ref.batch_id, t.c.generation == generation,
-                                      t.c.item_index >= ref.start, t.c.item_index < ref.end))
-
-    def checkpointed_count(self, batch_id: str, generation: int) -> int:
-        """How many items of the batch's chunks in flight have a checkpointed outcome."""
-        t = item_checkpoints
-        with self.read() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(t).where(
-                t.c.batch_id == batch_id, t.c.generation == generation)).scalar_one())
-
-    def checkpoints(self, conn: Connection, batch_id: str, generation: int,
-                    indices: Sequence[int]) -> dict[int, ItemResult]:
-        """Outcomes checkpointed by an earlier run of this generation, by item index."""
-        if not indices:
-            return {}
-        t = item_checkpoints
-        rows = conn.execute(sa.select(t.c.item_index, t.c.result).where(
-            t.c.batch_id == batch_id, t.c.generation == generation,
-            t.c.item_index.between(min(indices), max(indices)))).all()
-        wanted = set(indices)
-        return {i: ItemResult.model_validate_json(r) for i, r in rows if i in wanted}
-
-    def heartbeat(self, batch_id: str) -> None:
-        with self.engine.begin() as conn:
-            self.heartbeat_in(conn, batch_id)
-
-    def heartbeat_in(self, conn: Connection, batch_id: str) -> None:
-        conn.execute(batches.update().where(batches.c.id == batch_id)
-                     .values(heartbeat_at=utcnow()))
+    # -- recovery ---------------------------------------------------------------------
 
     def stale_batches(self, stale_after: timedelta, unstarted_after: timedelta | None = None,
                       limit: int = 100) -> list[tuple[str, str, str | None]]:

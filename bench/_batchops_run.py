@@ -180,15 +180,17 @@ def instrument() -> None:
     import flows.process_batch as flow_mod
     import tasks.batches as batches_mod
     import tasks.chunks as chunks_mod
+    from batchops.chunk_records import ChunkRecords
+    from batchops.idempotency import IdempotencyStore
     from batchops.planning import ChunkPlanner
-    from batchops.store import Store
+    from batchops.results import ResultPages
     from batchops.targets.sql import SqlTarget
     from batchops.validation import OperationValidator
 
     chunks_mod.execute_chunk = TIMERS.wrap("chunk.execute_chunk", chunks_mod.execute_chunk)
-    for cls, names in ((Store, ("chunk_operations", "open_chunk", "lock_chunk", "recorded_results",
-                                "idempotency_lookup", "record_chunk", "idempotency_save",
-                                "insert_chunk", "chunk_plan", "iter_results")),
+    for cls, names in ((ChunkRecords, ("operations", "open", "record", "insert", "plan")),
+                       (IdempotencyStore, ("lookup", "save")),
+                       (ResultPages, ("of_batch",)),
                        (SqlTarget, ("execute_on",)),
                        (OperationValidator, ("check",)),
                        (ChunkPlanner, ("_close",))):
@@ -281,7 +283,7 @@ def _verify(runtime: Any, ds: Dataset, batch_id: str, summary: Any) -> list[str]
         users = conn.exec_driver_sql("SELECT count(*) FROM users").scalar_one()
     recorded = 0
     failed: list[tuple[int, str | None]] = []
-    for item in runtime.store.iter_results(batch_id):
+    for item in runtime.store.results.of_batch(batch_id):
         recorded += 1
         if item.state is ItemState.FAILED:
             failed.append((item.index, item.error.code if item.error else None))

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "concurrency_limit" not in k and "effective_rate" not in k}
     states: Counter[str] = Counter()
     attempts = 0
-    for item in runtime.store.iter_results(batch_id):
+    for item in runtime.store.results.of_batch(batch_id):
         states[item.state.value] += 1
         attempts += item.attempts
     out = {

@@ -390,7 +390,7 @@ def status(
 
 def _write_results(store: Store, batch_id: str, state: ItemState | None, fmt: ResultFormat,
                    out: TextIO) -> int:
-    items = store.iter_results(batch_id, state=state)
+    items = store.results.of_batch(batch_id, state=state)
     if fmt is ResultFormat.JSON:
         return write_results_json(items, out)
     return write_results_csv(items, out)

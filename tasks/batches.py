@@ -75,7 +75,7 @@ def load_batch(batch_id: str, flow_run_id: str | None,
     if deadline_seconds is not None:
         store.set_deadline(batch_id, deadline_seconds)
     batch = store.get_batch(batch_id)
-    plan = store.chunk_plan(batch_id)
+    plan = store.chunks.plan(batch_id)
     started = runtime.lifecycle.start(batch_id, flow_run_id)
     return {"total": batch.total, "concurrency": batch.concurrency, "scope": batch.scope,
             "generation": batch.generation, "chunks": plan if started else [],
@@ -85,7 +85,7 @@ def load_batch(batch_id: str, flow_run_id: str | None,
 
 def checkpointed_items(batch_id: str, generation: int) -> int:
     """Items of the batch's running chunks whose outcome is checkpointed (not yet recorded)."""
-    return get_runtime().store.checkpointed_count(batch_id, generation)
+    return get_runtime().store.checkpoints.count(batch_id, generation)
 
 
 def cancel_for_flow_run(flow_run_id: str, *, run_stopped: bool) -> str | None:
@@ -127,7 +127,7 @@ def finish_batch(batch_id: str, failures: list[tuple[ChunkRef, BaseException]],
         runtime.lifecycle.note_error(batch_id, error)
     else:
         why = {ref.chunk_index: _describe(exc) for ref, exc in failures}
-        for ref in store.unrecorded_chunks(batch_id):
+        for ref in store.chunks.unrecorded(batch_id):
             reason = why.get(ref.chunk_index, "a chunk it waits for could not finish")
             asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(reason), [ref]))
         runtime.lifecycle.finish(batch_id,
@@ -158,14 +158,14 @@ def report_batch(status: BatchStatus, failed_chunks: list[ChunkRef], error: str 
     batch_id = status.batch_id
     limit = runtime.settings.artifact_max_rows
     if status.total <= limit:
-        items = list(store.iter_results(batch_id))
+        items = list(store.results.of_batch(batch_id))
         description = f"Every item of batch {batch_id}"
     else:
         # A big import: its failures first, then successes up to the limit.
-        items = list(store.iter_results(batch_id, state=ItemState.FAILED, limit=limit))
+        items = list(store.results.of_batch(batch_id, state=ItemState.FAILED, limit=limit))
         if len(items) < limit:
-            items += store.iter_results(batch_id, state=ItemState.SUCCEEDED,
-                                        limit=limit - len(items))
+            items += store.results.of_batch(batch_id, state=ItemState.SUCCEEDED,
+                                            limit=limit - len(items))
         items.sort(key=lambda r: r.index)
         description = (f"{len(items)} of the {status.total} items of batch {batch_id}, "
                        "failures first; all of them: `batchops results ID --format csv`")

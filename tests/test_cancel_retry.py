@@ -44,7 +44,7 @@ def test_retry_runs_only_the_failed_items(runtime: Runtime) -> None:
     assert (status.status, status.total, status.completed, status.succeeded, status.failed) == (
         BatchState.COMPLETED, 10, 10, 10, 0)
     # Had the 8 successes run again, their inserts would now be 409 conflicts.
-    results = list(runtime.store.iter_results(batch_id))
+    results = list(runtime.store.results.of_batch(batch_id))
     assert [r.status for r in results] == [201] * 10
     with runtime.store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM users")).scalar() == 10
@@ -68,7 +68,7 @@ def test_cancel_before_the_run_executes_nothing_and_records_every_item_cancelled
     assert status.finished_at is not None
     state = process_batch(batch_id=batch_id, return_state=True)
     assert state.is_cancelled()
-    results = list(runtime.store.iter_results(batch_id))
+    results = list(runtime.store.results.of_batch(batch_id))
     assert [(r.state, r.status, r.error.code if r.error else None, r.attempts)
             for r in results] == [(ItemState.SKIPPED, 499, "cancelled", 0)] * 3
     with runtime.store.engine.connect() as conn:
@@ -116,7 +116,7 @@ def test_cancel_mid_run_stops_starting_items_and_records_the_rest_cancelled(
     # items in the half second a chunk takes to notice, not the 190 left.
     assert sent_at_cancel[0] <= status.succeeded < sent_at_cancel[0] + 60
     assert (status.completed, status.succeeded + status.skipped, status.failed) == (200, 200, 0)
-    results = list(runtime.store.iter_results(batch_id))
+    results = list(runtime.store.results.of_batch(batch_id))
     assert [r.index for r in results] == list(range(200))
     succeeded = [r for r in results if r.state is ItemState.SUCCEEDED]
     assert len(succeeded) == status.succeeded == _outbox(runtime)
@@ -159,7 +159,7 @@ def test_cancel_stops_requests_to_the_upstream_within_a_second(
     assert len(requests) < 60 + 10 * 6  # 10 in flight, at most 1 s at 200 ms each
     status = runtime.store.status(batch_id)
     assert status.status is BatchState.CANCELLED and status.finished_at is not None
-    results = list(runtime.store.iter_results(batch_id))
+    results = list(runtime.store.results.of_batch(batch_id))
     assert [r.index for r in results] == list(range(400))
     executed = {r.key for r in requests if r.outcome == "executed"}
     succeeded = {f"{batch_id}:{r.index}" for r in results if r.state is ItemState.SUCCEEDED}
@@ -194,7 +194,7 @@ def test_a_run_cancelled_in_prefect_is_not_run_again_by_the_reaper(runtime: Runt
     status = runtime.store.status(batch_id)
     assert (status.status, status.completed, status.skipped) == (BatchState.CANCELLED, 3, 3)
     assert status.finished_at is not None
-    assert {r.error.code for r in runtime.store.iter_results(batch_id) if r.error} == {
+    assert {r.error.code for r in runtime.store.results.of_batch(batch_id) if r.error} == {
         "cancelled"}
     with runtime.store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM users")).scalar() == 0

@@ -39,7 +39,7 @@ def email(i: int, latency: float = 0.002) -> dict[str, Any]:
 
 
 def chunk_sizes(runtime: Runtime, batch_id: str) -> list[int]:
-    return [ref.end - ref.start for ref, _ in runtime.store.chunk_plan(batch_id)]
+    return [ref.end - ref.start for ref, _ in runtime.store.chunks.plan(batch_id)]
 
 
 def test_a_large_sql_batch_runs_in_a_few_chunk_task_runs(runtime: Runtime) -> None:
@@ -121,7 +121,7 @@ def test_progress_moves_during_a_long_chunk(runtime: Runtime) -> None:
         watcher.join()
 
     assert state.is_completed()
-    results = list(runtime.store.iter_results(batch_id))
+    results = list(runtime.store.results.of_batch(batch_id))
     assert [r.state for r in results] == [ItemState.SUCCEEDED] * 1_200
     whole_chunks = {100.0 * n / 1_200 for n in (0, 200, 500, 700, 1_000, 1_200)}
     between = sorted({round(v, 3) for v in seen} - {round(v, 3) for v in whole_chunks})

@@ -88,7 +88,7 @@ def test_items_that_run_out_of_retries_become_dead_letters_with_every_attempt(
         {"id": "bad", "method": "POST", "path": "/crm/bad", "body": {"x": 1}},
     ])
 
-    results = list(rt.store.iter_results(batch_id))
+    results = list(rt.store.results.of_batch(batch_id))
     assert [(r.state, r.status) for r in results] == [
         (ItemState.FAILED, 503), (ItemState.FAILED, 503), (ItemState.FAILED, 422)]
     # The 422 was not worth retrying: an ordinary failed item, not a dead letter.
@@ -142,8 +142,8 @@ def test_an_item_that_ran_out_of_retries_before_a_crash_still_becomes_a_dead_let
     resumes answers c1 from its checkpoint (no request) and records its dead letter."""
     _, state = upstream
     batch_id, _ = register_batch(rt, [contact(1), contact(2)])
-    [(ref, _)] = rt.store.chunk_plan(batch_id)
-    op1 = rt.store.chunk_operations(batch_id, ref.chunk_index)[0]
+    [(ref, _)] = rt.store.chunks.plan(batch_id)
+    op1 = rt.store.chunks.operations(batch_id, ref.chunk_index)[0]
     at = datetime.now(UTC)
     errors = [AttemptError(attempt=n, at=at, status=503, code="upstream_unavailable",
                            message="503 from upstream") for n in (1, 2, 3)]
@@ -157,14 +157,14 @@ def test_an_item_that_ran_out_of_retries_before_a_crash_still_becomes_a_dead_let
     process_batch(batch_id=batch_id)
 
     assert [r.key for r in state.requests] == [f"{batch_id}:1"]  # c1 was not sent again
-    results = {r.id: r for r in rt.store.iter_results(batch_id)}
+    results = {r.id: r for r in rt.store.results.of_batch(batch_id)}
     assert (results["c1"].state, results["c1"].attempts) == (ItemState.FAILED, 3)
     assert results["c2"].state is ItemState.SUCCEEDED
     [dead] = find(rt, batch_id=batch_id)
     assert (dead.item_id, dead.code, dead.attempts) == ("c1", "upstream_unavailable", 3)
     assert [e.attempt for e in dead.attempt_errors] == [1, 2, 3]
     with rt.store.read() as conn:  # the chunk is recorded: its checkpoints are gone
-        assert rt.store.checkpoints(conn, batch_id, 0, [0, 1]) == {}
+        assert rt.store.checkpoints.of_items(conn, batch_id, 0, [0, 1]) == {}
 
 
 def test_a_retry_keeps_what_a_chunk_that_could_not_finish_had_checkpointed(
@@ -174,8 +174,8 @@ def test_a_retry_keeps_what_a_chunk_that_could_not_finish_had_checkpointed(
     its checkpointed success (no second request), c2 runs again, and no checkpoint is left."""
     _, state = upstream
     batch_id, _ = register_batch(rt, [contact(1), contact(2)])
-    [(ref, _)] = rt.store.chunk_plan(batch_id)
-    op1, op2 = rt.store.chunk_operations(batch_id, ref.chunk_index)
+    [(ref, _)] = rt.store.chunks.plan(batch_id)
+    op1, op2 = rt.store.chunks.operations(batch_id, ref.chunk_index)
     rt.lifecycle.start(batch_id, None)
     with CheckpointWriter(rt, batch_id, 0, "default") as writer:
         writer.put(op1, ItemResult(id="c1", index=0, status=201, state=ItemState.SUCCEEDED,
@@ -190,7 +190,7 @@ def test_a_retry_keeps_what_a_chunk_that_could_not_finish_had_checkpointed(
     process_batch(batch_id=batch_id)
 
     assert [r.key for r in state.requests] == [f"{batch_id}:1"]  # only c2 was sent
-    results = {r.id: r for r in rt.store.iter_results(batch_id)}
+    results = {r.id: r for r in rt.store.results.of_batch(batch_id)}
     assert (results["c1"].status, results["c1"].result) == (201, {"id": "first-run"})
     assert (results["c2"].state, results["c2"].status) == (ItemState.SUCCEEDED, 201)
     status = rt.store.status(batch_id)
@@ -212,7 +212,7 @@ def test_replay_by_ids_and_by_filter_runs_a_new_batch_and_marks_them_replayed(
     assert by_ids.replayed == 1 and by_ids.batch_id is not None
     process_batch(batch_id=by_ids.batch_id)
 
-    [item] = rt.store.iter_results(by_ids.batch_id)
+    [item] = rt.store.results.of_batch(by_ids.batch_id)
     assert (item.id, item.state, item.status) == ("c1", ItemState.SUCCEEDED, 201)
     assert rt.store.status(by_ids.batch_id).status == "completed"
     replayed = DeadLetters(rt.store).get("default", c1.id)
@@ -234,7 +234,7 @@ def test_replay_by_ids_and_by_filter_runs_a_new_batch_and_marks_them_replayed(
         rt, "default", DeadLetterReplay.model_validate({"filter": {"batchId": first}}))
     assert by_filter.replayed == 2 and by_filter.batch_id is not None
     process_batch(batch_id=by_filter.batch_id)
-    results = list(rt.store.iter_results(by_filter.batch_id))
+    results = list(rt.store.results.of_batch(by_filter.batch_id))
     assert [(r.id, r.state) for r in results] == [("c2", ItemState.SUCCEEDED),
                                                   ("c3", ItemState.SUCCEEDED)]
     assert state.executions[f"{first}:1"] == 1 and state.executions[f"{first}:2"] == 1
@@ -410,7 +410,7 @@ def test_the_replay_deployment_runs_dead_letters_as_a_new_batch(
     [new_batch] = {d.replayed_batch_id for d in erp}
     assert new_batch is not None
     assert runtime.store.status(new_batch).status == "completed"
-    assert [(r.id, r.state) for r in runtime.store.iter_results(new_batch)] == [
+    assert [(r.id, r.state) for r in runtime.store.results.of_batch(new_batch)] == [
         ("c2", ItemState.SUCCEEDED), ("c3", ItemState.SUCCEEDED)]
     # A second run finds nothing left to replay (no new batch); the crm one is still waiting.
     replay(filter={"resource": "erp"})

@@ -48,12 +48,12 @@ def test_deadline_skips_the_rest_and_a_retry_runs_them(configure: Callable[..., 
     assert status.succeeded > 0 and status.skipped > 0 and status.failed == 0
     assert (status.completed, status.succeeded + status.skipped, status.progress) == (
         40, 40, 1.0)
-    results = list(runtime.store.iter_results(batch_id))
+    results = list(runtime.store.results.of_batch(batch_id))
     skipped = [r for r in results if r.state is ItemState.SKIPPED]
     assert len(skipped) == status.skipped
     assert all(r.status == 504 and r.error is not None and r.error.code == "deadline_exceeded"
                and r.attempts == 0 for r in skipped)
-    assert [r.index for r in runtime.store.iter_results(batch_id, state=ItemState.SKIPPED)] == [
+    assert [r.index for r in runtime.store.results.of_batch(batch_id, state=ItemState.SKIPPED)] == [
         r.index for r in skipped]
     # Exactly the items that ran sent an email, and none of them started after the deadline.
     starts = outbox_starts(runtime)

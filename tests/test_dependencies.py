@@ -41,7 +41,7 @@ def run(runtime: Runtime, ops: list[dict[str, Any]], **kwargs: Any,
         ) -> tuple[str, dict[str, ItemResult]]:
     batch_id, _ = register_batch(runtime, ops, **kwargs)
     process_batch(batch_id=batch_id)
-    return batch_id, {r.id or str(r.index): r for r in runtime.store.iter_results(batch_id)}
+    return batch_id, {r.id or str(r.index): r for r in runtime.store.results.of_batch(batch_id)}
 
 
 def sends(runtime: Runtime) -> dict[str, tuple[datetime, datetime]]:
@@ -114,7 +114,7 @@ def test_refs_take_values_from_earlier_results_in_this_and_earlier_chunks(
     assert [tuple(o) for o in orders] == [(1, "user7@x.io"), (7, "new")]
     assert subject == "Welcome, User 7!"
     # The stored operation keeps its reference (a retry resolves it again).
-    [stored] = [op for op in runtime.store.chunk_operations(batch_id, 1) if op.id == "o2"]
+    [stored] = [op for op in runtime.store.chunks.operations(batch_id, 1) if op.id == "o2"]
     assert stored.body == {"id": {"$ref": "u7.result.id"}, "status": "new"}
 
 
@@ -149,7 +149,7 @@ def test_a_failed_dependency_fails_its_dependents_and_a_retry_runs_them(
         conn.execute(sa.text("DELETE FROM users WHERE id = 100"))
     assert runtime.lifecycle.retry(batch_id) == 5
     process_batch(batch_id=batch_id)
-    again = {r.id: r for r in runtime.store.iter_results(batch_id)}
+    again = {r.id: r for r in runtime.store.results.of_batch(batch_id)}
     assert {k: r.status for k, r in again.items()} == {
         "u1": 201, "welcome": 201, "free": 201, "after": 201, "bad": 422, "after-bad": 424}
     assert set(sends(runtime)) == {"free@x.io", "user1@x.io", "after@x.io"}

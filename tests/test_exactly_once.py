@@ -56,8 +56,8 @@ def test_two_batches_with_the_same_keys_at_once_send_each_key_once(
 
         received = Counter(r.key for r in state.requests)
         assert len(received) == 30 and set(received.values()) == {1}
-        a = list(runtime.store.iter_results(first))
-        b = list(runtime.store.iter_results(second))
+        a = list(runtime.store.results.of_batch(first))
+        b = list(runtime.store.results.of_batch(second))
         assert all(r.state is ItemState.SUCCEEDED for r in a + b)
         for x, y in zip(a, b, strict=True):
             # One batch sent the key; the other waited and reports the same stored result.
@@ -75,8 +75,8 @@ def test_a_key_failed_by_one_batch_is_run_by_the_batch_waiting_for_it(
         run_at_once(first, second)
 
         # Whichever went first got the 400; the other ran the key itself, and it worked.
-        outcomes = sorted([r.state.value for r in runtime.store.iter_results(first)] +
-                          [r.state.value for r in runtime.store.iter_results(second)])
+        outcomes = sorted([r.state.value for r in runtime.store.results.of_batch(first)] +
+                          [r.state.value for r in runtime.store.results.of_batch(second)])
         assert outcomes == ["failed"] * 5 + ["succeeded"] * 5
         assert Counter(r.key for r in state.requests) == {f"k-{i}": 2 for i in range(5)}
 

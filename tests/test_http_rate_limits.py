@@ -52,7 +52,7 @@ def contact(i: int) -> dict[str, Any]:
 def run(runtime: Runtime, ops: list[dict[str, Any]], **kwargs: Any) -> list[ItemResult]:
     batch_id, _ = register_batch(runtime, ops, max_operations=100_000, **kwargs)
     process_batch(batch_id=batch_id)
-    return list(runtime.store.iter_results(batch_id))
+    return list(runtime.store.results.of_batch(batch_id))
 
 
 def accepted_per_second(state: UpstreamState) -> Counter[int]:

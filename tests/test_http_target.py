@@ -35,7 +35,7 @@ def crm(url: str, **spec: Any) -> str:
 def run(runtime: Runtime, ops: list[dict[str, Any]], **kwargs: Any) -> tuple[str, list[ItemResult]]:
     batch_id, _ = register_batch(runtime, ops, max_operations=100_000, **kwargs)
     process_batch(batch_id=batch_id)
-    return batch_id, list(runtime.store.iter_results(batch_id))
+    return batch_id, list(runtime.store.results.of_batch(batch_id))
 
 
 def contact(i: int, **extra: Any) -> dict[str, Any]:

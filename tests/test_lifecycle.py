@@ -102,11 +102,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         """A batch whose one item has its recorded success: a retry has nothing to run."""
         store = self.runtime.store
         batch_id, _ = register_batch(self.runtime, _ops(1))
-        [(ref, _)] = store.chunk_plan(batch_id)
-        [op] = store.chunk_operations(batch_id, ref.chunk_index)
+        [(ref, _)] = store.chunks.plan(batch_id)
+        [op] = store.chunks.operations(batch_id, ref.chunk_index)
         done = ItemResult(id=op.id, index=op.index, status=200, state=ItemState.SUCCEEDED)
         with store.engine.begin() as conn:
-            store.record_chunk(conn, ref, [done], [done])
+            store.chunks.record(conn, ref, [done], [done])
         return batch_id
 
     def _pick(self, index: int) -> tuple[str, Model]:

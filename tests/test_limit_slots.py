@@ -127,7 +127,7 @@ def test_a_batch_waiting_for_slots_no_live_run_holds_gets_them_and_completes(
 
         assert not run.is_alive(), "the batch still waits for slots no run holds"
         assert time.monotonic() - started >= 1  # it waited its slot_wait_seconds first
-        results = list(runtime.store.iter_results(second))
+        results = list(runtime.store.results.of_batch(second))
         assert [r.state for r in results] == [ItemState.SUCCEEDED] * 20
         assert len(state.executions) == 25 and set(state.executions.values()) == {1}
         wait_for(lambda: active_slots(limit) == 0, 10, "the slots to be released")

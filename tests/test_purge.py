@@ -28,8 +28,8 @@ def _users(tag: str, n: int) -> list[dict[str, Any]]:
 
 
 def _operations(runtime: Runtime, batch_id: str) -> list[PlannedOperation]:
-    [(ref, _)] = runtime.store.chunk_plan(batch_id)
-    return runtime.store.chunk_operations(batch_id, ref.chunk_index)
+    [(ref, _)] = runtime.store.chunks.plan(batch_id)
+    return runtime.store.chunks.operations(batch_id, ref.chunk_index)
 
 
 def _keys(runtime: Runtime, table: sa.Table) -> set[str]:
@@ -43,14 +43,14 @@ def test_the_reaper_purges_expired_records_and_claims_of_long_finished_batches(
     done, _ = register_batch(runtime, _users("done", 2))
     waiting, _ = register_batch(runtime, _users("waiting", 2))
     for batch_id in (done, waiting):  # both claimed their keys; `done` then died and failed
-        store.claim_keys("default", batch_id, _operations(runtime, batch_id),
+        store.idempotency.claim("default", batch_id, _operations(runtime, batch_id),
                          timedelta(seconds=60))
     runtime.lifecycle.start(done, None)
     runtime.lifecycle.finish(done, BatchState.FAILED, "chunk 0: the database went away")
     ops = _operations(runtime, done)
     with store.engine.begin() as conn:
         for op, retention in zip(ops, (timedelta(seconds=-1), timedelta(hours=1)), strict=True):
-            store.idempotency_save(conn, "default", done, [(op, ItemResult(
+            store.idempotency.save(conn, "default", done, [(op, ItemResult(
                 id=op.id, index=op.index, status=201, state=ItemState.SUCCEEDED))], retention)
     requests = BatchRequests(store, timedelta(hours=1))
     with store.engine.begin() as conn:
@@ -67,5 +67,5 @@ def test_the_reaper_purges_expired_records_and_claims_of_long_finished_batches(
     # A key whose record expired is new again: the next batch executes it.
     again, _ = register_batch(runtime, _users("done", 1))
     process_batch(batch_id=again)
-    [result] = store.iter_results(again)
+    [result] = store.results.of_batch(again)
     assert (result.state, result.replayed) == (ItemState.SUCCEEDED, False)

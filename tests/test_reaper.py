@@ -87,7 +87,7 @@ def test_a_silent_run_reported_by_prefect_is_resumed_once_its_batch_stopped_beat
     event_id = f"prefect.flow-run.{silent.id}"  # how the trigger names the run
 
     # Prefect missed its heartbeats, but the batch beat 1 s ago: alive, left alone.
-    runtime.store.heartbeat(batch_id)
+    runtime.store.checkpoints.heartbeat(batch_id)
     assert reap_stale_batches(flow_run_id=event_id) == []
     # Silent for three of its heartbeat periods as well: dead, resumed at once (the sweep
     # would wait for the 60 s stale_after_seconds).

@@ -76,7 +76,7 @@ def test_rerun_after_mid_batch_failure_writes_every_row_exactly_once(
     status = runtime.store.status(batch_id)
     assert (status.status, status.total, status.succeeded, status.failed) == (
         BatchState.COMPLETED, 2000, 2000, 0)
-    results = list(runtime.store.iter_results(batch_id))
+    results = list(runtime.store.results.of_batch(batch_id))
     assert [r.index for r in results] == list(range(2000))
     assert all(r.state is ItemState.SUCCEEDED and not r.replayed for r in results)
     with runtime.store.engine.connect() as conn:

@@ -96,7 +96,7 @@ def _assert_every_user_written_once(runtime: Runtime, batch_id: str, n: int) -> 
     status = runtime.store.status(batch_id)
     assert (status.status, status.total, status.completed, status.succeeded, status.failed) == (
         BatchState.COMPLETED, n, n, n, 0)
-    results = list(runtime.store.iter_results(batch_id))
+    results = list(runtime.store.results.of_batch(batch_id))
     assert [(r.index, r.status, r.state) for r in results] == [
         (i, 201, ItemState.SUCCEEDED) for i in range(n)]
     with runtime.store.engine.connect() as conn:
@@ -180,7 +180,7 @@ def test_a_chunk_that_fails_for_good_records_its_items_failed_and_a_retry_runs_t
         # Failed, and every item says what became of it: chunk 1's are failed, not missing.
         assert (status.status, status.completed, status.succeeded, status.failed) == (
             BatchState.FAILED, 300, 200, 100)
-        results = list(runtime.store.iter_results(batch_id))
+        results = list(runtime.store.results.of_batch(batch_id))
         assert [r.index for r in results] == list(range(300))
         broken = [r for r in results if r.state is ItemState.FAILED]
         assert [r.index for r in broken] == list(range(100, 200))

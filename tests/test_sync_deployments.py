@@ -141,7 +141,7 @@ def test_sync_applies_changed_rows_once_and_moves_the_watermark(
     [third] = bulk_sync("users")
 
     assert (third.rows, third.succeeded, len(third.batches)) == (10, 10, 1)
-    results = list(runtime.store.iter_results(third.batches[0]))
+    results = list(runtime.store.results.of_batch(third.batches[0]))
     assert [(r.id, r.status) for r in results] == [(str(i), 200) for i in changed]  # updates
     assert query(runtime, "SELECT id FROM users WHERE name LIKE 'Renamed%' ORDER BY id") == [
         (i,) for i in changed]
@@ -187,7 +187,7 @@ def test_a_run_that_fails_halfway_is_resumed_without_a_second_batch(faulty_pg: R
     assert sync_batches(runtime) == [state.pending_batch_id]
     assert (resumed.rows, resumed.succeeded, resumed.failed) == (2000, 2000, 0)
     # Every item created its row: none ran twice (a second PUT would have answered 200).
-    assert {r.status for r in runtime.store.iter_results(batch.id)} == {201}
+    assert {r.status for r in runtime.store.results.of_batch(batch.id)} == {201}
     assert query(runtime, "SELECT count(*), min(id), max(id) FROM users")[0] == (2000, 1, 2000)
     assert resumed.watermark is not None and resumed.watermark["key"] == 2000
     assert bulk_sync("users")[0].rows == 0
@@ -282,7 +282,7 @@ def test_a_100k_row_sync_applies_once_skips_no_change_and_resumes_a_crash(
     # Every change was written to the target exactly once: the first chunk was not run again.
     assert query(runtime, "SELECT id, count(*) FROM applied_changes GROUP BY id ORDER BY id"
                  ) == [(i, 1) for i in sorted(CHANGED_1K)]
-    assert [(r.id, r.status) for r in runtime.store.iter_results(batch.id)] == [
+    assert [(r.id, r.status) for r in runtime.store.results.of_batch(batch.id)] == [
         (str(i), 200) for i in CHANGED_1K]
     assert query(runtime, "SELECT id FROM users WHERE name LIKE 'Renamed%' ORDER BY id") == [
         (i,) for i in sorted(CHANGED_1K)]
@@ -374,7 +374,7 @@ def test_csv_directory_sync_reads_new_files_only(configure: Configure, tmp_path:
     assert (first.rows, first.failed, len(first.batches)) == (450, 0, 2)  # a file per batch
     assert query(runtime, "SELECT name, count(*) FROM users GROUP BY name ORDER BY name") == [
         ("first", 250), ("second", 150)]
-    results = list(runtime.store.iter_results(first.batches[1]))
+    results = list(runtime.store.results.of_batch(first.batches[1]))
     assert (results[0].id, results[0].status) == ("b.csv line 2", 200)
     assert first.watermark == {"cursor": (start + 10) * 10**9, "key": "b.csv"}
 
@@ -510,7 +510,7 @@ def test_deployments_run_end_to_end_from_a_runner(runner: Runtime) -> None:
     # retry-failed ran the failed item again, in a new process-batch run of the same batch;
     # the 4 successes were not run again (their inserts would now be 409 conflicts).
     assert runtime.store.status(failed_batch).failed == 0
-    assert [(r.status, r.state) for r in runtime.store.iter_results(failed_batch)] == [
+    assert [(r.status, r.state) for r in runtime.store.results.of_batch(failed_batch)] == [
         (201, ItemState.SUCCEEDED)] * 5
     generation = runtime.store.get_batch(failed_batch).generation
     assert generation == 1

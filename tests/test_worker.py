@@ -230,7 +230,7 @@ def test_prefect_flow_run_retry_reruns_the_failed_items_of_the_same_batch(
 
     assert final_state().is_completed()
     [batch_id] = [b.id for b in _batches(runtime)]
-    first = {r.id: r.status for r in runtime.store.iter_results(batch_id)}
+    first = {r.id: r.status for r in runtime.store.results.of_batch(batch_id)}
     assert first == {"op810": 201, "rename": 404}
     with runtime.store.engine.begin() as conn:  # what the failed item needed
         conn.execute(sa.text("INSERT INTO users (id, email) VALUES (811, 'u811@example.com')"))
@@ -248,7 +248,7 @@ def test_prefect_flow_run_retry_reruns_the_failed_items_of_the_same_batch(
     # The same batch (no second one registered from the operations), its failed item run
     # again and the succeeded one kept (run again, its POST would have answered 409).
     assert [b.id for b in _batches(runtime)] == [batch_id]
-    again = {r.id: r.status for r in runtime.store.iter_results(batch_id)}
+    again = {r.id: r.status for r in runtime.store.results.of_batch(batch_id)}
     assert again == {"op810": 201, "rename": 200}
     status = runtime.store.status(batch_id)
     assert (status.status.value, status.succeeded, status.failed) == ("completed", 2, 0)

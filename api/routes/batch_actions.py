@@ -108,7 +108,7 @@ async def batch_events(
 
 
 def _recorded_after(runtime: Runtime, batch_id: str, after: int) -> list[ItemResult]:
-    return list(runtime.store.iter_results(batch_id, after=after))
+    return list(runtime.store.results.of_batch(batch_id, after=after))
 
 
 async def _spool_upload(request: Request, limit: int, *, multipart: bool) -> FilePath:

@@ -221,7 +221,7 @@ def _dry_run(runtime: Runtime, operations: list[Any], mode: str) -> dict[str, An
 def _outcome(runtime: Runtime, batch_id: str) -> tuple[int, dict[str, Any]]:
     """The final answer of a finished batch: 200 when every item succeeded, else 207."""
     status = _status(runtime, batch_id)
-    results = [item_json(r) for r in runtime.store.iter_results(batch_id)]
+    results = [item_json(r) for r in runtime.store.results.of_batch(batch_id)]
     all_ok = (status.status is BatchState.COMPLETED and status.failed == 0
               and status.succeeded == status.total)
     body = {
@@ -453,13 +453,13 @@ def get_batch_results(
     _owned_batch(runtime, batch_id, scope)
     store = runtime.store
     if fmt == "csv":
-        results = store.iter_results(batch_id, state=state, after=after, limit=limit)
+        results = store.results.of_batch(batch_id, state=state, after=after, limit=limit)
         return StreamingResponse(
             _csv_pages(results), media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition":
                      f'attachment; filename="batch-{batch_id}-results.csv"'})
     size = limit or 1000
-    items = list(store.iter_results(batch_id, state=state, after=after, limit=size))
+    items = list(store.results.of_batch(batch_id, state=state, after=after, limit=size))
     next_after = items[-1].index if len(items) == size else None
     return JSONResponse({"batch_id": batch_id, "items": [item_json(r) for r in items],
                          "next_after": next_after})
