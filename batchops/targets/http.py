@@ -57,11 +57,13 @@ from uuid import UUID
 
 import aiohttp
 import httpx
+from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import ObjectAlreadyExists
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
+from yarl import URL
 
 from batchops.errors import TransientError
 from batchops.limit_leases import LimitLeases, leases_logger
@@ -368,6 +370,35 @@ class _BatchPool:
         self._done.set()
 
 
+@dataclass(frozen=True)
+class _EnvironmentRoute:
+    """What the environment says about requests to one upstream: the proxy
+    (``HTTP_PROXY``/``HTTPS_PROXY`` unless ``NO_PROXY`` covers the host, its credentials from
+    the URL or ``.netrc``) and the host's own credentials in ``.netrc`` (``NETRC`` or
+    ``~/.netrc``).
+
+    Read once per upstream: aiohttp's ``trust_env`` reads both again for every request, in
+    two round trips through the loop's thread pool (about 0.35 ms of CPU per request here,
+    and two waits for the GIL each way).
+    """
+
+    proxy: URL | None = None
+    proxy_auth: aiohttp.BasicAuth | None = None
+    auth: aiohttp.BasicAuth | None = None
+
+    @classmethod
+    def of(cls, base_url: str) -> _EnvironmentRoute:
+        url = URL(base_url)
+        proxy: URL | None = None
+        proxy_auth = auth = None
+        with contextlib.suppress(LookupError):
+            proxy, proxy_auth = get_env_proxy_for_url(url)
+        if url.host is not None:
+            with contextlib.suppress(LookupError):
+                auth = basicauth_from_netrc(netrc_from_env(), url.host)
+        return cls(proxy, proxy_auth, auth)
+
+
 @dataclass
 class _Upstream:
     name: str
@@ -375,6 +406,7 @@ class _Upstream:
     client: aiohttp.ClientSession
     limit: AdaptiveLimit
     rate: RateLimiter | None
+    route: _EnvironmentRoute
     pools: dict[str, _BatchPool] = field(default_factory=dict)  # by batch id
     limits_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     limits_ready: bool = False
@@ -475,19 +507,23 @@ class HttpTarget:
         up = self._upstreams.get(name)
         if up is None:
             spec = self.specs[name]
+            headers = {k: v.get_secret_value() for k, v in spec.headers.items()}
+            route = _EnvironmentRoute.of(spec.base_url)
+            if route.auth is not None and not any(k.lower() == "authorization" for k in headers):
+                headers["Authorization"] = route.auth.encode()
             # Waiting for a pooled connection and reading an answer each get ``timeout``;
-            # opening a connection ``connect_timeout``. Proxies from the environment apply.
+            # opening a connection ``connect_timeout``. The environment's proxy and .netrc
+            # apply, read once here (see _EnvironmentRoute), not by aiohttp's ``trust_env``.
             client = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=spec.max_connections, limit_per_host=0),
                 timeout=aiohttp.ClientTimeout(total=None, connect=spec.timeout,
                                               sock_connect=spec.connect_timeout,
                                               sock_read=spec.timeout),
-                headers={k: v.get_secret_value() for k, v in spec.headers.items()},
-                trust_env=True,
+                headers=headers,
             )
             rate = self._rate_limiter(name, spec)
             up = _Upstream(name, spec, client, AdaptiveLimit(name, spec.max_concurrency,
-                                                             spec.adaptive), rate)
+                                                             spec.adaptive), rate, route)
             self._upstreams[name] = up
         return up
 
@@ -642,8 +678,9 @@ class HttpTarget:
         throttled = healthy = False
         try:  # the in-flight slot goes back whatever happens, a failed request included
             try:
-                async with up.client.request(op.method, url, headers=headers,
-                                             json=op.body) as response:
+                async with up.client.request(op.method, url, headers=headers, json=op.body,
+                                             proxy=up.route.proxy,
+                                             proxy_auth=up.route.proxy_auth) as response:
                     content = await response.read()
             except TimeoutError as exc:
                 REQUESTS.labels(up.name, "timeout").inc()
