@@ -5,7 +5,8 @@ Per upstream (``settings.upstreams``), for every batch and every worker:
 * **one shared ``aiohttp.ClientSession``** with the upstream's connection pool and timeouts
   (aiohttp's per-request CPU is about half of httpx's, and the requests are this target's hot
   path). It lives on the target's own event loop (one thread per process), because chunks run
-  on event loops of their own and a session belongs to one loop;
+  on event loops of their own and a session belongs to one loop. The environment's proxy
+  (``HTTP_PROXY``, ``NO_PROXY``, …) and ``.netrc`` credentials apply, read once per upstream;
 * **one pool per batch**: every chunk of a batch running in this process sends its requests
   on the target's loop through one semaphore sized to the batch's whole concurrency
   (``ChunkContext.batch_concurrency``, capped by the upstream's ``max_concurrency``), so the
@@ -15,7 +16,8 @@ Per upstream (``settings.upstreams``), for every batch and every worker:
   pool holds ``batchops-upstream-<name>`` slots (as many as the pool's size) under a lease,
   acquired when the first of its chunks starts here and released when none is running any
   more (one acquisition per batch and process, not per chunk, and never more slots than the
-  batch can use), so the Prefect server sees one call per batch, never one per item. Every
+  batch can use), so the Prefect server sees one call per batch, never one per item (through
+  one Prefect client per API URL that the target keeps open on its loop). Every
   lease is recorded in the store while it is held, and a wait for slots is bounded: slots
   that no live run holds (a restarted server forgot their leases, a dead run left them) are
   given back (:mod:`batchops.limit_leases`);
@@ -48,7 +50,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -205,10 +207,12 @@ class _BatchPool:
     """
 
     def __init__(self, upstream: str, batch_id: str, width: int,
+                 prefect: Callable[[], Awaitable[PrefectClient]],
                  leases: LimitLeases | None = None) -> None:
         self.upstream = upstream
         self.batch_id = batch_id
         self.leases = leases
+        self._prefect = prefect
         self.width = width
         self.slots = asyncio.Semaphore(width)
         self.chunks = 0
@@ -217,25 +221,23 @@ class _BatchPool:
         self._holder = asyncio.create_task(self._hold())
 
     async def _hold(self) -> None:
-        from prefect import get_client
-
         name = upstream_limit_name(self.upstream)
         try:
-            async with get_client() as client:
-                lease_id = await self._acquire(client, name)
-                if lease_id is None:
-                    return  # every chunk left before the slots came
-                try:
-                    if self.leases is not None:
-                        await asyncio.to_thread(self.leases.held, self.batch_id, lease_id, name,
-                                                self.width)
-                except BaseException:
-                    # Slots no record accounts for would be given back by a reconciliation.
-                    await self._release(client, lease_id, name)
-                    raise
-                self._acquired.set_result(None)
-                lost = await self._keep(client, lease_id, name)
-                await self._end(client, lease_id, name, lost)
+            client = await self._prefect()
+            lease_id = await self._acquire(client, name)
+            if lease_id is None:
+                return  # every chunk left before the slots came
+            try:
+                if self.leases is not None:
+                    await asyncio.to_thread(self.leases.held, self.batch_id, lease_id, name,
+                                            self.width)
+            except BaseException:
+                # Slots no record accounts for would be given back by a reconciliation.
+                await self._release(client, lease_id, name)
+                raise
+            self._acquired.set_result(None)
+            lost = await self._keep(client, lease_id, name)
+            await self._end(client, lease_id, name, lost)
         except BaseException as exc:
             if not self._acquired.done():
                 self._acquired.set_exception(exc)
@@ -468,6 +470,10 @@ class HttpTarget:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
+        # The target loop's Prefect clients, by API URL: opened once, closed by aclose().
+        self._prefect_clients: dict[str, PrefectClient] = {}
+        self._prefect_stack = contextlib.AsyncExitStack()
+        self._prefect_lock = asyncio.Lock()  # used on the target's loop only
 
     # -- the target's own event loop -------------------------------------------------------
 
@@ -502,6 +508,21 @@ class HttpTarget:
 
         loop.call_soon_threadsafe(start)
         return done
+
+    async def _prefect(self) -> PrefectClient:
+        """The Prefect client of the current API URL on the target's loop, kept open: a new
+        one per batch (an httpx client and its TLS context) delayed each batch's first
+        request by about 0.2 s here."""
+        from prefect import get_client
+        from prefect.settings import PREFECT_API_URL
+
+        url = str(PREFECT_API_URL.value())
+        async with self._prefect_lock:
+            client = self._prefect_clients.get(url)
+            if client is None:
+                client = await self._prefect_stack.enter_async_context(get_client())
+                self._prefect_clients[url] = client
+        return client
 
     def _upstream(self, name: str) -> _Upstream:
         up = self._upstreams.get(name)
@@ -594,7 +615,8 @@ class HttpTarget:
         if pool is None:
             width = ctx.batch_concurrency or ctx.concurrency
             pool = up.pools[ctx.batch_id] = _BatchPool(
-                up.name, ctx.batch_id, max(1, min(width, up.spec.max_concurrency)), self.leases)
+                up.name, ctx.batch_id, max(1, min(width, up.spec.max_concurrency)),
+                self._prefect, self.leases)
         pool.chunks += 1
 
         async def one(op: PlannedOperation) -> ItemResult:
@@ -734,6 +756,8 @@ class HttpTarget:
             await up.client.close()
             if up.rate is not None:
                 await up.rate.aclose()
+        await self._prefect_stack.aclose()
+        self._prefect_clients.clear()
 
     def close(self) -> None:
         """Close the clients and stop the target's loop (tests and shutdown)."""
@@ -745,3 +769,4 @@ class HttpTarget:
             self._thread.join(10)
         self._loop = self._thread = None
         self._upstreams.clear()
+        self._prefect_lock = asyncio.Lock()  # for the next loop
