@@ -46,6 +46,7 @@ class CheckpointWriter:
         self._beaten_at = -float("inf")  # time.monotonic() of the last heartbeat written
         self._looked_at = time.monotonic()  # the chunk task has just read the status
         self._cancelled = threading.Event()
+        self._ending = threading.Event()  # the chunk has ended: no more lingering
         self._thread = threading.Thread(target=self._run, name=f"checkpoints-{batch_id}",
                                         daemon=True)
 
@@ -63,6 +64,7 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self._ending.set()
         self._queue.put(_STOP)
         self._thread.join()
 
@@ -103,14 +105,17 @@ class CheckpointWriter:
     def _gather(self, first: object) -> list[object]:
         """``first`` and what else arrives within the linger time (or has queued up): one
         commit for many items instead of one for every item or two. The chunk's end does not
-        wait for the linger."""
+        wait for the linger.
+
+        The linger is waited out once, then the queue drained: a ``get`` per item would wake
+        this thread for every item, each time taking the GIL from the thread that sends the
+        chunk's requests."""
         items = [first]
-        linger_until = time.monotonic() + self.runtime.settings.checkpoint_linger_seconds
+        if first is not _STOP:
+            self._ending.wait(self.runtime.settings.checkpoint_linger_seconds)
         while items[-1] is not _STOP and len(items) < _MAX_GROUP:
-            left = linger_until - time.monotonic()
             try:
-                items.append(self._queue.get(timeout=left) if left > 0
-                             else self._queue.get_nowait())
+                items.append(self._queue.get_nowait())
             except queue.Empty:
                 break
         return items

@@ -210,3 +210,29 @@ def test_an_unreachable_upstream_fails_every_item_after_its_retries(
         (ItemState.FAILED, 502, 3)] * 6
     assert all(r.error is not None and r.error.code == "upstream_unreachable"
                for r in results)
+
+
+def test_the_environments_proxy_and_netrc_credentials_apply(
+        configure: Any, database_url: str, upstream: tuple[str, UpstreamState],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from batchops.devtools import free_port
+
+    # The upstream's own address answers nothing: the requests arrive only through the proxy
+    # that HTTP_PROXY names (the fault-injecting upstream, which answers them itself).
+    proxy_url, proxy = upstream
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine localhost login crm password s3cret\n")
+    for name in ("http_proxy", "no_proxy", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # Prefect's API and the store stay direct
+    monkeypatch.setenv("NETRC", str(netrc))
+    runtime = configure(database_url=database_url,
+                        upstreams=crm(f"http://localhost:{free_port()}", retries=0))
+
+    _, results = run(runtime, [contact(1), contact(2)])
+
+    assert [(r.state, r.status) for r in results] == [(ItemState.SUCCEEDED, 201)] * 2
+    assert sorted((r.method, r.path) for r in proxy.requests) == [("POST", "/contacts")] * 2
+    assert {r.headers.get("authorization") for r in proxy.requests} == {
+        "Basic Y3JtOnMzY3JldA=="}  # crm:s3cret, from the .netrc entry of the upstream's host
