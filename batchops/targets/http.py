@@ -55,7 +55,6 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-import aiohttp
 import httpx
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import ObjectAlreadyExists
@@ -78,6 +77,7 @@ from batchops.targets.rate import (
 )
 
 if TYPE_CHECKING:
+    import aiohttp
     from prefect.client.orchestration import PrefectClient
 
 __all__ = ["AdaptiveLimit", "HttpTarget", "parse_retry_after", "upstream_limit_name"]
@@ -474,6 +474,8 @@ class HttpTarget:
     def _upstream(self, name: str) -> _Upstream:
         up = self._upstreams.get(name)
         if up is None:
+            import aiohttp  # here, not at import: a process that sends no request skips it
+
             spec = self.specs[name]
             # Waiting for a pooled connection and reading an answer each get ``timeout``;
             # opening a connection ``connect_timeout``. Proxies from the environment apply.
@@ -635,6 +637,8 @@ class HttpTarget:
 
     async def _attempt(self, up: _Upstream, op: PlannedOperation, ctx: ChunkContext,
                        number: int) -> ItemResult:
+        import aiohttp  # imported by _upstream already: a lookup
+
         url, headers = self._request_parts(up, op, ctx)
         if up.rate is not None:
             await up.rate.take()
