@@ -291,7 +291,16 @@ def _follow(store: Store, batch_id: str, progress: Progress, task: TaskID,
 
 
 def _execute(runtime: Runtime, batch_id: str, total: int) -> str | None:
-    """Run the batch's flow in this process with a live progress bar; why it failed, or None."""
+    """Run the batch's flow in this process with a live progress bar; why it failed, or None.
+
+    The run sends no Prefect flow-run heartbeats unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``
+    is set: Prefect joins its heartbeat thread, which sleeps in 1-second steps, when a run
+    ends, and this process exits only then (up to 1 s on every run). The batch's own heartbeats
+    in the store are what the reaper watches: it marks the run of a killed CLI crashed and
+    runs the batch again.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
     from flows.process_batch import process_batch  # imports Prefect: after its environment
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -303,7 +312,8 @@ def _execute(runtime: Runtime, batch_id: str, total: int) -> str | None:
                                     args=(runtime.store, batch_id, progress, task, finished))
         follower.start()
         try:
-            state = process_batch(batch_id=batch_id, return_state=True)
+            with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                state = process_batch(batch_id=batch_id, return_state=True)
         except Exception as exc:  # Prefect could not run the flow at all (API unreachable, …)
             return f"{type(exc).__name__}: {exc}"
         finally:
