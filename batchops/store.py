@@ -120,8 +120,12 @@ class Store:
 
     def migrate(self, tables: Sequence[sa.Table] = ()) -> None:
         """Bring the store's schema to the newest migration (Alembic), then create ``tables``
-        of its database if missing — under one lock when processes start at once."""
-        from batchops.migrate import upgrade
+        of its database if missing — under one lock when processes start at once. A store
+        that is current already is left alone (:func:`~batchops.migrate.is_current`)."""
+        from batchops.migrate import is_current, upgrade
+
+        if is_current(self.engine, tables):
+            return
 
         def create(conn: Connection) -> None:
             for table in tables:

@@ -174,6 +174,17 @@ def prefect_for_runs() -> Iterator[str | None]:
         yield url
 
 
+def _runs_ui_url(prefect_api: str | None) -> str | None:
+    """The UI of the Prefect server at ``prefect_api``, the one this process's runs are
+    recorded on: Prefect's ``PREFECT_UI_URL``, which it derives from the API URL unless set.
+    ``None`` for a temporary server (its UI is gone once the command ends)."""
+    if prefect_api is None:
+        return None
+    from prefect.settings import PREFECT_UI_URL
+
+    return PREFECT_UI_URL.value()
+
+
 # -- output ------------------------------------------------------------------------------------
 
 
@@ -291,7 +302,16 @@ def _follow(store: Store, batch_id: str, progress: Progress, task: TaskID,
 
 
 def _execute(runtime: Runtime, batch_id: str, total: int) -> str | None:
-    """Run the batch's flow in this process with a live progress bar; why it failed, or None."""
+    """Run the batch's flow in this process with a live progress bar; why it failed, or None.
+
+    The run sends no Prefect flow-run heartbeats unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``
+    is set: Prefect joins its heartbeat thread, which sleeps in 1-second steps, when a run
+    ends, and this process exits only then (up to 1 s on every run). The batch's own heartbeats
+    in the store are what the reaper watches: it marks the run of a killed CLI crashed and
+    runs the batch again.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
     from flows.process_batch import process_batch  # imports Prefect: after its environment
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -303,7 +323,8 @@ def _execute(runtime: Runtime, batch_id: str, total: int) -> str | None:
                                     args=(runtime.store, batch_id, progress, task, finished))
         follower.start()
         try:
-            state = process_batch(batch_id=batch_id, return_state=True)
+            with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                state = process_batch(batch_id=batch_id, return_state=True)
         except Exception as exc:  # Prefect could not run the flow at all (API unreachable, …)
             return f"{type(exc).__name__}: {exc}"
         finally:
@@ -363,7 +384,7 @@ def _run_file(file: Path, resource: str | None, method: str | None, concurrency:
         _err.print(f"[bold red]interrupted[/] after {time.monotonic() - started:.0f} s; "
                    f"see `batchops status {batch_id}`")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    status = runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
+    status = runtime.store.status(batch_id, ui_url=_runs_ui_url(prefect_api))
     _print_summary(status, prefect_api)
     if failure is not None:
         _err.print(f"[bold red]the run failed:[/] {escape(failure)}")
@@ -519,7 +540,7 @@ def _replay(ids: list[int] | None, batch_id: str | None, target: str | None,
         raise typer.Exit(EXIT_OK)
     _err.print(f"Replaying {replay.replayed} dead letter(s) as batch [bold]{replay.batch_id}[/]…")
     failure = _execute(runtime, replay.batch_id, replay.replayed)
-    current = runtime.store.status(replay.batch_id, ui_url=runtime.settings.prefect_ui_url)
+    current = runtime.store.status(replay.batch_id, ui_url=_runs_ui_url(prefect_api))
     _print_summary(current, prefect_api)
     if failure is not None:
         _err.print(f"[bold red]the run failed:[/] {escape(failure)}")

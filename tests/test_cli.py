@@ -351,10 +351,12 @@ def test_a_configured_prefect_api_url_wins(prefect_env: None, health_server: str
     assert use_local_prefect_server(health_server) == "http://prefect.internal:4200/api"
 
 
+@pytest.mark.parametrize("found", [True, False], ids=["found", "PREFECT_API_URL"])
 def test_run_records_its_flow_run_on_the_running_server_and_links_to_it(
-        prefect_server: None, tmp_path: Path) -> None:
+        prefect_server: None, tmp_path: Path, found: bool) -> None:
     """With no PREFECT_API_URL, `batchops run` finds the server `batchops up` runs (at
-    BATCHOPS_PREFECT_UI_URL), records its flow run there, and prints a link to that run."""
+    BATCHOPS_PREFECT_UI_URL), records its flow run there, and prints a link to that run; with
+    PREFECT_API_URL, it records it on that server and links to that server's UI."""
     import subprocess
     import sys
     import uuid
@@ -368,9 +370,13 @@ def test_run_records_its_flow_run_on_the_running_server_and_links_to_it(
                                 "body": {"email": "linked@example.com"}}]))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(tmp_path / "empty-prefect-home"),
-                "BATCHOPS_PREFECT_UI_URL": api_url.removesuffix("/api"),
                 "BATCHOPS_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
                 "COLUMNS": "250"})
+    if found:
+        env["BATCHOPS_PREFECT_UI_URL"] = api_url.removesuffix("/api")
+    else:  # batchops' own default UI (nothing listens there) is not where the run is
+        env["PREFECT_API_URL"] = api_url
+        env["BATCHOPS_PREFECT_UI_URL"] = f"http://127.0.0.1:{free_port()}"
     done = subprocess.run([sys.executable, "-m", "cli", "run", str(ops)], env=env,
                           cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=240)
 

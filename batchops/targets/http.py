@@ -54,12 +54,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-import aiohttp
 import httpx
-from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
 from prefect.exceptions import ObjectAlreadyExists
 from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -80,6 +78,9 @@ from batchops.targets.rate import (
     RedisGcra,
     rate_budget_key,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["AdaptiveLimit", "HttpTarget", "parse_retry_after", "upstream_limit_name"]
 
@@ -378,6 +379,8 @@ class _EnvironmentRoute:
 
     @classmethod
     def of(cls, base_url: str) -> _EnvironmentRoute:
+        from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
+
         url = URL(base_url)
         proxy: URL | None = None
         proxy_auth = auth = None
@@ -514,6 +517,8 @@ class HttpTarget:
     def _upstream(self, name: str) -> _Upstream:
         up = self._upstreams.get(name)
         if up is None:
+            import aiohttp  # here, not at import: a process that sends no request skips it
+
             spec = self.specs[name]
             headers = {k: v.get_secret_value() for k, v in spec.headers.items()}
             route = _EnvironmentRoute.of(spec.base_url)
@@ -677,6 +682,8 @@ class HttpTarget:
 
     async def _attempt(self, up: _Upstream, op: PlannedOperation, ctx: ChunkContext,
                        number: int) -> ItemResult:
+        import aiohttp  # imported by _upstream already: a lookup
+
         url, headers = self._request_parts(up, op, ctx)
         if up.rate is not None:
             await up.rate.take()
