@@ -52,8 +52,10 @@ __all__ = [
     "deployment_entrypoint",
     "ensure_work_pool",
     "force_cancelled",
+    "mark_cancelled",
     "publish_markdown",
     "publish_table",
+    "read_cancelling",
     "read_flow_run",
     "rename_flow_run",
     "start_deployment_run",
@@ -215,9 +217,7 @@ class PendingRuns:
 
 async def cancelling_flow_runs(client: PrefectClient, ids: Sequence[UUID]) -> list[FlowRun]:
     """Those of the runs ``ids`` that Prefect has been asked to cancel (``Cancelling``)."""
-    return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-        id=FlowRunFilterId(any_=list(ids)),
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING]))))
+    return await client.read_flow_runs(flow_run_filter=_cancelling(ids))
 
 
 async def force_cancelled(client: PrefectClient, flow_run_id: UUID, message: str) -> None:
@@ -228,6 +228,28 @@ async def force_cancelled(client: PrefectClient, flow_run_id: UUID, message: str
     if current.state is not None and current.state.is_cancelled():
         return
     await client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+
+
+def read_cancelling(ids: Sequence[UUID]) -> list[FlowRun]:
+    """:func:`cancelling_flow_runs` from a thread."""
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=_cancelling(ids))
+
+
+def mark_cancelled(flow_run_id: UUID, message: str) -> None:
+    """:func:`force_cancelled` from a thread."""
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run_id)
+        if current.state is None or not current.state.is_cancelled():
+            client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+
+
+def _cancelling(ids: Sequence[UUID]) -> FlowRunFilter:
+    return FlowRunFilter(
+        id=FlowRunFilterId(any_=list(ids)),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])))
 
 
 async def deployment_entrypoint(client: PrefectClient, deployment_id: UUID) -> tuple[str, str]:

@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any, cast
 from uuid import UUID
 
@@ -84,6 +85,11 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         self._cancel_requested: set[UUID] = set()
         self._cancel_watch: asyncio.Task[None] | None = None
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
+        # Runs handed to this worker directly (execute_handed), watched from a thread.
+        self._handed: set[UUID] = set()
+        self._handed_cancelled: set[UUID] = set()
+        self._handed_lock = threading.Lock()
+        self._handed_watch: threading.Thread | None = None
 
     async def sync_with_backend(self) -> None:
         """Prefect's heartbeat and work-pool sync, then the recovery sweep (never raised: a
@@ -121,13 +127,54 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         return BatchopsWorkerResult(identifier=identifier,
                                     status_code=0 if state is not None else 1)
 
+    def execute_handed(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
+        """Run a flow run handed to this worker directly (it polls no pool: the API embeds one
+        for sync batches) in the calling thread, as :meth:`execute` does, and honour Prefect's
+        cancel of it like the worker's own runs: once a second a thread of this worker reads
+        which handed runs Prefect is cancelling and stops them; the run ends ``Cancelled``."""
+        with self._handed_lock:
+            self._handed.add(flow_run.id)
+            if self._handed_watch is None or not self._handed_watch.is_alive():
+                self._handed_watch = threading.Thread(
+                    target=self._watch_handed, name="batchops-cancel-watch", daemon=True)
+                self._handed_watch.start()
+        try:
+            state = self.execute(flow, flow_run)
+        finally:
+            with self._handed_lock:
+                self._handed.discard(flow_run.id)
+                cancelled = flow_run.id in self._handed_cancelled
+                self._handed_cancelled.discard(flow_run.id)
+        if cancelled and not (state is not None and state.is_cancelled()):
+            orchestration.mark_cancelled(flow_run.id, "cancelled in Prefect; stopped by the "
+                                                      "batchops worker after its current step")
+        return state
+
+    def _watch_handed(self) -> None:
+        while True:
+            time.sleep(_CANCEL_POLL_SECONDS)
+            with self._handed_lock:
+                waiting = self._handed - self._handed_cancelled
+                if not self._handed:
+                    self._handed_watch = None
+                    return
+            if not waiting:
+                continue
+            try:
+                cancelling = orchestration.read_cancelling(list(waiting))
+            except Exception as exc:  # the server is away: ask again next time
+                self._logger.warning("could not read cancelled flow runs: %s", exc)
+                continue
+            for run in cancelling:
+                with self._handed_lock:
+                    self._handed_cancelled.add(run.id)
+                self._stop(run)
+
     def execute(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
         """Run ``flow_run`` of ``flow`` in the calling thread: Prefect's engine runs it here
         (its parameters, states, task runs, logs). ``None`` when the engine itself could not
-        run it (the worker reports it crashed).
-
-        The worker's own runs come here from :meth:`run`; a process that embeds a worker
-        without polling its pool (the API, for sync batches) hands it runs here directly."""
+        run it (the worker reports it crashed). The worker's own runs come here from
+        :meth:`run`, handed ones from :meth:`execute_handed`."""
         try:
             state = run_flow(flow, flow_run=flow_run, return_type="state",
                              error_logger=cast(logging.Logger, self.get_flow_run_logger(flow_run)))

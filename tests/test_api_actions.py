@@ -112,6 +112,43 @@ def test_a_flow_run_cancelled_in_prefect_cancels_its_batch_for_good(
     assert count("outbox") == sent  # nothing ran after the run was stopped
 
 
+def test_a_sync_batch_cancelled_in_prefect_stops_and_its_run_ends_cancelled(
+        pg_api: httpx.Client) -> None:
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    # A sync batch whose wait is over (202) runs on in the API's embedded worker.
+    answer = pg_api.post("/batches", json={"operations": [email(i, 0.05) for i in range(80)],
+                                           "concurrency": 1}, headers={"Prefer": "wait=0"})
+    assert answer.status_code == 202, answer.text
+    status_url = answer.json()["status_url"]
+    deadline = time.monotonic() + 60
+    while pg_api.get(status_url).json()["completed"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    flow_run_id = pg_api.get(status_url).json()["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(UUID(flow_run_id)).deployment_id is not None
+        # What `prefect flow-run cancel` and Cancel in the UI do.
+        client.set_flow_run_state(UUID(flow_run_id), Cancelling(message="cancelled in the UI"))
+    cancelled_at = time.monotonic()
+    final = _until_finished_at_is_set(pg_api, status_url)
+
+    assert final["status"] == "cancelled"
+    assert final["completed"] == 80 and 5 <= final["succeeded"] < 80
+    # The worker reads cancels once a second; an item takes 0.05 s: at most ~2 s of items
+    # start after the cancel.
+    assert final["succeeded"] <= count("outbox") <= final["succeeded"] + 1
+    assert time.monotonic() - cancelled_at < 30
+    items = pg_api.get(f"/batches/{final['batch_id']}/results",
+                       params={"limit": 100}).json()["items"]
+    assert {(i["state"], (i.get("error") or {}).get("code")) for i in items
+            if i["state"] != "succeeded"} == {("skipped", "cancelled")}
+    deadline = time.monotonic() + 30
+    while _flow_run_state(flow_run_id) != "CANCELLED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _flow_run_state(flow_run_id) == "CANCELLED"
+
+
 def _until_finished_at_is_set(client: httpx.Client, status_url: str) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
