@@ -12,7 +12,10 @@ runs, and a run starts in milliseconds.
 * ``batchops deploy`` creates the ``batchops``-type work pool and registers the deployments
   with it by module path (every worker runs the installed package: no code storage);
 * ``--limit`` flow runs at once (Prefect's worker limit); each batch's chunks run on the
-  flow's own task runner;
+  flow's own task runner. A worker asks for scheduled runs when its slot frees — as soon as
+  one of its runs ends, and once it has first synced with the server — besides its poll
+  every ``PREFECT_WORKER_QUERY_SECONDS``: with runs waiting, a slot stays empty for the
+  time it takes to take the next one, not until the next poll;
 * Prefect's cancel of a running flow run (the UI, ``prefect flow-run cancel``): the batch is
   cancelled in the store, its chunks stop starting items within about a second and the run
   ends ``Cancelled`` (:mod:`batchops.cancellation`); a non-batch flow finishes its step and
@@ -84,6 +87,9 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         self._in_flight: set[UUID] = set()
         self._cancel_requested: set[UUID] = set()
         self._cancel_watch: asyncio.Task[None] | None = None
+        self._taking: asyncio.Task[None] | None = None  # asking for runs now, off the poll
+        self._take_again = False
+        self._synced = False
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         # Runs handed to this worker directly (execute_handed), watched from a thread.
         self._handed: set[UUID] = set()
@@ -95,6 +101,9 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         """Prefect's heartbeat and work-pool sync, then the recovery sweep (never raised: a
         failing sweep must not stop the worker's heartbeat; the next one tries again)."""
         await super().sync_with_backend()
+        if not self._synced:
+            self._synced = True
+            self._take_runs_soon()  # the first poll may have come before the sync
         from tasks.recovery import sweep
 
         try:
@@ -121,6 +130,7 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
             state = await anyio.to_thread.run_sync(self.execute, flow, flow_run)
         finally:
             self._in_flight.discard(flow_run.id)
+            self._take_runs_soon()  # this run's slot is free once run() has returned
         if flow_run.id in self._cancel_requested:
             self._cancel_requested.discard(flow_run.id)
             await self._finish_cancelled(flow_run, state)
@@ -200,6 +210,28 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
             with self._flows_lock:
                 flow = self._flows.setdefault(flow_run.deployment_id, loaded)
         return flow
+
+    # -- taking runs between polls ------------------------------------------------------------
+
+    def _take_runs_soon(self) -> None:
+        """Ask for scheduled runs on the next turn of the event loop (Prefect gives a run's
+        slot back right after ``run`` returns); one ask at a time, again if more slots freed
+        meanwhile."""
+        if self._taking is not None and not self._taking.done():
+            self._take_again = True
+            return
+        self._taking = asyncio.get_running_loop().create_task(self._take_runs())
+
+    async def _take_runs(self) -> None:
+        await asyncio.sleep(0)
+        self._take_again = True
+        while self._take_again:
+            self._take_again = False
+            try:
+                await self.get_and_submit_flow_runs()
+            except Exception as exc:  # the regular poll tries again
+                self._logger.warning("could not take scheduled flow runs: %s", exc)
+                return
 
     # -- cancellation from Prefect ------------------------------------------------------------
 

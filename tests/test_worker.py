@@ -257,3 +257,53 @@ def test_prefect_flow_run_retry_reruns_the_failed_items_of_the_same_batch(
             "Renamed"
         assert conn.execute(sa.select(batches.c.generation).where(
             batches.c.id == batch_id)).scalar() == 1
+
+
+def test_a_worker_takes_a_waiting_run_as_soon_as_its_slot_frees_not_at_its_next_poll(
+        prefect_server: None, pg_database: str, tmp_path: Path) -> None:
+    """One slot, two runs waiting, a poll every 30 s: the second run is taken when the first
+    ends (at the next poll it would wait at least 21 s: 30 s less Prefect's 30 % jitter)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments.runner import EntrypointType
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.worker import WORKER_TYPE, BatchopsWorker
+    from flows.process_batch import process_batch
+
+    pool = f"batchops-handoff-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(
+            name=pool, type=WORKER_TYPE,
+            base_job_template=BatchopsWorker.get_default_base_job_template()))
+        deployment_id = process_batch.to_deployment(
+            name=pool, entrypoint_type=EntrypointType.MODULE_PATH,
+        ).apply(work_pool_name=pool)  # type: ignore[misc]
+        runs = [client.create_flow_run_from_deployment(
+            deployment_id, parameters={"operations": _emails(2, 0.2)}) for _ in range(2)]
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           "BATCHOPS_DATABASE_URL": pg_database, "PREFECT_WORKER_QUERY_SECONDS": "30",
+           "PREFECT_LOGGING_LEVEL": "INFO"}
+    with (tmp_path / "worker.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
+             "batchops", "--limit", "1"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all(_flow_run(str(r.id)).state.is_final() for r in runs):
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.5)
+        with get_client(sync_client=True) as client:
+            entered = [{str(s.name): s.timestamp for s in client.read_flow_run_states(r.id)}
+                       for r in runs]
+    finally:
+        stop_process(process)
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(deployment_id)
+            client.delete_work_pool(pool)
+
+    assert all(_flow_run(str(r.id)).state.is_completed() for r in runs)
+    first, second = sorted(entered, key=lambda states: states["Pending"])
+    handoff = (second["Pending"] - first["Completed"]).total_seconds()
+    assert handoff < 10, entered
