@@ -4,7 +4,7 @@ Every way of running a queued batch on the work pool — an async ``POST /batche
 a dead-letter replay, ``POST /batches/{id}/retry`` and the ``retry-failed`` deployment — goes
 through :func:`start_run`; both retries go through :func:`retry`. (Sync batches run in the
 API's embedded worker, see ``api/runs.py``; the reaper starts runs of its own for batches whose
-run died, see ``tasks/recovery.py``.)
+run died, see :mod:`batchops.recovery`.)
 """
 
 from __future__ import annotations

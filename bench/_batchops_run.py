@@ -177,8 +177,8 @@ TIMERS = Timers()
 
 def instrument() -> None:
     """Timing wrappers around the core's steps (this process only)."""
+    import batchops.batch_steps as batches_mod
     import flows.process_batch as flow_mod
-    import tasks.batches as batches_mod
     import tasks.chunks as chunks_mod
     from batchops.chunk_records import ChunkRecords
     from batchops.idempotency import IdempotencyStore

@@ -22,6 +22,7 @@ Prefect server started for the run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -61,11 +62,12 @@ from batchops.csvio import (
 from batchops.dead_letters import DeadLetterFilter, DeadLetterReplay, DeadLetters
 from batchops.dead_letters import replay_dead_letters as register_replay
 from batchops.errors import BadRequest, BatchopsError, ValidationFailed
-from batchops.registration import register_batch
 from batchops.runtime import Runtime, get_runtime
 from batchops.schemas import BatchState, BatchStatus, ItemState
 from batchops.settings import MAX_CHUNK_SIZE, get_settings
 from batchops.store import Store
+from batchops.submission import Submission
+from batchops.submission import submit as submit_batch
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -297,11 +299,13 @@ def _register(runtime: Runtime, file: Path, csv: CsvImport | None, concurrency: 
         first = next(operations, None)
         if first is None:
             raise BadRequest(f"{file.name}: no operations in the file")
-        return register_batch(
-            runtime, chain([first], operations), concurrency=concurrency,
-            chunk_size=chunk_size, max_operations=runtime.settings.max_import_rows,
-            source="cli", deadline_seconds=deadline,
-        )
+        # Run here (``sync``: this process runs the flow), for the default scope, unmetered.
+        submission = Submission(scope="default", mode="sync", source="cli",
+                                concurrency=concurrency, chunk_size=chunk_size,
+                                max_operations=runtime.settings.max_import_rows,
+                                deadline_seconds=deadline)
+        submitted = asyncio.run(submit_batch(runtime, submission, chain([first], operations)))
+        return submitted.batch_id, submitted.total
 
 
 def _follow(store: Store, batch_id: str, progress: Progress, task: TaskID,

@@ -23,7 +23,7 @@ runs, and a run starts in milliseconds.
 * a worker killed mid-run takes its runs with it; their batches' heartbeats stop and the
   reaper runs them again from their checkpoints, on another worker: every batchops worker
   sweeps for such batches at its heartbeat (``PREFECT_WORKER_HEARTBEAT_SECONDS``, 30 s), in
-  its own process and without a flow run (:func:`tasks.recovery.sweep`; taking a batch is a
+  its own process and without a flow run (:func:`batchops.recovery.sweep`; taking a batch is a
   conditional update, so two workers never both restart one).
 
 The job variables of a process pool (command, working directory, environment) do not apply:
@@ -104,10 +104,14 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         if not self._synced:
             self._synced = True
             self._take_runs_soon()  # the first poll may have come before the sync
-        from tasks.recovery import sweep
+        from prefect.logging import get_logger
+
+        from batchops.recovery import sweep
+        from batchops.runtime import get_runtime
 
         try:
-            restarted = await anyio.to_thread.run_sync(sweep)
+            restarted = await anyio.to_thread.run_sync(
+                lambda: sweep(get_runtime(), logger=get_logger("batchops.recovery")))
         except Exception as exc:
             self._logger.warning("recovery sweep failed: %s", exc)
             return
@@ -260,7 +264,7 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
     def _stop(self, flow_run: FlowRun) -> None:
         """Stop a running flow run Prefect is cancelling: a batch's run is told through the
         store (its chunks stop; the run ends ``Cancelled``)."""
-        from tasks.batches import cancel_for_flow_run
+        from batchops.batch_steps import cancel_for_flow_run
 
         batch_id = cancel_for_flow_run(str(flow_run.id), run_stopped=False)
         logger = self.get_flow_run_logger(flow_run)

@@ -19,21 +19,21 @@ from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from batchops import orchestration
-from batchops.execution import ChunkOutcome
-from batchops.orchestration import FlowRun
-from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
-from batchops.settings import Settings, get_settings
-from tasks.batches import (
+from batchops.batch_steps import (
     batch_of_run,
     cancel_for_flow_run,
     checkpointed_items,
     failure_message,
     finish_batch,
     load_batch,
-    register_operations,
     reopen_if_retried,
     report_batch,
 )
+from batchops.execution import ChunkOutcome
+from batchops.orchestration import FlowRun
+from batchops.schemas import BatchState, BatchSummary, ChunkRef, Operation
+from batchops.settings import Settings, get_settings
+from tasks.batches import register_operations
 from tasks.callbacks import send_callback
 from tasks.chunks import chunk_cache_policy, run_chunk
 

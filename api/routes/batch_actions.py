@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.body import CSV_MEDIA_TYPES, require_media_type
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
-from api.routes.batches import BatchAccepted, BatchId, _accepted, _errors, _owned_batch, item_json
+from api.responses import BatchAccepted, BatchId, accepted, error_responses, item_json, owned_batch
 from batchops import batch_runs, cancellation
 from batchops.csvio import CsvImport, count_operations, open_operations
 from batchops.errors import (
@@ -41,7 +41,8 @@ _UPLOAD_PART = 1 << 16
 
 
 @router.post("/batches/{batch_id}/cancel", name="cancel_batch", response_model=BatchStatus,
-             summary="Stop a batch: no further item starts", responses=_errors(401, 404, 409))
+             summary="Stop a batch: no further item starts",
+             responses=error_responses(401, 404, 409))
 def cancel_batch(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) -> BatchStatus:
     """The status becomes ``cancelled`` at once and no further item starts (a running chunk
     notices within about half a second; a sql chunk on the store's database, one
@@ -50,7 +51,7 @@ def cancel_batch(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) -> Bat
     set once they all have one, and the flow run ends ``Cancelled``.
     Cancelling a cancelled batch answers its status again; a batch that has completed or
     failed cannot be cancelled (409 ``batch_finished``)."""
-    _owned_batch(runtime, batch_id, scope)
+    owned_batch(runtime, batch_id, scope)
     cancellation.cancel_batch(runtime, batch_id)
     return runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
 
@@ -58,24 +59,24 @@ def cancel_batch(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) -> Bat
 @router.post("/batches/{batch_id}/retry", name="retry_batch", response_model=BatchAccepted,
              status_code=202,
              summary="Run the failed and skipped items of a finished batch again",
-             responses={200: {"model": BatchStatus}, **_errors(401, 404, 409)})
+             responses={200: {"model": BatchStatus}, **error_responses(401, 404, 409)})
 async def retry_batch(batch_id: BatchId, request: Request, runtime: RuntimeDep,
                       scope: ScopeDep, runner: RunnerDep) -> JSONResponse:
     """A new flow run of the same batch runs only its failed, skipped (and never-run) items;
     items that succeeded keep their results. A batch with ``deadline_seconds`` gets that long
     again, from now. ``202`` with the status URL, or ``200`` with the status when no item
     needs another run. A batch still running answers 409."""
-    _owned_batch(runtime, batch_id, scope)
+    owned_batch(runtime, batch_id, scope)
     retried = await asyncio.to_thread(batch_runs.retry, runtime, batch_id)
     if retried.flow_run_id is None:
         status = runtime.store.status(batch_id, ui_url=runtime.settings.prefect_ui_url)
         return JSONResponse(status.model_dump(mode="json"))
-    return _accepted(request, batch_id, BatchState.QUEUED)
+    return accepted(request, batch_id, BatchState.QUEUED)
 
 
 @router.get("/batches/{batch_id}/events", name="batch_events",
             summary="Item results as NDJSON, streamed as they finish",
-            responses={200: {"content": {"application/x-ndjson": {}}}, **_errors(401, 404)})
+            responses={200: {"content": {"application/x-ndjson": {}}}, **error_responses(401, 404)})
 async def batch_events(
     batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep,
     after: Annotated[int, Query(ge=-1, le=MAX_ITEM_INDEX,
@@ -84,7 +85,7 @@ async def batch_events(
     """One JSON line per item, in index order, as chunks record them; the stream ends with a
     ``{"event": "end", ...}`` line once the batch has finished. Reconnect with
     ``after=<last index seen>`` to resume."""
-    _owned_batch(runtime, batch_id, scope)
+    owned_batch(runtime, batch_id, scope)
     store = runtime.store
 
     async def lines() -> AsyncIterator[str]:
@@ -155,7 +156,7 @@ def _count_rows(path: FilePath, spec: CsvImport, quota: OperationsQuota,
 
 @router.post("/batches/import", name="import_batch", response_model=BatchAccepted,
              status_code=202, summary="Import a CSV file as a batch on one resource",
-             responses=_errors(400, 401, 413, 415, 422, 429))
+             responses=error_responses(400, 401, 413, 415, 422, 429))
 async def import_batch(
     request: Request, runtime: RuntimeDep, scope: ScopeDep, quota: QuotaDep, runner: RunnerDep,
     resource: Annotated[str, Query(description="the resource every row applies to")],
@@ -196,4 +197,4 @@ async def import_batch(
         raise
     finally:
         path.unlink(missing_ok=True)
-    return _accepted(request, batch_id, BatchState.QUEUED)
+    return accepted(request, batch_id, BatchState.QUEUED)

@@ -1,46 +1,45 @@
 """``/batches``: submit a batch (sync or async), read its status and its results.
 
-``POST /batches`` reads the body (declared JSON, within the size limit), checks the envelope,
-then:
-
-1. a batch-level ``Idempotency-Key`` already used with this body → that batch's answer;
-2. the caller's operations-per-minute quota is charged;
-3. a ``callback_url`` is checked (allowlist, public address; ``422
-   callback_url_not_allowed``), every operation is validated and the batch stored
-   (:func:`register_batch`);
-4. sync: the flow runs in this process and the answer waits for it (``200``/``207``), or
-   becomes ``202`` when the wait is over; async: a flow run of the deployment, ``202``.
+``POST /batches`` reads the body (declared JSON, within the size limit), checks the envelope
+and, for a ``callback_url``, its allowlist and public address (``422
+callback_url_not_allowed``); chooses sync or async (``mode``, ``Prefer``), and submits the
+batch (:func:`batchops.submission.submit`: idempotency key, quota, validation and storage,
+the async flow run). Then a sync batch runs in this process and the answer waits for it
+(``200``/``207``), or becomes ``202`` when the wait is over; an async one answers ``202``.
+A replayed request (same batch ``Idempotency-Key``, same body) answers its earlier batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from api.body import read_json
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
-from api.runs import SyncRun
-from batchops.batch_requests import (
-    BatchRequest,
-    BatchRequests,
-    request_hash,
+from api.responses import (
+    BatchAccepted,
+    BatchId,
+    accepted,
+    error_responses,
+    item_json,
+    owned_batch,
+    status_url,
 )
+from api.runs import SyncRun
+from batchops.batch_requests import request_hash
 from batchops.callback_urls import check_callback_url
 from batchops.callbacks import CallbackRecords
 from batchops.csvio import write_results_csv
 from batchops.errors import (
-    BatchNotFound,
     BatchTooLarge,
     EmptyBatch,
     FieldError,
@@ -48,7 +47,6 @@ from batchops.errors import (
     ValidationFailed,
 )
 from batchops.planning import ChunkSizing, chunk_operations
-from batchops.registration import new_batch_id, register_batch, register_batch_once
 from batchops.runtime import Runtime
 from batchops.schemas import (
     MAX_ITEM_INDEX,
@@ -59,7 +57,7 @@ from batchops.schemas import (
     ItemResult,
     ItemState,
 )
-from batchops.store import BatchRecord
+from batchops.submission import Submission, Submitted, choose_mode, submit, sync_wait
 from batchops.validation import validate_operations
 
 __all__ = ["parse_prefer", "router"]
@@ -68,18 +66,9 @@ router = APIRouter(tags=["batches"])
 
 _CSV_PAGE = 1000
 _FINAL_POLL = 0.25  # seconds between two looks at a sync batch's status (also told at once)
-BatchId = Annotated[str, Path(max_length=64, description="the batch's id")]
 
 
 # -- response models (for the OpenAPI document) ------------------------------------------------
-
-
-class BatchAccepted(BaseModel):
-    """``202``: the batch runs on; follow ``status_url``."""
-
-    batch_id: str
-    status: BatchState
-    status_url: str
 
 
 class BatchOutcome(BaseModel):
@@ -103,19 +92,6 @@ class DryRunPlan(BaseModel):
     chunks: int
     mode: Literal["sync", "async"]
     by_target_method: dict[str, int]
-
-
-class _ErrorDetail(BaseModel):
-    code: str
-    message: str
-
-
-class ErrorBody(BaseModel):
-    error: _ErrorDetail
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody} for code in codes}
 
 
 # -- Prefer (RFC 7240) -------------------------------------------------------------------------
@@ -147,20 +123,6 @@ def parse_prefer(values: list[str] | None) -> Preferences:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def item_json(result: ItemResult) -> dict[str, Any]:
-    """An item as the API shows it: ``result`` when it succeeded, else ``error``."""
-    data = result.model_dump(mode="json")
-    data.pop("error" if result.state is ItemState.SUCCEEDED else "result", None)
-    return data
-
-
-def _owned_batch(runtime: Runtime, batch_id: str, scope: str) -> BatchRecord:
-    batch = runtime.store.get_batch(batch_id)
-    if batch.scope != scope:  # another key's batch does not exist for this caller
-        raise BatchNotFound(batch_id)
-    return batch
 
 
 def _status(runtime: Runtime, batch_id: str) -> BatchStatus:
@@ -233,14 +195,6 @@ def _outcome(runtime: Runtime, batch_id: str) -> tuple[int, dict[str, Any]]:
     return (200 if all_ok else 207), body
 
 
-def _accepted(request: Request, batch_id: str, status: BatchState,
-              headers: dict[str, str] | None = None) -> JSONResponse:
-    status_url = str(request.url_for("get_batch_status", batch_id=batch_id))
-    return JSONResponse(
-        {"batch_id": batch_id, "status": status.value, "status_url": status_url},
-        status_code=202, headers={"Location": status_url, **(headers or {})})
-
-
 async def _await_terminal(runtime: Runtime, batch_id: str, seconds: float) -> BatchState:
     """Poll the store until the batch has finished or ``seconds`` have passed."""
     deadline = time.monotonic() + seconds
@@ -272,7 +226,7 @@ async def _finished(runtime: Runtime, run: SyncRun, seconds: float) -> bool:
             return False
 
 
-async def _replay(request: Request, runtime: Runtime, earlier: BatchRequest,
+async def _replay(request: Request, runtime: Runtime, earlier: Submitted,
                   wait: float) -> Response:
     """The answer for a repeated request: the same batch, no second run."""
     headers = {"Idempotent-Replayed": "true"}
@@ -284,7 +238,7 @@ async def _replay(request: Request, runtime: Runtime, earlier: BatchRequest,
     else:
         state = BatchState((await asyncio.to_thread(runtime.store.get_batch,
                                                     earlier.batch_id)).status)
-    return _accepted(request, earlier.batch_id, state, headers)
+    return accepted(request, earlier.batch_id, state, headers)
 
 
 # -- routes ------------------------------------------------------------------------------------
@@ -305,7 +259,7 @@ _BATCH_CREATE_BODY = {
         200: {"model": BatchOutcome, "description": "sync: every item succeeded"},
         202: {"model": BatchAccepted, "description": "async, or the sync wait is over"},
         207: {"model": BatchOutcome, "description": "sync: some or all items failed"},
-        **_errors(400, 401, 409, 413, 415, 422, 429, 503),
+        **error_responses(400, 401, 409, 413, 415, 422, 429, 503),
     },
 )
 async def create_batch(
@@ -336,18 +290,13 @@ async def create_batch(
         raise await asyncio.to_thread(_envelope_and_operation_errors, raw, exc,
                                       runtime) from None
     prefs = parse_prefer(prefer)
-    if prefs.respond_async or envelope.mode == "async":
-        mode = "async"
-    elif envelope.mode == "sync":
-        mode = "sync"
-    else:
-        mode = "sync" if len(operations) <= settings.sync_threshold else "async"
+    mode = choose_mode(envelope.mode, len(operations), settings,
+                       respond_async=prefs.respond_async)
     applied = ["respond-async"] if prefs.respond_async else []
-    wait = settings.sync_wait_seconds
-    if mode == "sync" and prefs.wait is not None:
-        wait = prefs.wait
-        applied.append(f"wait={prefs.wait:g}")
-    wait = min(wait, settings.max_sync_wait_seconds)
+    preferred_wait = prefs.wait if mode == "sync" else None
+    if preferred_wait is not None:
+        applied.append(f"wait={preferred_wait:g}")
+    wait = sync_wait(settings, preferred_wait)
     if envelope.callback_url is not None:  # resolves the host: off the event loop
         await asyncio.to_thread(check_callback_url, envelope.callback_url, settings)
 
@@ -355,53 +304,30 @@ async def create_batch(
         plan = await asyncio.to_thread(_dry_run, runtime, operations, mode)
         return JSONResponse(plan)
 
-    batch_id = new_batch_id()
-    claims = BatchRequests(runtime.store,
-                           timedelta(hours=settings.idempotency_retention_hours))
-    digest = request_hash(raw) if idempotency_key is not None else ""
-    earlier: BatchRequest | None = None
-    if idempotency_key is not None:
-        earlier = await asyncio.to_thread(claims.find, scope, idempotency_key, digest)
-        if earlier is not None:
-            return await _replay(request, runtime, earlier, wait)
-
-    charge: str | None = None
-    try:
-        charge = await quota.charge(scope, len(operations))
-        status_url = (str(request.url_for("get_batch_status", batch_id=batch_id))
-                      if envelope.callback_url is not None else None)
-        options: dict[str, Any] = {
-            "batch_id": batch_id, "concurrency": envelope.concurrency, "scope": scope,
-            "source": "api", "callback_url": envelope.callback_url, "status_url": status_url,
-            "deadline_seconds": envelope.deadline_seconds}
-        if idempotency_key is None:
-            await asyncio.to_thread(register_batch, runtime, operations, **options)
-        else:
-            earlier = await asyncio.to_thread(
-                functools.partial(register_batch_once, runtime, operations, claims=claims,
-                                  key=idempotency_key, digest=digest, mode=mode, **options))
-        if earlier is None and mode == "async":
-            await runner.start_deployment(runtime, batch_id)
-    except BaseException:
-        await quota.refund(charge, len(operations))  # nothing of the batch ran
-        raise
-    if earlier is not None:  # a concurrent first use of the key won: its batch is the answer
-        await quota.refund(charge, len(operations))
-        return await _replay(request, runtime, earlier, wait)
+    submission = Submission(
+        scope=scope, mode=mode, concurrency=envelope.concurrency,
+        callback_url=envelope.callback_url, deadline_seconds=envelope.deadline_seconds,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash(raw) if idempotency_key is not None else "")
+    submitted = await submit(runtime, submission, operations, quota=quota,
+                             status_url=lambda batch_id: status_url(request, batch_id))
+    if submitted.earlier is not None:
+        return await _replay(request, runtime, submitted, wait)
+    batch_id = submitted.batch_id
     metrics = request.app.state.metrics
     metrics.batches_submitted.labels(mode).inc()
     metrics.operations_submitted.inc(len(operations))
     headers = {"Preference-Applied": ", ".join(applied)} if applied else {}
 
     if mode == "async":
-        return _accepted(request, batch_id, BatchState.QUEUED, headers)
+        return accepted(request, batch_id, BatchState.QUEUED, headers)
     run = runner.start_in_process(batch_id)
     if not await _finished(runtime, run, wait) or run.ran_elsewhere():
         # The run goes on (in this process, or in the flow run the reaper gave it), unless it
         # has just made the batch final: then its results are the answer.
         state = BatchState((await asyncio.to_thread(runtime.store.get_batch, batch_id)).status)
         if not state.is_final:
-            return _accepted(request, batch_id, state, headers)
+            return accepted(request, batch_id, state, headers)
     code, body = await asyncio.to_thread(_outcome, runtime, batch_id)
     if not BatchState(body["status"]).is_final:
         await asyncio.to_thread(_could_not_run, runtime, batch_id, run)
@@ -422,11 +348,11 @@ def _could_not_run(runtime: Runtime, batch_id: str, run: SyncRun) -> None:
     name="get_batch_status",
     response_model=BatchStatus,
     summary="A batch's status and progress",
-    responses=_errors(401, 404),
+    responses=error_responses(401, 404),
 )
 def get_batch_status(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) -> BatchStatus:
     """Counters only grow while a batch runs: ``completed``/``progress`` never go backwards."""
-    _owned_batch(runtime, batch_id, scope)
+    owned_batch(runtime, batch_id, scope)
     return _status(runtime, batch_id)
 
 
@@ -435,7 +361,7 @@ def get_batch_status(batch_id: BatchId, runtime: RuntimeDep, scope: ScopeDep) ->
     name="get_batch_results",
     summary="A batch's item results: paged JSON, or a CSV download",
     response_model=ResultsPage,
-    responses={200: {"content": {"text/csv": {}}}, **_errors(401, 404)},
+    responses={200: {"content": {"text/csv": {}}}, **error_responses(401, 404)},
 )
 def get_batch_results(
     batch_id: BatchId,
@@ -450,7 +376,7 @@ def get_batch_results(
 ) -> Response:
     """Items recorded so far, in index order. JSON pages continue with ``after=next_after``;
     ``format=csv`` streams every matching item (spreadsheet formulas escaped)."""
-    _owned_batch(runtime, batch_id, scope)
+    owned_batch(runtime, batch_id, scope)
     store = runtime.store
     if fmt == "csv":
         results = store.results.of_batch(batch_id, state=state, after=after, limit=limit)

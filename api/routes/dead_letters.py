@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from api.body import require_json
 from api.deps import QuotaDep, RunnerDep, RuntimeDep, ScopeDep
-from api.routes.batches import _errors
+from api.responses import error_responses
 from batchops.dead_letters import (
     MAX_ID,
     TEXT_PATTERN,
@@ -54,7 +54,7 @@ def _text(max_length: int, description: str) -> Any:
 
 
 @router.get("/dead-letters", name="list_dead_letters", response_model=DeadLetterPage,
-            summary="Items that ran out of retries", responses=_errors(401, 422))
+            summary="Items that ran out of retries", responses=error_responses(401, 422))
 def list_dead_letters(
     runtime: RuntimeDep,
     scope: ScopeDep,
@@ -80,7 +80,7 @@ def list_dead_letters(
 
 
 @router.get("/dead-letters/{dead_letter_id}", name="get_dead_letter", response_model=DeadLetter,
-            summary="One dead letter", responses=_errors(401, 404, 422))
+            summary="One dead letter", responses=error_responses(401, 404, 422))
 def get_dead_letter(
     dead_letter_id: Annotated[int, Path(ge=1, le=MAX_ID)], runtime: RuntimeDep, scope: ScopeDep,
 ) -> DeadLetter:
@@ -95,7 +95,7 @@ def get_dead_letter(
     summary="Run dead letters again, as a new batch",
     dependencies=[Depends(require_json)],  # 415 for a body that is not declared JSON
     responses={200: {"model": DeadLettersReplayed, "description": "nothing matched"},
-               **_errors(401, 404, 409, 413, 415, 422, 429, 503)},
+               **error_responses(401, 404, 409, 413, 415, 422, 429, 503)},
 )
 async def replay(request: Request, body: DeadLetterReplay, runtime: RuntimeDep, scope: ScopeDep,
                  quota: QuotaDep, runner: RunnerDep) -> JSONResponse:
