@@ -217,7 +217,6 @@ class RateLimiter:
         self.leases = 0
         self.dropped = 0
         self._due: deque[float] = deque()  # this worker's tokens, by when they are due
-        self._sent_at = -math.inf  # when take() last let a request go
         self._lock = asyncio.Lock()  # FIFO: requests go in the order they asked
         self._calls = COORDINATION_CALLS.labels(upstream, budget.backend)
         self._fallback = LocalGcra()
@@ -247,18 +246,13 @@ class RateLimiter:
                 if not self._due:
                     await self._lease()
                 due = self._due.popleft()
-                now, interval = time.monotonic(), 1 / self.rate.rate
-                if due - now < -max(interval, LATE_SECONDS):  # would bunch: let it go
+                wait = due - time.monotonic()
+                if wait < -max(1 / self.rate.rate, LATE_SECONDS):  # would bunch: let it go
                     self.dropped += 1
                     DROPPED_TOKENS.labels(self.upstream).inc()
                     continue
-                # Never closer than the interval to this worker's previous request: a token
-                # sent late (a sleep that overslept, a busy loop) would otherwise go out just
-                # before the next one, on time, and both land in one of the upstream's seconds.
-                at = max(due, self._sent_at + interval)
-                if at > now:
-                    await asyncio.sleep(at - now)
-                self._sent_at = max(at, time.monotonic())
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 return
 
     async def aclose(self) -> None:
