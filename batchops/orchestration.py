@@ -93,54 +93,16 @@ def crash_flow_run(flow_run_id: str | UUID, message: str) -> None:
         client.set_flow_run_state(UUID(str(flow_run_id)), Crashed(message=message), force=True)
 
 
-class _Kept(threading.local):
-    """A thread's open sync client, for the API URL it was opened for."""
-
-    client: SyncPrefectClient | None = None
-    api_url: str | None = None
-
-
-_kept = _Kept()
-_deployment_ids: dict[tuple[str, str], UUID] = {}  # (API URL, flow/deployment) → its id
-
-
-def _kept_client() -> SyncPrefectClient:
-    """This thread's open client (one per thread and API URL, kept: opening one costs a TLS
-    context and a version check, ~20 ms of CPU)."""
-    from prefect.settings import get_current_settings
-
-    url = str(get_current_settings().api.url)
-    if _kept.client is None or _kept.api_url != url:
-        if _kept.client is not None:
-            _kept.client.__exit__(None, None, None)
-        client = get_client(sync_client=True)
-        client.__enter__()
-        _kept.client, _kept.api_url = client, url
-    return _kept.client
-
-
 def start_deployment_run(deployment: str, parameters: dict[str, Any], *, name: str,
                          idempotency_key: str) -> FlowRun:
     """A new ``Scheduled`` run of the deployment (``flow/deployment``) for a worker of its
-    pool; returns at once. The same ``idempotency_key`` gives back the same run. The
-    deployment's id is looked up once per process (again when it was deleted since).
+    pool; returns at once. The same ``idempotency_key`` gives back the same run."""
+    from prefect.deployments import run_deployment
 
-    Raises:
-        ObjectNotFound: there is no such deployment.
-    """
-    client = _kept_client()
-    key = (str(_kept.api_url), deployment)
-    for _attempt in range(2):
-        deployment_id = _deployment_ids.get(key)
-        if deployment_id is None:
-            deployment_id = _deployment_ids[key] = client.read_deployment_by_name(deployment).id
-        try:
-            return client.create_flow_run_from_deployment(
-                deployment_id, parameters=parameters, name=name,
-                idempotency_key=idempotency_key)
-        except ObjectNotFound:
-            _deployment_ids.pop(key, None)  # deleted since: look it up again
-    raise ObjectNotFound(RuntimeError(f"the deployment {deployment!r} keeps disappearing"))
+    run: FlowRun = run_deployment(  # type: ignore[assignment]
+        deployment, parameters=parameters, timeout=0, as_subflow=False, flow_run_name=name,
+        idempotency_key=idempotency_key)
+    return run
 
 
 def wait_for_run(flow_run_id: UUID, timeout: float | None = None) -> FlowRun:
