@@ -118,7 +118,7 @@ def test_a_sync_batch_cancelled_in_prefect_stops_and_its_run_ends_cancelled(
     from prefect.states import Cancelling
 
     # A sync batch whose wait is over (202) runs on in the API's embedded worker.
-    answer = pg_api.post("/batches", json={"operations": [email(i, 0.05) for i in range(80)],
+    answer = pg_api.post("/batches", json={"operations": [email(i, 0.1) for i in range(80)],
                                            "concurrency": 1}, headers={"Prefer": "wait=0"})
     assert answer.status_code == 202, answer.text
     status_url = answer.json()["status_url"]
@@ -135,7 +135,7 @@ def test_a_sync_batch_cancelled_in_prefect_stops_and_its_run_ends_cancelled(
 
     assert final["status"] == "cancelled"
     assert final["completed"] == 80 and 5 <= final["succeeded"] < 80
-    # The worker reads cancels once a second; an item takes 0.05 s: at most ~2 s of items
+    # The worker reads cancels once a second; an item takes 0.1 s: at most ~2 s of items
     # start after the cancel.
     assert final["succeeded"] <= count("outbox") <= final["succeeded"] + 1
     assert time.monotonic() - cancelled_at < 30
