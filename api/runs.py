@@ -155,7 +155,7 @@ class BatchRunner:
                                             name=f"batch-{batch_id}")
         except LookupError as exc:
             raise TransientError(f"{exc}; retry") from None
-        state = self.worker.execute_handed(flow, flow_run)
+        state = self.worker.execute_watched(flow, flow_run)
         if state is not None and not state.is_completed():
             logger.warning("batch %s: its flow run ended %s: %s", batch_id, state.type.value,
                            state.message)

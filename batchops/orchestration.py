@@ -45,13 +45,11 @@ __all__ = [
     "SyncLimits",
     "TaskRun",
     "UpstreamLimits",
-    "cancelling_flow_runs",
     "check_api",
     "crash_flow_run",
     "create_progress",
     "deployment_entrypoint",
     "ensure_work_pool",
-    "force_cancelled",
     "mark_cancelled",
     "publish_markdown",
     "publish_table",
@@ -215,41 +213,22 @@ class PendingRuns:
             context.run(stack.close)
 
 
-async def cancelling_flow_runs(client: PrefectClient, ids: Sequence[UUID]) -> list[FlowRun]:
-    """Those of the runs ``ids`` that Prefect has been asked to cancel (``Cancelling``)."""
-    return await client.read_flow_runs(flow_run_filter=_cancelling(ids))
-
-
-async def force_cancelled(client: PrefectClient, flow_run_id: UUID, message: str) -> None:
-    """Mark the run ``Cancelled`` unless it is already."""
-    from prefect.states import Cancelled
-
-    current = await client.read_flow_run(flow_run_id)
-    if current.state is not None and current.state.is_cancelled():
-        return
-    await client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
-
-
 def read_cancelling(ids: Sequence[UUID]) -> list[FlowRun]:
-    """:func:`cancelling_flow_runs` from a thread."""
+    """Those of the runs ``ids`` that Prefect has been asked to cancel (``Cancelling``)."""
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_run_filter=_cancelling(ids))
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=list(ids)),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING]))))
 
 
 def mark_cancelled(flow_run_id: UUID, message: str) -> None:
-    """:func:`force_cancelled` from a thread."""
+    """Mark the run ``Cancelled`` unless it is already."""
     from prefect.states import Cancelled
 
     with get_client(sync_client=True) as client:
         current = client.read_flow_run(flow_run_id)
         if current.state is None or not current.state.is_cancelled():
             client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
-
-
-def _cancelling(ids: Sequence[UUID]) -> FlowRunFilter:
-    return FlowRunFilter(
-        id=FlowRunFilterId(any_=list(ids)),
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])))
 
 
 async def deployment_entrypoint(client: PrefectClient, deployment_id: UUID) -> tuple[str, str]:

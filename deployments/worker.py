@@ -84,18 +84,15 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         super().__init__(*args, **kwargs)
         self._flows: dict[UUID, Flow[..., Any]] = {}  # deployment id → its flow, imported once
         self._flows_lock = threading.Lock()
-        self._in_flight: set[UUID] = set()
+        # The runs executing here (execute_watched), and those Prefect is cancelling.
+        self._watched: set[UUID] = set()
         self._cancel_requested: set[UUID] = set()
-        self._cancel_watch: asyncio.Task[None] | None = None
+        self._watched_lock = threading.Lock()
+        self._cancel_watch: threading.Thread | None = None
         self._taking: asyncio.Task[None] | None = None  # asking for runs now, off the poll
         self._take_again = False
         self._synced = False
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
-        # Runs handed to this worker directly (execute_handed), watched from a thread.
-        self._handed: set[UUID] = set()
-        self._handed_cancelled: set[UUID] = set()
-        self._handed_lock = threading.Lock()
-        self._handed_watch: threading.Thread | None = None
 
     async def sync_with_backend(self) -> None:
         """Prefect's heartbeat and work-pool sync, then the recovery sweep (never raised: a
@@ -126,52 +123,52 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
         # worker stores it as a string, whatever BaseWorker's annotation says.
         flow = await self._flow_of(flow_run)
         identifier = f"{self._identity}:{flow_run.id}"
-        self._in_flight.add(flow_run.id)
-        self._watch_cancellations()
         if task_status is not None:
             task_status.started(identifier)
         try:
-            state = await anyio.to_thread.run_sync(self.execute, flow, flow_run)
+            state = await anyio.to_thread.run_sync(self.execute_watched, flow, flow_run)
         finally:
-            self._in_flight.discard(flow_run.id)
             self._take_runs_soon()  # this run's slot is free once run() has returned
-        if flow_run.id in self._cancel_requested:
-            self._cancel_requested.discard(flow_run.id)
-            await self._finish_cancelled(flow_run, state)
         return BatchopsWorkerResult(identifier=identifier,
                                     status_code=0 if state is not None else 1)
 
-    def execute_handed(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
-        """Run a flow run handed to this worker directly (it polls no pool: the API embeds one
-        for sync batches) in the calling thread, as :meth:`execute` does, and honour Prefect's
-        cancel of it like the worker's own runs: once a second a thread of this worker reads
-        which handed runs Prefect is cancelling and stops them; the run ends ``Cancelled``."""
-        with self._handed_lock:
-            self._handed.add(flow_run.id)
-            if self._handed_watch is None or not self._handed_watch.is_alive():
-                self._handed_watch = threading.Thread(
-                    target=self._watch_handed, name="batchops-cancel-watch", daemon=True)
-                self._handed_watch.start()
+    def execute_watched(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
+        """Run ``flow_run`` of ``flow`` in the calling thread, as :meth:`execute` does, and
+        honour Prefect's cancel of it: once a second a thread of this worker reads which of
+        its runs Prefect is cancelling (state ``Cancelling``) and stops them; a run that ends
+        after its cancel without reaching ``Cancelled`` itself (a flow that is not a batch
+        cannot be stopped midway) is marked so. The worker's own runs come here from
+        :meth:`run`; a process that embeds a worker without polling its pool (the API, for
+        sync batches) hands it runs here directly."""
+        with self._watched_lock:
+            self._watched.add(flow_run.id)
+            if self._cancel_watch is None or not self._cancel_watch.is_alive():
+                self._cancel_watch = threading.Thread(
+                    target=self._watch_cancellations, name="batchops-cancel-watch",
+                    daemon=True)
+                self._cancel_watch.start()
         try:
             state = self.execute(flow, flow_run)
         finally:
-            with self._handed_lock:
-                self._handed.discard(flow_run.id)
-                cancelled = flow_run.id in self._handed_cancelled
-                self._handed_cancelled.discard(flow_run.id)
+            with self._watched_lock:
+                self._watched.discard(flow_run.id)
+                cancelled = flow_run.id in self._cancel_requested
+                self._cancel_requested.discard(flow_run.id)
         if cancelled and not (state is not None and state.is_cancelled()):
             orchestration.mark_cancelled(flow_run.id, "cancelled in Prefect; stopped by the "
                                                       "batchops worker after its current step")
         return state
 
-    def _watch_handed(self) -> None:
+    def _watch_cancellations(self) -> None:
+        """Every second while runs are in flight: those Prefect has been asked to cancel are
+        stopped (the thread ends when none is left; the next run starts another)."""
         while True:
             time.sleep(_CANCEL_POLL_SECONDS)
-            with self._handed_lock:
-                waiting = self._handed - self._handed_cancelled
-                if not self._handed:
-                    self._handed_watch = None
+            with self._watched_lock:
+                if not self._watched:
+                    self._cancel_watch = None
                     return
+                waiting = self._watched - self._cancel_requested
             if not waiting:
                 continue
             try:
@@ -180,15 +177,15 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
                 self._logger.warning("could not read cancelled flow runs: %s", exc)
                 continue
             for run in cancelling:
-                with self._handed_lock:
-                    self._handed_cancelled.add(run.id)
+                with self._watched_lock:
+                    self._cancel_requested.add(run.id)
                 self._stop(run)
 
     def execute(self, flow: Flow[..., Any], flow_run: FlowRun) -> State[Any] | None:
         """Run ``flow_run`` of ``flow`` in the calling thread: Prefect's engine runs it here
         (its parameters, states, task runs, logs). ``None`` when the engine itself could not
-        run it (the worker reports it crashed). The worker's own runs come here from
-        :meth:`run`, handed ones from :meth:`execute_handed`."""
+        run it (the worker reports it crashed). Runs come here through
+        :meth:`execute_watched`."""
         try:
             state = run_flow(flow, flow_run=flow_run, return_type="state",
                              error_logger=cast(logging.Logger, self.get_flow_run_logger(flow_run)))
@@ -239,28 +236,6 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
 
     # -- cancellation from Prefect ------------------------------------------------------------
 
-    def _watch_cancellations(self) -> None:
-        if self._cancel_watch is None or self._cancel_watch.done():
-            self._cancel_watch = asyncio.get_running_loop().create_task(
-                self._cancellation_loop())
-
-    async def _cancellation_loop(self) -> None:
-        """Every second while runs are in flight: those Prefect has been asked to
-        cancel (state ``Cancelling``) are stopped."""
-        while self._in_flight:
-            await asyncio.sleep(_CANCEL_POLL_SECONDS)
-            waiting = self._in_flight - self._cancel_requested
-            if not waiting:
-                continue
-            try:
-                runs = await orchestration.cancelling_flow_runs(self.client, list(waiting))
-            except Exception as exc:  # the server is away: ask again next time
-                self._logger.warning("could not read cancelled flow runs: %s", exc)
-                continue
-            for cancelling in runs:
-                self._cancel_requested.add(cancelling.id)
-                await anyio.to_thread.run_sync(self._stop, cancelling)
-
     def _stop(self, flow_run: FlowRun) -> None:
         """Stop a running flow run Prefect is cancelling: a batch's run is told through the
         store (its chunks stop; the run ends ``Cancelled``)."""
@@ -272,15 +247,6 @@ class BatchopsWorker(BaseWorker[BatchopsJobConfiguration, BatchopsVariables,
             logger.info("cancelled in Prefect: batch %s stops starting items", batch_id)
         else:
             logger.info("cancelled in Prefect: the run ends after its current step")
-
-    async def _finish_cancelled(self, flow_run: FlowRun, state: State[Any] | None) -> None:
-        """A run that ended after its cancel without reaching ``Cancelled`` itself is marked
-        so (a flow that is not a batch cannot be stopped midway)."""
-        if state is not None and state.is_cancelled():
-            return
-        await orchestration.force_cancelled(
-            self.client, flow_run.id, "cancelled in Prefect; stopped by the batchops worker "
-                                      "after its current step")
 
     async def kill_infrastructure(self, infrastructure_pid: str,
                                   configuration: BatchopsJobConfiguration,
