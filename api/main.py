@@ -43,7 +43,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.host_allowlist = HostAllowlist.from_settings(settings)
     await asyncio.to_thread(get_runtime)  # builds the runtime and migrates the store
     app.state.quota = build_quota(settings)
-    app.state.runner = BatchRunner(settings.sync_workers, settings.process_batch_deployment)
+    app.state.runner = BatchRunner(settings.api.sync_workers, settings.api.process_batch_deployment)
     app.state.runner.attach(get_runtime())
     app.state.metrics = ApiMetrics(get_runtime)
     try:
@@ -92,7 +92,7 @@ app = create_app()
 
 def server_options(settings: Settings) -> dict[str, Any]:
     """The uvicorn settings the API is served with (``uvicorn.Config`` keywords)."""
-    return {"http": "h11", "h11_max_incomplete_event_size": settings.max_header_bytes,
+    return {"http": "h11", "h11_max_incomplete_event_size": settings.api.max_header_bytes,
             "proxy_headers": False}
 
 
@@ -106,7 +106,7 @@ def run(host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     settings = get_settings()
-    host = host or settings.api_host
+    host = host or settings.api.host
     check_bind(host, settings)
-    uvicorn.run(app, host=host, port=settings.api_port if port is None else port,
+    uvicorn.run(app, host=host, port=settings.api.port if port is None else port,
                 **server_options(settings))

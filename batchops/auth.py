@@ -56,7 +56,7 @@ class ApiKeyring:
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeyring:
         hashes = []
-        for secret in settings.api_keys:
+        for secret in settings.api.keys:
             value = secret.get_secret_value().strip()
             if value.startswith(_HASH_PREFIX):
                 digest = value[len(_HASH_PREFIX):].lower()
@@ -104,8 +104,8 @@ class HostAllowlist:
     @classmethod
     def from_settings(cls, settings: Settings) -> HostAllowlist:
         keyless = not ApiKeyring.from_settings(settings).enabled
-        if settings.allowed_hosts is not None:
-            configured = [canonical_host(h) for h in settings.allowed_hosts]
+        if settings.api.allowed_hosts is not None:
+            configured = [canonical_host(h) for h in settings.api.allowed_hosts]
         elif keyless:
             configured = sorted(canonical_host(h) for h in LOOPBACK_HOSTS)
         else:

@@ -32,7 +32,7 @@ def start_run(runtime: Runtime, batch_id: str, generation: int = 0) -> UUID:
         TransientError: the flow run could not be created (the batch is marked failed, so
             it can be retried).
     """
-    deployment = runtime.settings.process_batch_deployment
+    deployment = runtime.settings.api.process_batch_deployment
     try:
         flow_run = orchestration.start_deployment_run(
             deployment, {"batch_id": batch_id}, name=f"batch-{batch_id}",

@@ -143,7 +143,7 @@ def report_batch(status: BatchStatus, failed_chunks: list[ChunkRef], error: str 
     runtime = get_runtime()
     store = runtime.store
     batch_id = status.batch_id
-    limit = runtime.settings.artifact_max_rows
+    limit = runtime.settings.execution.artifact_max_rows
     if status.total <= limit:
         items = list(store.results.of_batch(batch_id))
         description = f"Every item of batch {batch_id}"

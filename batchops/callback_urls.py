@@ -123,7 +123,7 @@ def check_callback_url(url: str, settings: Settings) -> CallbackTarget:
     host = parsed.raw_host.decode("ascii").lower().rstrip(".")
     if not host:
         raise CallbackUrlNotAllowed("the URL has no host")
-    allowed = settings.callback_allowed_hosts
+    allowed = settings.callbacks.allowed_hosts
     if not allowed:
         raise CallbackUrlNotAllowed(
             "this server accepts no callbacks (BATCHOPS_CALLBACK_ALLOWED_HOSTS is empty)")
@@ -132,7 +132,7 @@ def check_callback_url(url: str, settings: Settings) -> CallbackTarget:
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     addresses = _resolve(host, port)
     for ip in addresses:
-        problem = _address_problem(ip, settings.callback_allow_private)
+        problem = _address_problem(ip, settings.callbacks.allow_private)
         if problem:
             raise CallbackUrlNotAllowed(f"host {host!r} resolves to {problem} ({ip})")
     return CallbackTarget(parsed.copy_with(fragment=None), host, tuple(str(ip) for ip in addresses))

@@ -287,7 +287,7 @@ def deliver_callback(store: Store, settings: Settings, batch_id: str, *, attempt
     except CallbackUrlNotAllowed as exc:
         raise failure(f"refused: {exc.reason}", retryable=False, state=CallbackState.REFUSED,
                       sent=False) from None
-    secret = settings.callback_secret
+    secret = settings.callbacks.secret
     if secret is None:
         raise failure("refused: no callback_secret is configured", retryable=False,
                       state=CallbackState.REFUSED, sent=False)
@@ -304,7 +304,7 @@ def deliver_callback(store: Store, settings: Settings, batch_id: str, *, attempt
         "Idempotency-Key": delivery_id,
     }
     try:
-        response = _post(target, body, headers, settings.callback_timeout_seconds)
+        response = _post(target, body, headers, settings.callbacks.timeout_seconds)
     except httpx.TransportError as exc:  # connection refused or lost, timeouts
         raise failure(f"{type(exc).__name__}: {exc}", retryable=True) from None
     code = response.status_code

@@ -88,7 +88,7 @@ class CheckpointWriter:
         """The heartbeat when one is due (checkpoints carry it while they flow); the batch's
         status every :data:`CANCEL_POLL_SECONDS`."""
         now = time.monotonic()
-        if now - self._beaten_at >= self.runtime.settings.heartbeat_seconds:
+        if now - self._beaten_at >= self.runtime.settings.execution.heartbeat_seconds:
             self._beat()
         if not self._cancelled.is_set() and now - self._looked_at >= CANCEL_POLL_SECONDS:
             self._looked_at = now
@@ -112,7 +112,7 @@ class CheckpointWriter:
         chunk's requests."""
         items = [first]
         if first is not _STOP:
-            self._ending.wait(self.runtime.settings.checkpoint_linger_seconds)
+            self._ending.wait(self.runtime.settings.execution.checkpoint_linger_seconds)
         while items[-1] is not _STOP and len(items) < _MAX_GROUP:
             try:
                 items.append(self._queue.get_nowait())
@@ -131,12 +131,12 @@ class CheckpointWriter:
 
     def _write(self, entries: list[tuple[PlannedOperation, ItemResult]]) -> None:
         store = self.runtime.store
-        retention = timedelta(hours=self.runtime.settings.idempotency_retention_hours)
+        retention = timedelta(hours=self.runtime.settings.recovery.idempotency_retention_hours)
         keyed = [(op, r) for op, r in entries if op.idempotency_key is not None]
         remember = [(op, r) for op, r in keyed
                     if r.state is ItemState.SUCCEEDED and not r.replayed]
         now = time.monotonic()
-        beat = now - self._beaten_at >= self.runtime.settings.heartbeat_seconds
+        beat = now - self._beaten_at >= self.runtime.settings.execution.heartbeat_seconds
         try:
             with store.engine.begin() as conn:
                 store.checkpoints.save(conn, self.batch_id, self.generation,

@@ -361,7 +361,7 @@ def replay_dead_letters(runtime: Runtime, scope: str, request: DeadLetterReplay,
     """
     _check_selection(request)
     settings = runtime.settings
-    limit = min(request.limit or settings.max_import_rows, settings.max_import_rows)
+    limit = min(request.limit or settings.api.max_import_rows, settings.api.max_import_rows)
     batch_id = new_batch_id()
     t = dead_letters
     with runtime.store.engine.begin() as conn:
@@ -375,5 +375,5 @@ def replay_dead_letters(runtime: Runtime, scope: str, request: DeadLetterReplay,
             return ReplayedDeadLetters(batch_id=None, replayed=0)
         _, total = register_batch(runtime, _operations(rows), batch_id=batch_id,
                                   concurrency=request.concurrency, scope=scope, source=source,
-                                  max_operations=settings.max_import_rows, conn=conn)
+                                  max_operations=settings.api.max_import_rows, conn=conn)
     return ReplayedDeadLetters(batch_id=batch_id, replayed=total)

@@ -321,7 +321,7 @@ async def _run_claimed(runtime: Runtime, batch_id: str, scope: str,
     batches are executing and replay their results (or run them, if the other batch failed
     them)."""
     store = runtime.store
-    stale_after = timedelta(seconds=runtime.settings.stale_after_seconds)
+    stale_after = timedelta(seconds=runtime.settings.recovery.stale_after_seconds)
     results: list[ItemResult] = []
     pending = list(ops)
     first = True
@@ -404,7 +404,7 @@ def _record(runtime: Runtime, conn: Connection, ref: ChunkRef, scope: str,
                 if op.idempotency_key is not None
                 and by_index[op.index].state is ItemState.SUCCEEDED
                 and not by_index[op.index].replayed]
-    retention = timedelta(hours=runtime.settings.idempotency_retention_hours)
+    retention = timedelta(hours=runtime.settings.recovery.idempotency_retention_hours)
     runtime.store.idempotency.save(conn, scope, ref.batch_id, remember, retention)
     # Items that ran out of retries, in this run or in a run that checkpointed them before it
     # died (answered from the checkpoint, not replayed); a re-run chunk's items replace their

@@ -83,9 +83,9 @@ class LimitLeases:
 
     @classmethod
     def from_settings(cls, store: Store, settings: Settings) -> LimitLeases:
-        return cls(store, renew_seconds=settings.heartbeat_seconds,
-                   stale_after=timedelta(seconds=settings.stale_after_seconds),
-                   slot_wait_seconds=settings.slot_wait_seconds)
+        return cls(store, renew_seconds=settings.execution.heartbeat_seconds,
+                   stale_after=timedelta(seconds=settings.recovery.stale_after_seconds),
+                   slot_wait_seconds=settings.recovery.slot_wait_seconds)
 
     # -- a holder's records ----------------------------------------------------------------
 

@@ -53,11 +53,12 @@ class ChunkSizing:
     def of(cls, settings: Settings, items: int | None = None) -> ChunkSizing:
         """The configured sizing; ``items`` (a batch's own ``chunk_size``) fixes the size,
         capped by the ``chunk_size`` setting when that is set."""
-        fixed = settings.chunk_size
+        execution = settings.execution
+        fixed = execution.chunk_size
         if items is not None:
-            fixed = min(items, fixed) if fixed is not None else min(items, settings.max_chunk_items)
-        return cls(seconds=settings.chunk_seconds, max_items=settings.max_chunk_items,
-                   threads=settings.chunk_workers, items=fixed)
+            fixed = min(items, fixed if fixed is not None else execution.max_chunk_items)
+        return cls(seconds=execution.chunk_seconds, max_items=execution.max_chunk_items,
+                   threads=execution.chunk_workers, items=fixed)
 
     def limit(self, total: int | None) -> int:
         """The most items a chunk of a batch of ``total`` items (``None``: unknown) holds."""

@@ -131,4 +131,4 @@ def build_quota(settings: Settings) -> OperationsQuota:
     """The quota the settings ask for: shared through Redis when ``redis_url`` is set."""
     counter: WindowCounter = (RedisCounter(settings.redis_url) if settings.redis_url
                               else LocalCounter())
-    return OperationsQuota(settings.quota_ops_per_minute, counter)
+    return OperationsQuota(settings.api.quota_ops_per_minute, counter)

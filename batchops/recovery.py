@@ -133,13 +133,13 @@ def restart_stale_batches(runtime: Runtime, stale_after_seconds: float | None = 
     when the batch has not beaten its heartbeat for three heartbeat periods either.
     """
     settings = runtime.settings
-    stale_after = timedelta(seconds=stale_after_seconds or settings.stale_after_seconds)
+    stale_after = timedelta(seconds=stale_after_seconds or settings.recovery.stale_after_seconds)
     # A sync batch may wait in its API's thread pool for up to the longest sync wait: only
     # past that is a batch without a run lost.
-    unstarted_after = stale_after + timedelta(seconds=settings.max_sync_wait_seconds)
+    unstarted_after = stale_after + timedelta(seconds=settings.api.max_sync_wait_seconds)
     if flow_run_id is not None:
         candidates = _batch_of_run(runtime, flow_run_id)
-        silent = min(stale_after, timedelta(seconds=3 * settings.heartbeat_seconds))
+        silent = min(stale_after, timedelta(seconds=3 * settings.execution.heartbeat_seconds))
     else:
         candidates = runtime.store.stale_batches(stale_after, unstarted_after)
     restarted = []
@@ -174,7 +174,7 @@ def restart_stale_batches(runtime: Runtime, stale_after_seconds: float | None = 
                                run_id, exc)
         _release_leases(runtime, batch_id, logger)
         batch = runtime.store.get_batch(batch_id)
-        if batch.recoveries > settings.max_recoveries:
+        if batch.recoveries > settings.recovery.max_recoveries:
             why = f"its run died {batch.recoveries} times; not run again (retry it once fixed)"
             # Every item gets a result: the ones no run recorded fail (chunk_failed).
             asyncio.run(settle_chunks(runtime, batch_id, chunk_not_run(why)))
@@ -185,7 +185,7 @@ def restart_stale_batches(runtime: Runtime, stale_after_seconds: float | None = 
                          batch.recoveries)
             continue
         new = orchestration.start_deployment_run(
-            settings.process_batch_deployment, {"batch_id": batch_id},
+            settings.api.process_batch_deployment, {"batch_id": batch_id},
             name=f"batch-{batch_id}",
             idempotency_key=f"batchops-recover-{batch_id}-{batch.recoveries}")
         runtime.lifecycle.attach_run(batch_id, str(new.id))
@@ -211,9 +211,9 @@ def purge_expired(runtime: Runtime, stale_after_seconds: float | None = None, *,
     them already), and the claims on idempotency keys of batches that finished over
     ``stale_after_seconds`` ago. How many rows of each went."""
     settings = runtime.settings
-    stale_after = timedelta(seconds=stale_after_seconds or settings.stale_after_seconds)
+    stale_after = timedelta(seconds=stale_after_seconds or settings.recovery.stale_after_seconds)
     purged = runtime.store.purge.expired(stale_after)
-    retention = timedelta(hours=settings.idempotency_retention_hours)
+    retention = timedelta(hours=settings.recovery.idempotency_retention_hours)
     purged["batch_requests"] = BatchRequests(runtime.store, retention).purge_expired()
     if any(purged.values()):
         logger.info("purged %s", ", ".join(f"{n} {k}" for k, n in purged.items()))

@@ -59,7 +59,7 @@ def register_batch(
     settings = runtime.settings
     batch_id = batch_id or new_batch_id()
     validator = OperationValidator(runtime.router,
-                                   max_operations or settings.max_operations)
+                                   max_operations or settings.api.max_operations)
     total = len(operations) if isinstance(operations, Sized) else None
     planner = ChunkPlanner(batch_id, ChunkSizing.of(settings, chunk_size), runtime.resources,
                            total=total)
@@ -68,7 +68,7 @@ def register_batch(
     transaction = store.engine.begin() if conn is None else nullcontext(conn)
     with transaction as tx:
         runtime.lifecycle.register(
-            tx, batch_id, concurrency=concurrency or settings.default_concurrency,
+            tx, batch_id, concurrency=concurrency or settings.execution.default_concurrency,
             chunk_size=size, scope=scope, source=source, deadline_seconds=deadline_seconds)
         for index, raw in enumerate(operations):
             planned = validator.check(raw, index)

@@ -1,10 +1,18 @@
-"""Settings: one pydantic-settings class, ``BATCHOPS_`` prefix, read once via ``get_settings()``.
+"""Settings: pydantic-settings models by concern, ``BATCHOPS_`` prefix, read once via
+``get_settings()``.
+
+``Settings`` holds the stores, the targets and the demo switch at the top and the rest in groups
+(``settings.api``, ``.execution``, ``.recovery``, ``.callbacks``, ``.bulk_sync``). Every field
+has one flat environment variable: ``BATCHOPS_API_PORT`` is ``settings.api.port``,
+``BATCHOPS_CALLBACK_SECRET`` is ``settings.callbacks.secret``.
 
 Sources, highest priority first: init arguments, environment (``BATCHOPS_*``; nested values as
 JSON, e.g. ``BATCHOPS_RESOURCES='{...}'``; lists of names as JSON or comma-separated,
 ``BATCHOPS_API_KEYS=k1,k2``), a ``.env`` file, then ``batchops.toml`` in the working directory
-(or the file named by ``BATCHOPS_CONFIG_FILE``). A setting that does not validate makes
-:func:`get_settings` raise one :class:`~batchops.errors.ConfigurationError` naming it.
+(or the file named by ``BATCHOPS_CONFIG_FILE``), whose keys are the flat names
+(``api_port = 8001``) or a group's table (``[api]`` ``port = 8001``). A setting that does not
+validate makes :func:`get_settings` raise one :class:`~batchops.errors.ConfigurationError`
+naming it.
 """
 
 from __future__ import annotations
@@ -20,14 +28,19 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -37,7 +50,9 @@ from pydantic_settings import (
 
 from batchops.errors import ConfigurationError
 
-__all__ = ["ColumnSpec", "ResourceSpec", "Settings", "SyncSpec", "UpstreamSpec", "get_settings"]
+__all__ = ["GROUPS", "ApiSettings", "BulkSyncSettings", "CallbackSettings", "ColumnSpec",
+           "ExecutionSettings", "RecoverySettings", "ResourceSpec", "Settings", "SyncSpec",
+           "UpstreamSpec", "env_name", "get_settings"]
 
 ColumnType = Literal["integer", "bigint", "text", "numeric", "float", "boolean", "timestamp",
                      "date", "json"]
@@ -170,60 +185,63 @@ class UpstreamSpec(BaseModel):
         return frozenset(h.lower() for h in self.forward_headers)
 
 
-def _demo_resources() -> dict[str, ResourceSpec]:
-    def col(type_: ColumnType, **kw: bool) -> ColumnSpec:
-        return ColumnSpec(type=type_, **kw)
+class _Group(BaseModel):
+    """Settings of one concern: ``settings.<group>.<field>``, each read from its own
+    ``BATCHOPS_*`` variable (the field's alias when it has one, else its name)."""
 
-    return {
-        "users": ResourceSpec(
-            columns={
-                "id": col("integer", nullable=False),
-                "email": col("text", nullable=False, unique=True),
-                "name": col("text"),
-            },
-            create=True,
-        ),
-        "orders": ResourceSpec(
-            columns={"id": col("integer", nullable=False), "status": col("text"),
-                     "total": col("numeric")},
-            create=True,
-        ),
-        "products": ResourceSpec(
-            columns={"id": col("integer", nullable=False), "name": col("text", nullable=False),
-                     "price": col("numeric")},
-            create=True,
-        ),
-        "outbox": ResourceSpec(
-            columns={
-                "id": col("integer", nullable=False),
-                "recipient": col("text", nullable=False),
-                "subject": col("text", nullable=False),
-                "body": col("text", nullable=False),
-                "message_key": col("text", unique=True),
-                "started_at": col("timestamp"),
-                "finished_at": col("timestamp"),
-            },
-            create=True,
-        ),
-    }
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="BATCHOPS_",
-        env_file=".env",
-        extra="ignore",
-        toml_file="batchops.toml",
-    )
+class ApiSettings(_Group):
+    """The HTTP API: where it listens, who may call it, how much a request may hold, and when a
+    batch is answered synchronously."""
 
-    database_url: str = "sqlite:///.data/batchops.db"
-    redis_url: str | None = None
-    prefect_ui_url: str = "http://127.0.0.1:4200"
-
+    host: str = Field("127.0.0.1", validation_alias="api_host",
+                      description="address the API listens on")
+    port: int = Field(8000, ge=0, le=65535, validation_alias="api_port",
+                      description="port the API listens on")
+    keys: SecretList = Field(
+        [], validation_alias="api_keys",
+        description="API keys (or 'sha256:<hex>' of one): a JSON list or k1,k2")
+    allowed_hosts: Annotated[list[str] | None, NoDecode,
+                             BeforeValidator(_json_or_comma_list)] = Field(
+        None, description="Host header values the API answers (names or addresses, any port; "
+        "'*.example.com', '*'); unset: loopback names without API keys, any host with them")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="a request's line and headers, together; a larger "
+        "head is refused before it is read on")
     max_operations: int = Field(1000, ge=1, description="per request to POST /batches")
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="per request body")
     max_import_rows: int = Field(1_000_000, ge=1, description="per CSV/file import")
-    max_body_bytes: int = 10 * 1024 * 1024
     max_import_bytes: int = Field(200 * 1024 * 1024, ge=1, description="per CSV upload")
+    quota_ops_per_minute: int = Field(
+        60_000, ge=0, description="operations per API key per minute; 0: no quota")
+    sync_threshold: int = Field(
+        100, ge=0, description="mode auto: batches of up to this many operations are "
+        "answered synchronously (200/207)")
+    sync_wait_seconds: float = Field(
+        10, ge=0, description="how long a synchronous batch is waited for before the answer "
+        "is 202")
+    max_sync_wait_seconds: float = Field(60, ge=0, description="cap on Prefer: wait=N")
+    sync_workers: int = Field(8, ge=1, le=256,
+                              description="synchronous batches running at once in one API")
+    process_batch_deployment: str = Field(
+        "process-batch/process-batch", description="the deployment an async batch's flow run "
+        "is created from")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _normalize_allowed_hosts(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        names = [h.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+                 for h in hosts if h.strip()]
+        return names or None  # empty: the default
+
+
+class ExecutionSettings(_Group):
+    """How a batch runs: its chunks (task runs), their parallelism, retries and checkpoints."""
+
     chunk_size: int | None = Field(
         None, ge=1, le=MAX_CHUNK_SIZE, description="items per chunk task run, fixed; unset: "
         "chunks are sized by work (chunk_seconds, max_chunk_items)")
@@ -233,15 +251,27 @@ class Settings(BaseSettings):
     max_chunk_items: int = Field(
         10_000, ge=1, le=MAX_CHUNK_SIZE, description="items in one chunk task run, at most "
         "(database statements take pages of at most 500 rows either way)")
-    default_concurrency: int = Field(10, ge=1, le=1000)
+    default_concurrency: int = Field(
+        10, ge=1, le=1000, description="items of one chunk in flight at once, unless the "
+        "batch says otherwise")
     chunk_workers: int = Field(4, ge=1, le=64, description="chunk task runs in parallel")
-    chunk_retries: int = Field(2, ge=0)
-    chunk_retry_backoff_seconds: float = Field(1.0, ge=0)
-    idempotency_retention_hours: float = Field(24, gt=0)
+    chunk_retries: int = Field(2, ge=0, description="retries of a chunk task run that failed")
+    chunk_retry_backoff_seconds: float = Field(
+        1.0, ge=0, description="delay before a chunk task run's retry")
     heartbeat_seconds: float = Field(5, gt=0, description="a running chunk's heartbeat period")
     checkpoint_linger_seconds: float = Field(
         0.05, ge=0, le=1, description="a chunk's checkpoint writer gathers item results this "
         "long after the first before it commits them (0: commit what has queued up at once)")
+    result_cache_hours: float = Field(
+        24, gt=0, description="how long a completed chunk's cached result lets a re-run of its "
+        "batch skip it")
+    artifact_max_rows: int = Field(
+        1000, ge=1, description="rows of the item table artifact (failures first beyond it)")
+
+
+class RecoverySettings(_Group):
+    """What happens to work whose process went away, and how long records are kept."""
+
     stale_after_seconds: float = Field(
         60, gt=0, description="a processing batch silent this long is re-run by the reaper; "
         "an idempotency key claimed by it may be taken over")
@@ -255,74 +285,116 @@ class Settings(BaseSettings):
         "0 * * * *", description="schedule of the reaper deployment's backstop sweep (a "
         "crashed process-batch run starts it at once; batchops workers sweep at their "
         "heartbeat)")
-    result_cache_hours: float = Field(
-        24, gt=0, description="how long a completed chunk's cached result lets a re-run of its "
-        "batch skip it")
-    artifact_max_rows: int = Field(
-        1000, ge=1, description="rows of the item table artifact (failures first beyond it)")
-    handler_modules: NameList = ["batchops.demo.handlers"]
-    resources: dict[str, ResourceSpec] = Field(default_factory=_demo_resources)
-    upstreams: dict[str, UpstreamSpec] = Field(
-        default_factory=dict, description="http targets: name → upstream API")
-    api_keys: SecretList = Field(
-        [], description="API keys (or 'sha256:<hex>' of one): a JSON list or k1,k2")
+    idempotency_retention_hours: float = Field(
+        24, gt=0, description="how long an Idempotency-Key (of a request or an operation) "
+        "answers with its first result")
 
-    # The HTTP API
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8000, ge=0, le=65535)
-    allowed_hosts: Annotated[list[str] | None, NoDecode,
-                             BeforeValidator(_json_or_comma_list)] = Field(
-        None, description="Host header values the API answers (names or addresses, any port; "
-        "'*.example.com', '*'); unset: loopback names without API keys, any host with them")
-    max_header_bytes: int = Field(
-        64 * 1024, ge=1024, description="a request's line and headers, together; a larger "
-        "head is refused before it is read on")
-    sync_threshold: int = Field(100, ge=0, description="mode auto: up to this many ops run sync")
-    sync_wait_seconds: float = Field(10, ge=0, description="sync wait before answering 202")
-    max_sync_wait_seconds: float = Field(60, ge=0, description="cap on Prefer: wait=N")
-    sync_workers: int = Field(8, ge=1, le=256, description="sync batches running at once")
-    quota_ops_per_minute: int = Field(
-        60_000, ge=0, description="operations per API key per minute; 0: no quota")
-    process_batch_deployment: str = "process-batch/process-batch"
 
-    # Bulk syncs: the bulk-sync deployment runs them (all of them on its schedule)
-    syncs: dict[str, SyncSpec] = {}
-    sync_cron: str = Field("*/15 * * * *", description="schedule of the bulk-sync deployment")
-    sync_schedule_active: bool = Field(
-        False, description="the bulk-sync schedule is paused unless this is set")
+class CallbackSettings(_Group):
+    """Completion callbacks: a signed summary POSTed to a batch's callback_url when it
+    finishes. Refused unless the host is on the allowlist (empty: no callbacks at all)."""
 
-    # Completion callbacks: POST a signed summary to a batch's callback_url when it finishes.
-    # Refused unless the host is on the allowlist (empty: no callbacks accepted at all).
-    callback_secret: SecretStr | None = Field(
-        None, description="HMAC-SHA256 key of the Batchops-Signature header")
-    callback_allowed_hosts: NameList = Field(
-        [], description="hosts callbacks may go to: exact, '*.example.com' or '*' (any host)")
-    callback_allow_private: bool = Field(
-        False, description="allow loopback, private and link-local callback addresses")
-    callback_timeout_seconds: float = Field(10, gt=0, description="per delivery attempt")
-    callback_retries: int = Field(5, ge=0, le=20, description="attempts after the first")
-    callback_backoff_seconds: float = Field(
-        2.0, ge=0, description="first retry delay; doubles each retry (with jitter)")
+    secret: SecretStr | None = Field(
+        None, validation_alias="callback_secret",
+        description="HMAC-SHA256 key of the Batchops-Signature header")
+    allowed_hosts: NameList = Field(
+        [], validation_alias="callback_allowed_hosts",
+        description="hosts callbacks may go to: exact, '*.example.com' or '*' (any host)")
+    allow_private: bool = Field(
+        False, validation_alias="callback_allow_private",
+        description="allow loopback, private and link-local callback addresses")
+    timeout_seconds: float = Field(10, gt=0, validation_alias="callback_timeout_seconds",
+                                   description="per delivery attempt")
+    retries: int = Field(5, ge=0, le=20, validation_alias="callback_retries",
+                         description="attempts after the first")
+    backoff_seconds: float = Field(
+        2.0, ge=0, validation_alias="callback_backoff_seconds",
+        description="first retry delay; doubles each retry (with jitter)")
 
-    @field_validator("callback_allowed_hosts")
+    @field_validator("allowed_hosts")
     @classmethod
     def _normalize_hosts(cls, hosts: list[str]) -> list[str]:
         return [h.strip().lower().rstrip(".") for h in hosts if h.strip()]
 
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _normalize_allowed_hosts(cls, hosts: list[str] | None) -> list[str] | None:
-        if hosts is None:
-            return None
-        names = [h.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
-                 for h in hosts if h.strip()]
-        return names or None  # empty: the default
-
     @model_validator(mode="after")
-    def _callbacks_are_signed(self) -> Settings:
-        if self.callback_allowed_hosts and self.callback_secret is None:
+    def _callbacks_are_signed(self) -> CallbackSettings:
+        if self.allowed_hosts and self.secret is None:
             raise ValueError("callback_allowed_hosts needs callback_secret: callbacks are "
                              "always signed")
+        return self
+
+
+class BulkSyncSettings(_Group):
+    """Bulk syncs: the bulk-sync deployment runs them, all of them on its schedule."""
+
+    syncs: dict[str, SyncSpec] = Field(default_factory=dict,
+                                       description="name → a source and a resource")
+    cron: str = Field("*/15 * * * *", validation_alias="sync_cron",
+                      description="schedule of the bulk-sync deployment")
+    schedule_active: bool = Field(
+        False, validation_alias="sync_schedule_active",
+        description="the bulk-sync schedule is paused unless this is set")
+
+
+# The groups, by their attribute on Settings (and their table in batchops.toml).
+GROUPS: dict[str, type[_Group]] = {
+    "api": ApiSettings,
+    "execution": ExecutionSettings,
+    "recovery": RecoverySettings,
+    "callbacks": CallbackSettings,
+    "bulk_sync": BulkSyncSettings,
+}
+
+
+def env_name(field_name: str, group: str | None = None) -> str:
+    """``BATCHOPS_<NAME>`` of a top-level setting, or of a field of a group."""
+    if group is None:
+        return f"BATCHOPS_{field_name.upper()}"
+    field = GROUPS[group].model_fields[field_name]
+    alias = field.validation_alias if isinstance(field.validation_alias, str) else None
+    return f"BATCHOPS_{(alias or field_name).upper()}"
+
+
+class Settings(BaseSettings):
+    """Every batchops setting. The stores, the targets and the demo at the top; the rest by
+    concern (``settings.api``, ``.execution``, ``.recovery``, ``.callbacks``, ``.bulk_sync``).
+    Every field, grouped or not, has one flat environment variable (``BATCHOPS_API_PORT`` is
+    ``settings.api.port``)."""
+
+    model_config = SettingsConfigDict(env_prefix="BATCHOPS_", extra="ignore")
+
+    database_url: str = Field("sqlite:///.data/batchops.db",
+                              description="the batch store (and the sql target's tables)")
+    redis_url: str | None = Field(
+        None, description="Redis for live status, shared rate limits and quotas; unset: "
+        "each process on its own")
+    prefect_ui_url: str = Field("http://127.0.0.1:4200",
+                                description="the Prefect UI that links point at")
+    resources: dict[str, ResourceSpec] = Field(
+        default_factory=dict, description="sql target: name → a table exposed as /{name}")
+    upstreams: dict[str, UpstreamSpec] = Field(
+        default_factory=dict, description="http targets: name → upstream API")
+    handler_modules: NameList = Field(
+        [], description="python targets: modules whose @handler functions are loaded")
+    demo: bool = Field(
+        False, description="add the demo tables (users, orders, products, outbox) and the "
+        "demo handlers to the configured ones; `make up` and the checkout's batchops.toml "
+        "set it")
+
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
+    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
+    callbacks: CallbackSettings = Field(default_factory=CallbackSettings)
+    bulk_sync: BulkSyncSettings = Field(default_factory=BulkSyncSettings)
+
+    @model_validator(mode="after")
+    def _add_demo(self) -> Settings:
+        if self.demo:
+            from batchops.demo.resources import DEMO_HANDLER_MODULE, demo_resources
+
+            self.resources = {**demo_resources(), **self.resources}
+            if DEMO_HANDLER_MODULE not in self.handler_modules:
+                self.handler_modules = [*self.handler_modules, DEMO_HANDLER_MODULE]
         return self
 
     @classmethod
@@ -336,17 +408,80 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The one place the environment is read directly: which TOML file to use.
         toml_file = Path(os.environ.get("BATCHOPS_CONFIG_FILE", "batchops.toml"))
+        flat = _flat_settings()
         return (
-            init_settings,
-            env_settings,
-            dotenv_settings,
-            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
-            file_secret_settings,
+            _Grouped(settings_cls, init_settings),
+            _Grouped(settings_cls, EnvSettingsSource(flat, env_prefix="BATCHOPS_")),
+            _Grouped(settings_cls, DotEnvSettingsSource(flat, env_file=".env",
+                                                        env_prefix="BATCHOPS_")),
+            _Grouped(settings_cls, TomlConfigSettingsSource(settings_cls, toml_file=toml_file)),
         )
 
 
-def _env_name(field: object) -> str:
-    return f"BATCHOPS_{str(field).upper()}"
+def _flat_names() -> dict[str, tuple[str | None, str]]:
+    """Every setting's flat name → (its group or None, its field name)."""
+    names: dict[str, tuple[str | None, str]] = {
+        name: (None, name) for name in Settings.model_fields if name not in GROUPS}
+    for group, model in GROUPS.items():
+        for name in model.model_fields:
+            names[env_name(name, group).removeprefix("BATCHOPS_").lower()] = (group, name)
+    return names
+
+
+@lru_cache(maxsize=1)
+def _flat_settings() -> type[BaseSettings]:
+    """A settings class with one field per flat name, of the field's type (with its decoding
+    rules): what the environment and ``.env`` sources read from."""
+    fields: dict[str, Any] = {}
+    for flat, (group, name) in _flat_names().items():
+        info = (Settings if group is None else GROUPS[group]).model_fields[name]
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata \
+            else info.annotation
+        fields[flat] = (annotation, None)  # defaults are not validated: None is "unset"
+    return create_model("FlatSettings", __base__=BaseSettings, **fields)
+
+
+class _Grouped(PydanticBaseSettingsSource):
+    """A source whose flat names (``api_port``) are moved into their groups
+    (``{"api": {"port": …}}``); tables already grouped (``[api]`` in TOML) stay as they are,
+    a flat name given beside one wins."""
+
+    def __init__(self, settings_cls: type[BaseSettings], source: PydanticBaseSettingsSource):
+        super().__init__(settings_cls)
+        self._source = source
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads the wrapped source
+
+    def __call__(self) -> dict[str, Any]:
+        names = _flat_names()
+        grouped: dict[str, Any] = {}
+        flat_values: list[tuple[str, Any]] = []
+        for key, value in self._source().items():
+            if key in GROUPS and isinstance(value, dict):
+                grouped.setdefault(key, {}).update(value)
+            else:
+                flat_values.append((key, value))
+        for key, value in flat_values:
+            group, name = names.get(key.lower(), (None, key))
+            if group is None:
+                grouped[key] = value
+            else:
+                grouped.setdefault(group, {})[name] = value
+        return grouped
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """An error's location as the user wrote it: the environment variable, then the path
+    inside its value."""
+    head, rest = str(loc[0]), loc[1:]
+    if head in GROUPS and rest and str(rest[0]) in GROUPS[head].model_fields:
+        head, rest = env_name(str(rest[0]), head), rest[1:]
+    elif head in GROUPS and rest:  # not a field of the group: a key of a TOML table
+        head, rest = f"[{head}] {rest[0]}", rest[1:]
+    else:
+        head = env_name(head)
+    return head + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
 
 
 def _describe(exc: ValidationError) -> str:
@@ -358,9 +493,10 @@ def _describe(exc: ValidationError) -> str:
         if not loc:  # a rule across settings
             problems.append(f"invalid settings: {error['msg']}")
             continue
-        where = _env_name(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
-                                            for p in loc[1:])
-        problems.append(f"invalid setting {where}: {error['msg']}")
+        if len(loc) == 1 and str(loc[0]) in GROUPS:  # a rule across a group's settings
+            problems.append(f"invalid {loc[0]} settings: {error['msg']}")
+            continue
+        problems.append(f"invalid setting {_where(loc)}: {error['msg']}")
     return "; ".join(problems)
 
 
@@ -377,7 +513,7 @@ def get_settings() -> Settings:
         raise ConfigurationError(_describe(exc)) from None
     except SettingsError as exc:  # a value the environment source could not decode
         field = re.search(r'field "([^"]+)"', str(exc))
-        name = _env_name(field.group(1)) if field else "a setting"
+        name = env_name(field.group(1)) if field else "a setting"
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         raise ConfigurationError(f"invalid setting {name}: cannot decode its value{cause}"
                                  ) from None

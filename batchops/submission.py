@@ -44,14 +44,14 @@ def choose_mode(requested: str, operations: int, settings: Settings, *,
         return "async"
     if requested == "sync":
         return "sync"
-    return "sync" if operations <= settings.sync_threshold else "async"
+    return "sync" if operations <= settings.api.sync_threshold else "async"
 
 
 def sync_wait(settings: Settings, preferred: float | None = None) -> float:
     """How long a sync answer waits for its batch: ``preferred`` (``Prefer: wait``) or the
     configured wait, at most ``max_sync_wait_seconds``."""
-    wait = settings.sync_wait_seconds if preferred is None else preferred
-    return min(wait, settings.max_sync_wait_seconds)
+    wait = settings.api.sync_wait_seconds if preferred is None else preferred
+    return min(wait, settings.api.max_sync_wait_seconds)
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ async def submit(runtime: Runtime, submission: Submission, operations: Iterable[
     settings = runtime.settings
     key = submission.idempotency_key
     claims = BatchRequests(runtime.store,
-                           timedelta(hours=settings.idempotency_retention_hours))
+                           timedelta(hours=settings.recovery.idempotency_retention_hours))
     if key is not None:
         earlier = await asyncio.to_thread(claims.find, submission.scope, key,
                                           submission.request_hash)

@@ -375,9 +375,9 @@ class BulkSync:
     """One configured sync: its next batch, and its watermark once a batch has run."""
 
     def __init__(self, runtime: Runtime, name: str) -> None:
-        spec = runtime.settings.syncs.get(name)
+        spec = runtime.settings.bulk_sync.syncs.get(name)
         if spec is None:
-            known = ", ".join(sorted(runtime.settings.syncs)) or "none"
+            known = ", ".join(sorted(runtime.settings.bulk_sync.syncs)) or "none"
             raise ConfigurationError(f"no sync named {name!r} is configured (syncs: {known})")
         self.runtime = runtime
         self.name = name
@@ -440,7 +440,7 @@ class BulkSync:
         with source.operations(after, upto) as ops:
             _, total = register_batch(self.runtime, ops, batch_id=batch_id,
                                       concurrency=self.spec.concurrency,
-                                      max_operations=settings.max_import_rows, source="sync")
+                                      max_operations=settings.api.max_import_rows, source="sync")
         return SyncBatch(sync_name=self.name, batch_id=batch_id, total=total, resumed=resumed)
 
     def advance(self, batch_id: str) -> WatermarkMove:

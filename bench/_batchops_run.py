@@ -356,9 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     runtime = get_runtime()
     instrument()
     out: dict[str, Any] = {"size": args.size, "dup_mode": args.dup_mode,
-                           "chunk_size": args.chunk_size or runtime.settings.chunk_size,
-                           "chunk_workers": runtime.settings.chunk_workers,
-                           "default_concurrency": runtime.settings.default_concurrency,
+                           "chunk_size": args.chunk_size or runtime.settings.execution.chunk_size,
+                           "chunk_workers": runtime.settings.execution.chunk_workers,
+                           "default_concurrency": runtime.settings.execution.default_concurrency,
                            "import_and_runtime_seconds": round(time.perf_counter() - t_import, 3),
                            "code_path": str(Path(sys.modules["batchops"].__file__ or "").parent)}
 

@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             v for k, v in counters.items()
             if k.startswith("batchops_upstream_rate_coordination_calls_total")),
         "concurrency": runtime.store.get_batch(batch_id).concurrency,
-        "chunk_workers": runtime.settings.chunk_workers,
-        "chunk_size": runtime.settings.chunk_size,
+        "chunk_workers": runtime.settings.execution.chunk_workers,
+        "chunk_size": runtime.settings.execution.chunk_size,
         "cpu_seconds": cpu.result,
     }
     out["verified"] = out["succeeded"] == args.size and summary.succeeded == args.size

@@ -578,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                PREFECT_WORKER_QUERY_SECONDS=str(WORKER_POLL_SECONDS),
                PREFECT_WORKER_PREFETCH_SECONDS="1",
                BATCHOPS_DATABASE_URL=DB_URL, BATCHOPS_CONFIG_FILE="/nonexistent",
+               BATCHOPS_DEMO="true",
                BATCHOPS_QUOTA_OPS_PER_MINUTE="0", BENCH_HANDWRITTEN_DSN=DSN)
     procs: list[ManagedProcess] = []
     report: dict[str, Any] = {"phases": {}}

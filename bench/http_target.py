@@ -448,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     env.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(workdir / "prefect-client"),
                PREFECT_LOCAL_STORAGE_PATH=str(workdir / "prefect-results"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
-               BATCHOPS_DATABASE_URL=DB_URL, BATCHOPS_CONFIG_FILE="/nonexistent")
+               BATCHOPS_DATABASE_URL=DB_URL, BATCHOPS_CONFIG_FILE="/nonexistent",
+               BATCHOPS_DEMO="true")
     port = free_port()
     upstream = f"http://127.0.0.1:{port}"
     upstream_proc = ManagedProcess(

@@ -532,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     env.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(workdir / "prefect-client"),
                PREFECT_LOCAL_STORAGE_PATH=str(workdir / "prefect-results"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               BATCHOPS_DATABASE_URL=DB_URL, BATCHOPS_CONFIG_FILE="/nonexistent")
+               BATCHOPS_DATABASE_URL=DB_URL, BATCHOPS_CONFIG_FILE="/nonexistent",
+               BATCHOPS_DEMO="true")
     bench = Bench(args, workdir, env, server.proc.pid if server.proc else None, code_dir)
     results: dict[int, dict[str, Any]] = {}
     costs: dict[str, Any] = {}

@@ -302,7 +302,7 @@ def _register(runtime: Runtime, file: Path, csv: CsvImport | None, concurrency: 
         # Run here (``sync``: this process runs the flow), for the default scope, unmetered.
         submission = Submission(scope="default", mode="sync", source="cli",
                                 concurrency=concurrency, chunk_size=chunk_size,
-                                max_operations=runtime.settings.max_import_rows,
+                                max_operations=runtime.settings.api.max_import_rows,
                                 deadline_seconds=deadline)
         submitted = asyncio.run(submit_batch(runtime, submission, chain([first], operations)))
         return submitted.batch_id, submitted.total
@@ -581,13 +581,13 @@ def up(
     if scaled:
         from deployments.scaled import ScaledTopology, run_scaled_system
 
-        topology = ScaledTopology(api_ports=(settings.api_port, settings.api_port + 1))
+        topology = ScaledTopology(api_ports=(settings.api.port, settings.api.port + 1))
         raise typer.Exit(run_scaled_system(topology, demo_file, stay=stay))
     from deployments.local import run_local_system
 
     raise typer.Exit(run_local_system(
-        demo_file, port=port, api_port=settings.api_port if api_port is None else api_port,
-        api_host=settings.api_host, stay=stay))
+        demo_file, port=port, api_port=settings.api.port if api_port is None else api_port,
+        api_host=settings.api.host, stay=stay))
 
 
 @app.command()
@@ -661,7 +661,7 @@ def submit(
     """
     from cli.submit import SubmitFailed, submit_file, validation_errors
 
-    url = url or f"http://127.0.0.1:{get_settings().api_port}"
+    url = url or f"http://127.0.0.1:{get_settings().api.port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=120) as client:

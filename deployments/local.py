@@ -42,6 +42,7 @@ def _system_env(data_dir: Path, port: int, postgres: EmbeddedPostgres) -> dict[s
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", postgres.url("prefect", "asyncpg"))
     env.setdefault("BATCHOPS_DATABASE_URL", postgres.url("batchops"))
+    env.setdefault("BATCHOPS_DEMO", "true")  # the demo batch's tables and handlers
     # the worker looks for new flow runs four times a second (Prefect's default is every 10 s):
     # one indexed query on the embedded PostgreSQL each time, and an async batch starts within
     # a quarter of a second of its 202

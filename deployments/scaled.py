@@ -96,6 +96,7 @@ class ScaledTopology:
             "BATCHOPS_REDIS_URL": self.redis_url,
             "BATCHOPS_PREFECT_UI_URL": f"http://127.0.0.1:{self.prefect_ports[0]}",
             "BATCHOPS_STALE_AFTER_SECONDS": str(self.stale_after_seconds),
+            "BATCHOPS_DEMO": "true",  # the demo batch's tables and handlers (extra_env may say no)
         })
         env.update(self.extra_env)
         return env

@@ -55,12 +55,12 @@ def _name_flow_run(batch_id: str) -> None:
 def _chunk_task(settings: Settings) -> Any:
     from prefect.tasks import exponential_backoff
 
-    backoff = settings.chunk_retry_backoff_seconds
+    backoff = settings.execution.chunk_retry_backoff_seconds
     return run_chunk.with_options(
-        retries=settings.chunk_retries,
+        retries=settings.execution.chunk_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
-        cache_policy=chunk_cache_policy(settings.redis_url, settings.stale_after_seconds),
-        cache_expiration=timedelta(hours=settings.result_cache_hours),
+        cache_policy=chunk_cache_policy(settings.redis_url, settings.recovery.stale_after_seconds),
+        cache_expiration=timedelta(hours=settings.execution.result_cache_hours),
     )
 
 
@@ -86,7 +86,7 @@ def _run_chunks(chunks: list[tuple[ChunkRef, list[int]]], parallel: int, per_chu
         in_flight[future.task_run_id] = ref
         future.add_done_callback(finished.put)
 
-    if parallel >= settings.chunk_workers and not any(deps for _, deps in chunks):
+    if parallel >= settings.execution.chunk_workers and not any(deps for _, deps in chunks):
         refs = [ref for ref, _ in chunks]
         futures = chunk_task.map(refs, unmapped(per_chunk), unmapped(scope),
                                  unmapped(generation), unmapped(concurrency))
@@ -113,9 +113,9 @@ def _send_callback(batch_id: str) -> None:
     from prefect.tasks import exponential_backoff
 
     settings = get_settings()
-    backoff = settings.callback_backoff_seconds
+    backoff = settings.callbacks.backoff_seconds
     state = send_callback.with_options(
-        retries=settings.callback_retries,
+        retries=settings.callbacks.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=backoff) if backoff else 0,
     )(batch_id, return_state=True)
     if not state.is_completed():
@@ -153,7 +153,7 @@ def _cancelled_in_prefect(flow: Any, flow_run: FlowRun, state: State) -> None:
 
 @flow(
     name="process-batch",
-    task_runner=ThreadPoolTaskRunner(max_workers=get_settings().chunk_workers),  # type: ignore[arg-type]
+    task_runner=ThreadPoolTaskRunner(max_workers=get_settings().execution.chunk_workers),  # type: ignore[arg-type]
     log_prints=True,
     on_cancellation=[_cancelled_in_prefect],
 )
@@ -202,7 +202,7 @@ def process_batch(
     chunks: list[tuple[ChunkRef, list[int]]] = batch["chunks"]
     total = batch["total"]
     settings = get_settings()
-    parallel = max(1, min(settings.chunk_workers, batch["concurrency"], len(chunks)))
+    parallel = max(1, min(settings.execution.chunk_workers, batch["concurrency"], len(chunks)))
     # A target that pools the batch's chunks (http) holds the whole concurrency across them;
     # the others split it between the chunks in flight.
     per_chunk = max(1, batch["concurrency"] // parallel)

@@ -19,20 +19,30 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from batchops.settings import (  # noqa: E402
+    GROUPS,
     ColumnSpec,
     ResourceSpec,
     Settings,
     SyncSpec,
     UpstreamSpec,
+    env_name,
 )
 
 TARGET = REPO / "docs" / "configuration.md"
 
+DEMO = """The production defaults expose no tables and load no handlers: `BATCHOPS_DEMO=true` adds
+the demo tables (`users`, `orders`, `products`, `outbox`) and the demo handlers
+(`batchops.demo.handlers`). `make up` sets it, and so does the checkout's `batchops.toml`, which
+the README's first batches use.
+"""
+
 HEADER = """# Configuration
 
-Every setting has a `BATCHOPS_` environment variable; the same names (lower case, without the
-prefix) may be set in `batchops.toml` in the working directory, or in the file named by
-`BATCHOPS_CONFIG_FILE`. The environment wins over `.env`, which wins over the TOML file.
+The settings are grouped by concern (in Python, `settings.api.port`), and every setting has one
+`BATCHOPS_` environment variable (`BATCHOPS_API_PORT`). The same names, lower case and without
+the prefix, may be set in `batchops.toml` in the working directory (or the file named by
+`BATCHOPS_CONFIG_FILE`), either flat (`api_port = 8001`) or in the group's table (`[api]`,
+`port = 8001`). The environment wins over `.env`, which wins over the TOML file.
 Lists and tables are JSON in the environment (`BATCHOPS_CALLBACK_ALLOWED_HOSTS='["a.example"]'`)
 and TOML tables in the file. Prefect's own settings (`PREFECT_API_URL`, …) configure the
 Prefect client and server.
@@ -59,8 +69,6 @@ def _type_name(annotation: Any) -> str:
 
 def _default(field: FieldInfo, name: str) -> str:
     if field.default_factory is not None:
-        if name == "resources":
-            return "the demo tables `users`, `orders`, `products`, `outbox`"
         value: Any = field.default_factory()  # type: ignore[call-arg]
     elif field.default is PydanticUndefined:
         return "required"
@@ -81,27 +89,39 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _table(model: type[BaseModel], *, env_prefix: str | None) -> list[str]:
-    first = "environment variable" if env_prefix is not None else "field"
-    lines = [f"| {first} | type | default | description |", "|---|---|---|---|"]
+def _table(model: type[BaseModel], *, group: str | None = None, env: bool = True) -> list[str]:
+    """One row per field: its environment variable and its name in Python (or, for the specs
+    inside a setting, its key), type, default and description."""
+    first = "environment variable | setting" if env else "field"
+    lines = [f"| {first} | type | default | description |",
+             "|---|---|---|---|---|" if env else "|---|---|---|---|"]
     hints = typing.get_type_hints(model)
     for name, field in model.model_fields.items():
-        label = f"`{env_prefix}{name.upper()}`" if env_prefix is not None else f"`{name}`"
+        if env and group is None and name in GROUPS:
+            continue  # a group: a table of its own
+        label = (f"`{env_name(name, group)}` | `{f'{group}.' if group else ''}{name}`" if env
+                 else f"`{name}`")
         lines.append(f"| {label} | {_cell(_type_name(hints[name]))} | "
                      f"{_cell(_default(field, name))} | {_cell(field.description or '')} |")
     return lines
 
 
+def _doc(model: type[BaseModel]) -> str:
+    return " ".join((model.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 def render() -> str:
-    parts = [HEADER, "## Settings", ""]
-    parts += _table(Settings, env_prefix="BATCHOPS_")
+    parts = [HEADER, "## Stores, targets and the demo", "", DEMO]
+    parts += _table(Settings)
+    for group, model in GROUPS.items():
+        parts += ["", f"## `{group}`", "", _doc(model), ""]
+        parts += _table(model, group=group)
     for title, model in (("A resource (`resources.<name>`)", ResourceSpec),
                          ("A column (`resources.<name>.columns.<column>`)", ColumnSpec),
                          ("An upstream (`upstreams.<name>`)", UpstreamSpec),
-                         ("A bulk sync (`syncs.<name>`)", SyncSpec)):
-        doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-        parts += ["", f"## {title}", "", doc, ""]
-        parts += _table(model, env_prefix=None)
+                         ("A bulk sync (`bulk_sync.syncs.<name>`)", SyncSpec)):
+        parts += ["", f"## {title}", "", _doc(model), ""]
+        parts += _table(model, env=False)
     return "\n".join(parts) + "\n"
 
 

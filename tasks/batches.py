@@ -18,6 +18,6 @@ def register_operations(operations: list[Operation], concurrency: int | None,
     """Validate and store operations given to the flow directly (UI, schedule)."""
     runtime = get_runtime()
     batch_id, _ = register_batch(runtime, operations, concurrency=concurrency,
-                                 max_operations=runtime.settings.max_import_rows, source=source,
+                                 max_operations=runtime.settings.api.max_import_rows, source=source,
                                  deadline_seconds=deadline_seconds)
     return batch_id

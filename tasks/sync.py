@@ -30,7 +30,7 @@ __all__ = [
 @task(name="sync-names", cache_policy=NO_CACHE)
 def sync_names() -> list[str]:
     """The configured syncs, by name."""
-    return sorted(get_runtime().settings.syncs)
+    return sorted(get_runtime().settings.bulk_sync.syncs)
 
 
 @task(name="read-watermark", task_run_name="watermark of {sync_name}", cache_policy=NO_CACHE)

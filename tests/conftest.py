@@ -14,6 +14,7 @@ from tests.services import ensure_postgres, ensure_redis
 
 # Settings for every test process, before Prefect or batchops read them.
 os.environ["BATCHOPS_CONFIG_FILE"] = "/nonexistent/batchops.toml"
+os.environ.setdefault("BATCHOPS_DEMO", "true")  # the demo tables and handlers the tests use
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_UI_ENABLED", "false")

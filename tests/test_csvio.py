@@ -30,7 +30,7 @@ from batchops.settings import Settings
 @pytest.fixture(scope="module")
 def router() -> Router:
     """The default route table: demo sql resources and the demo ``/emails`` handler."""
-    settings = Settings()
+    settings = Settings(demo=True)
     load_handler_modules(settings.handler_modules)
     return Router(build_resources(settings.resources), registry.all())
 

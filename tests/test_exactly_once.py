@@ -150,7 +150,7 @@ def test_a_batch_survives_kill_9_of_its_runner_and_applies_every_key_once(
         assert set(state.executions) == keys
         assert set(state.executions.values()) == {1}
         resent = [k for k, n in Counter(r.key for r in state.requests).items() if n > 1]
-        linger = runtime.settings.checkpoint_linger_seconds
+        linger = runtime.settings.execution.checkpoint_linger_seconds
         assert len(resent) <= 10 + 4 * math.ceil(10 / 0.020 * linger)
         for key in resent:
             outcomes = [r.outcome for r in state.requests if r.key == key]

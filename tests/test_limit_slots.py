@@ -90,7 +90,8 @@ def test_reconciling_a_limit_gives_back_the_slots_no_live_run_holds_and_keeps_th
     leases.held("dead-batch", dead, name, 3)
     with runtime.store.engine.begin() as conn:  # its holder stopped renewing it long ago
         conn.execute(limit_leases.update().where(limit_leases.c.lease_id == str(dead)).values(
-            renewed_at=utcnow() - 2 * timedelta(seconds=runtime.settings.stale_after_seconds)))
+            renewed_at=utcnow() - 2 * timedelta(
+                seconds=runtime.settings.recovery.stale_after_seconds)))
     take_slots(name, 3, lease=False)
     assert active_slots(name) == 10
 

@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from batchops.demo.resources import demo_resources
 from batchops.jsonable import row_to_json
 from batchops.runtime import Runtime
 from batchops.schemas import ItemResult
-from batchops.settings import _demo_resources
 from batchops.targets import ChunkContext
 from batchops.targets.sql import SqlTarget
 from batchops.validation import validate_operations
@@ -165,7 +165,7 @@ def test_inserts_without_an_id_go_in_once_each(runtime: Runtime) -> None:
 @pytest.fixture
 def lines_runtime(configure: Any, database_url: str) -> Iterator[Runtime]:
     """The runtime with a ``lines`` resource whose table has checks the spec does not know."""
-    specs = {name: spec.model_dump() for name, spec in _demo_resources().items()}
+    specs = {name: spec.model_dump() for name, spec in demo_resources().items()}
     specs["lines"] = {"columns": {
         "id": {"type": "integer", "nullable": False},
         "order_id": {"type": "integer"},  # NOT NULL and a foreign key in the table only
@@ -361,7 +361,7 @@ def test_a_numeric_total_round_trips(runtime: Runtime) -> None:
 def typed_runtime(configure: Any, database_url: str) -> Iterator[Runtime]:
     """The runtime with ``things`` (a column of every type but JSON) and ``docs`` (with a
     JSON column): PostgreSQL inserts into the first take the pre-rendered statement."""
-    specs = {name: spec.model_dump() for name, spec in _demo_resources().items()}
+    specs = {name: spec.model_dump() for name, spec in demo_resources().items()}
     typed = {"id": {"type": "integer", "nullable": False},
              "label": {"type": "text", "unique": True}, "amount": {"type": "numeric"},
              "ratio": {"type": "float"},

@@ -18,7 +18,7 @@ from batchops.validation import validate_operations
 def router() -> Router:
     from batchops.handlers import load_handler_modules, registry
 
-    settings = Settings(database_url="sqlite://")
+    settings = Settings(database_url="sqlite://", demo=True)
     load_handler_modules(settings.handler_modules)
     return Router(build_resources(settings.resources), registry.all())
 

@@ -174,20 +174,20 @@ async def import_batch(
     settings = runtime.settings
     media = require_media_type(request, CSV_MEDIA_TYPES)
     spec = CsvImport.for_route(runtime.router, resource, method)
-    path = await _spool_upload(request, settings.max_import_bytes,
+    path = await _spool_upload(request, settings.api.max_import_bytes,
                                multipart=media == "multipart/form-data")
     charge: str | None = None
     counted = 0
     try:
         if quota.limit:
             counted = await asyncio.to_thread(_count_rows, path, spec, quota,
-                                              settings.max_import_rows)
+                                              settings.api.max_import_rows)
             charge = await quota.charge(scope, counted)
 
         def register() -> tuple[str, int]:
             with open_operations(path, csv=spec, name=_UPLOAD_NAME) as operations:
                 return register_batch(runtime, operations, scope=scope, source="import",
-                                      max_operations=settings.max_import_rows,
+                                      max_operations=settings.api.max_import_rows,
                                       empty_message=_NO_ROWS)
 
         batch_id, _ = await asyncio.to_thread(register)

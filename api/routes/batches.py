@@ -164,7 +164,7 @@ def _envelope_and_operation_errors(raw: Any, exc: ValidationFailed, runtime: Run
     if not isinstance(operations, list) or not operations:
         return exc
     try:
-        validate_operations(operations, runtime.router, runtime.settings.max_operations)
+        validate_operations(operations, runtime.router, runtime.settings.api.max_operations)
     except ValidationFailed as ops_exc:
         return ValidationFailed([*exc.errors, *ops_exc.errors])
     return exc
@@ -172,7 +172,7 @@ def _envelope_and_operation_errors(raw: Any, exc: ValidationFailed, runtime: Run
 
 def _dry_run(runtime: Runtime, operations: list[Any], mode: str) -> dict[str, Any]:
     settings = runtime.settings
-    planned = validate_operations(operations, runtime.router, settings.max_operations)
+    planned = validate_operations(operations, runtime.router, settings.api.max_operations)
     chunks = sum(1 for _ in chunk_operations("dry-run", planned, ChunkSizing.of(settings),
                                              runtime.resources))
     by_target_method = Counter(f"{op.target} {op.method}" for op in planned)
@@ -283,9 +283,9 @@ async def create_batch(
     which the answer is ``202`` and the run goes on.
     """
     settings = runtime.settings
-    raw = await read_json(request, settings.max_body_bytes)
+    raw = await read_json(request, settings.api.max_body_bytes)
     try:
-        envelope, operations = _parse_request(raw, settings.max_operations)
+        envelope, operations = _parse_request(raw, settings.api.max_operations)
     except ValidationFailed as exc:
         raise await asyncio.to_thread(_envelope_and_operation_errors, raw, exc,
                                       runtime) from None
