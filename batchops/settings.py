@@ -32,7 +32,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    create_model,
     field_validator,
     model_validator,
 )
@@ -432,13 +431,14 @@ def _flat_names() -> dict[str, tuple[str | None, str]]:
 def _flat_settings() -> type[BaseSettings]:
     """A settings class with one field per flat name, of the field's type (with its decoding
     rules): what the environment and ``.env`` sources read from."""
-    fields: dict[str, Any] = {}
+    annotations: dict[str, Any] = {}
     for flat, (group, name) in _flat_names().items():
         info = (Settings if group is None else GROUPS[group]).model_fields[name]
-        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata \
+        annotations[flat] = Annotated[(info.annotation, *info.metadata)] if info.metadata \
             else info.annotation
-        fields[flat] = (annotation, None)  # defaults are not validated: None is "unset"
-    return create_model("FlatSettings", __base__=BaseSettings, **fields)
+    # every default None, "unset" (defaults are not validated)
+    namespace: dict[str, Any] = {"__annotations__": annotations, **dict.fromkeys(annotations)}
+    return type("FlatSettings", (BaseSettings,), namespace)
 
 
 class _Grouped(PydanticBaseSettingsSource):
