@@ -57,7 +57,6 @@ __all__ = [
     "read_flow_run",
     "rename_flow_run",
     "start_deployment_run",
-    "start_deployment_run_async",
     "update_progress",
     "wait_for_run",
 ]
@@ -91,16 +90,67 @@ def crash_flow_run(flow_run_id: str | UUID, message: str) -> None:
         client.set_flow_run_state(UUID(str(flow_run_id)), Crashed(message=message), force=True)
 
 
+def _deployment_gone(exc: Exception) -> bool:
+    """Whether Prefect's answer says the deployment (or the object asked for) does not exist:
+    ``ObjectNotFound`` from reads, a 404 ``PrefectHTTPStatusError`` from
+    ``create_flow_run_from_deployment``."""
+    if isinstance(exc, ObjectNotFound):
+        return True
+    return (isinstance(exc, httpx.HTTPStatusError)
+            and exc.response.status_code == httpx.codes.NOT_FOUND)
+
+
+class _Kept(threading.local):
+    """A thread's open sync client, for the API URL it was opened for."""
+
+    client: SyncPrefectClient | None = None
+    api_url: str | None = None
+
+
+_kept = _Kept()
+_deployment_ids: dict[tuple[str, str], UUID] = {}  # (API URL, flow/deployment) → its id
+
+
+def _kept_client() -> tuple[SyncPrefectClient, str]:
+    """This thread's open client and its API URL (one per thread and URL, kept from call to
+    call: opening one costs a TLS context and a version check, ~20 ms of CPU)."""
+    from prefect.settings import get_current_settings
+
+    url = str(get_current_settings().api.url)
+    if _kept.client is None or _kept.api_url != url:
+        if _kept.client is not None:
+            _kept.client.__exit__(None, None, None)
+        client = get_client(sync_client=True)
+        client.__enter__()
+        _kept.client, _kept.api_url = client, url
+    return _kept.client, url
+
+
 def start_deployment_run(deployment: str, parameters: dict[str, Any], *, name: str,
                          idempotency_key: str) -> FlowRun:
     """A new ``Scheduled`` run of the deployment (``flow/deployment``) for a worker of its
-    pool; returns at once. The same ``idempotency_key`` gives back the same run."""
-    from prefect.deployments import run_deployment
+    pool; returns at once. The same ``idempotency_key`` gives back the same run. The
+    deployment's id is looked up once per process and API URL, and again when the deployment
+    was deleted (or re-created) since.
 
-    run: FlowRun = run_deployment(  # type: ignore[assignment]
-        deployment, parameters=parameters, timeout=0, as_subflow=False, flow_run_name=name,
-        idempotency_key=idempotency_key)
-    return run
+    Raises:
+        ObjectNotFound: there is no such deployment.
+    """
+    client, url = _kept_client()
+    key = (url, deployment)
+    for _attempt in range(2):
+        deployment_id = _deployment_ids.get(key)
+        if deployment_id is None:
+            deployment_id = _deployment_ids[key] = client.read_deployment_by_name(deployment).id
+        try:
+            return client.create_flow_run_from_deployment(
+                deployment_id, parameters=parameters, name=name,
+                idempotency_key=idempotency_key)
+        except Exception as exc:
+            if not _deployment_gone(exc):
+                raise
+            _deployment_ids.pop(key, None)  # deleted since: look it up again
+    raise ObjectNotFound(RuntimeError(f"the deployment {deployment!r} keeps disappearing"))
 
 
 def wait_for_run(flow_run_id: UUID, timeout: float | None = None) -> FlowRun:
@@ -112,16 +162,6 @@ def wait_for_run(flow_run_id: UUID, timeout: float | None = None) -> FlowRun:
 
     return asyncio.run(wait_for_flow_run(flow_run_id, timeout=None if timeout is None
                                          else int(timeout), poll_interval=2))
-
-
-async def start_deployment_run_async(deployment: str, parameters: dict[str, Any], *,
-                                     name: str, idempotency_key: str) -> FlowRun:
-    """:func:`start_deployment_run` on an event loop."""
-    from prefect.deployments import arun_deployment
-
-    return await arun_deployment(
-        deployment, parameters=parameters, timeout=0, as_subflow=False, flow_run_name=name,
-        idempotency_key=idempotency_key)
 
 
 class _Thread(threading.local):
@@ -194,7 +234,9 @@ class PendingRuns:
             try:
                 return client.create_flow_run_from_deployment(
                     mine.deployment_id, parameters=parameters, name=name, state=Pending())
-            except ObjectNotFound:
+            except Exception as exc:
+                if not _deployment_gone(exc):
+                    raise
                 mine.deployment_id = None  # deleted since: look it up again
         raise LookupError(f"the deployment {self.deployment!r} keeps disappearing")
 
