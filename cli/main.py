@@ -321,8 +321,27 @@ def _follow(store: Store, batch_id: str, progress: Progress, task: TaskID,
 
 def _execute(runtime: Runtime, batch_id: str, total: int) -> str | None:
     """Run the batch's flow in this process with a live progress bar; why it failed, or None.
-    (Inside :func:`prefect_for_runs`, without flow heartbeats.)"""
-    from flows.process_batch import process_batch  # imports Prefect: after its environment
+    (Inside :func:`prefect_for_runs`, without flow heartbeats.)
+
+    The run is a flow run of the ``process-batch`` deployment (its tags, named
+    ``batch-<id>`` from its creation), created ``Pending`` so that no worker of the pool takes
+    it, and executed here by a batchops worker embedded in this process, as the API does for a
+    sync batch: a cancel in the Prefect UI stops it too. On a server without the deployment (a
+    temporary one), it is a run of the flow alone.
+    """
+    from prefect.settings import get_current_settings
+
+    from batchops import orchestration  # imports Prefect: after its environment
+    from deployments.worker import BatchopsWorker
+    from flows.process_batch import process_batch
+
+    pending = orchestration.PendingRuns(runtime.settings.api.process_batch_deployment)
+    worker = BatchopsWorker(work_pool_name="batchops-cli", name=f"batchops-cli-{os.getpid()}")
+
+    def run_here() -> Any:
+        flow_run = pending.create(process_batch, {"batch_id": batch_id},
+                                  name=f"batch-{batch_id}")
+        return worker.execute_watched(process_batch, flow_run)
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
@@ -333,14 +352,17 @@ def _execute(runtime: Runtime, batch_id: str, total: int) -> str | None:
                                     args=(runtime.store, batch_id, progress, task, finished))
         follower.start()
         try:
-            state = process_batch(batch_id=batch_id, return_state=True)
+            state = pending.run(get_current_settings(), run_here)
         except Exception as exc:  # Prefect could not run the flow at all (API unreachable, …)
             return f"{type(exc).__name__}: {exc}"
         finally:
+            pending.close()
             finished.set()
             follower.join()
             last = runtime.store.status(batch_id)
             progress.update(task, completed=last.completed, description=_describe_progress(last))
+    if state is None:
+        return "Prefect's engine could not run the flow (see the log above)"
     if not state.is_completed():
         return state.message or f"the flow run ended {state.type.value}"
     return None

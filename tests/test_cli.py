@@ -393,6 +393,56 @@ def test_run_records_its_flow_run_on_the_running_server_and_links_to_it(
     assert run.state is not None and run.state.is_completed()
 
 
+def test_run_is_a_flow_run_of_the_process_batch_deployment_named_by_its_batch(
+        prefect_server: None, tmp_path: Path) -> None:
+    """With the deployments on the server (as `make up` has them), `batchops run` records its
+    batch as a flow run of ``process-batch`` with the deployment's tags, named ``batch-<id>``
+    when it is created; no worker of the pool takes it: it ran in the CLI's process."""
+    import subprocess
+    import sys
+    import uuid
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.serve import deploy_to_work_pool
+
+    pool = f"batchops-cli-test-{uuid.uuid4().hex[:6]}"
+    ids = deploy_to_work_pool(pool)
+    try:
+        ops = tmp_path / "one.json"
+        ops.write_text(json.dumps([{"method": "POST", "path": "/users",
+                                    "body": {"email": "deployed@example.com"}}]))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update({"PREFECT_HOME": str(tmp_path / "empty-prefect-home"),
+                    "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+                    "BATCHOPS_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
+                    "COLUMNS": "250"})
+        done = subprocess.run([sys.executable, "-m", "cli", "run", str(ops)], env=env,
+                              cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=240)
+        output = done.stdout + done.stderr
+        assert done.returncode == EXIT_OK, output
+        [link] = [line.split()[-1] for line in done.stdout.splitlines()
+                  if line.startswith("Prefect:")]
+        [batch_id] = [line.split()[-2] for line in done.stdout.splitlines()
+                      if line.startswith("│ batch ")]
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(uuid.UUID(link.rsplit("/", 1)[1]))
+            deployment = client.read_deployment_by_name("process-batch/process-batch")
+            states = [s.name for s in client.read_flow_run_states(run.id)]
+    finally:
+        with get_client(sync_client=True) as client:
+            for deployment_id in ids:
+                client.delete_deployment(deployment_id)
+            client.delete_work_pool(pool)
+
+    assert run.deployment_id == deployment.id
+    assert run.work_pool_name == pool
+    assert "batchops" in run.tags
+    assert run.name == f"batch-{batch_id}"
+    assert states == ["Pending", "Running", "Completed"]  # never Scheduled for the pool
+
+
 # -- start-up ------------------------------------------------------------------------------------
 
 
