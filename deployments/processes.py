@@ -126,16 +126,20 @@ class Child:
         with suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
 
-    def stop(self, timeout: float = 20, hurry: threading.Event | None = None) -> None:
+    def stop(self, timeout: float = 20, hurry: threading.Event | None = None) -> bool:
         """The stop signal to the child's process group; SIGKILL once ``timeout`` has passed
-        or ``hurry`` is set, and to what the child left in its group when it exited."""
+        or ``hurry`` is set, and to what the child left in its group when it exited. Whether
+        the child stopped by itself (``False``: it had to be killed)."""
+        stopped = True
         if self.running:
             self._signal_group(self.stop_signal)
             deadline = time.monotonic() + timeout
             while self.running and time.monotonic() < deadline and not (
                     hurry is not None and hurry.is_set()):
                 time.sleep(0.05)
+            stopped = not self.running
         self.kill()
+        return stopped
 
 
 class Supervisor:
@@ -226,4 +230,6 @@ class Supervisor:
         """Stop every child, the last started first; a stop signal meanwhile hurries it."""
         self._stopping = True
         for child in reversed(self.children):
-            child.stop(timeout, self._hurry)
+            if not child.stop(timeout, self._hurry) and not self._hurry.is_set():
+                self.log(f"{child.name} did not stop within {timeout:g} s of its stop "
+                         f"signal: killed (its log: {child.log_path})")
