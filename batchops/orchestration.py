@@ -108,7 +108,6 @@ class _Kept(threading.local):
 
 
 _kept = _Kept()
-_deployment_ids: dict[tuple[str, str], UUID] = {}  # (API URL, flow/deployment) → its id
 
 
 def _kept_client() -> tuple[SyncPrefectClient, str]:
@@ -126,6 +125,38 @@ def _kept_client() -> tuple[SyncPrefectClient, str]:
     return _kept.client, url
 
 
+class _KnownDeployment:
+    """A deployment's id, looked up by name on first use and again once Prefect says the
+    deployment is gone (deleted, or re-created under a new id)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # flow/deployment
+        self.id: UUID | None = None
+
+    def create_run(self, client: SyncPrefectClient,
+                   create: Callable[[UUID], FlowRun]) -> FlowRun:
+        """``create(id)``: a new run of the deployment; if the deployment is gone, its id is
+        looked up once more and the run created under the new one.
+
+        Raises:
+            ObjectNotFound: there is no deployment of that name.
+            LookupError: the deployment disappeared twice while the run was being created.
+        """
+        for _attempt in range(2):
+            if self.id is None:
+                self.id = client.read_deployment_by_name(self.name).id
+            try:
+                return create(self.id)
+            except Exception as exc:
+                if not _deployment_gone(exc):
+                    raise
+                self.id = None  # deleted since: look it up again
+        raise LookupError(f"the deployment {self.name!r} keeps disappearing")
+
+
+_deployments: dict[tuple[str, str], _KnownDeployment] = {}  # by (API URL, flow/deployment)
+
+
 def start_deployment_run(deployment: str, parameters: dict[str, Any], *, name: str,
                          idempotency_key: str) -> FlowRun:
     """A new ``Scheduled`` run of the deployment (``flow/deployment``) for a worker of its
@@ -135,22 +166,12 @@ def start_deployment_run(deployment: str, parameters: dict[str, Any], *, name: s
 
     Raises:
         ObjectNotFound: there is no such deployment.
+        LookupError: the deployment disappeared twice while the run was being created.
     """
     client, url = _kept_client()
-    key = (url, deployment)
-    for _attempt in range(2):
-        deployment_id = _deployment_ids.get(key)
-        if deployment_id is None:
-            deployment_id = _deployment_ids[key] = client.read_deployment_by_name(deployment).id
-        try:
-            return client.create_flow_run_from_deployment(
-                deployment_id, parameters=parameters, name=name,
-                idempotency_key=idempotency_key)
-        except Exception as exc:
-            if not _deployment_gone(exc):
-                raise
-            _deployment_ids.pop(key, None)  # deleted since: look it up again
-    raise ObjectNotFound(RuntimeError(f"the deployment {deployment!r} keeps disappearing"))
+    known = _deployments.setdefault((url, deployment), _KnownDeployment(deployment))
+    return known.create_run(client, lambda deployment_id: client.create_flow_run_from_deployment(
+        deployment_id, parameters=parameters, name=name, idempotency_key=idempotency_key))
 
 
 def wait_for_run(flow_run_id: UUID, timeout: float | None = None) -> FlowRun:
@@ -168,7 +189,7 @@ class _Thread(threading.local):
     settings: Any = None  # the Prefect settings the context below was made for
     context: contextvars.Context | None = None
     stack: contextlib.ExitStack | None = None
-    deployment_id: UUID | bool | None = None  # None: not looked up; False: there is none
+    deployment: _KnownDeployment | None = None  # None: there is none on the server
 
 
 class PendingRuns:
@@ -196,7 +217,7 @@ class PendingRuns:
             self._close(mine)
             mine.context, mine.stack = contextvars.Context(), contextlib.ExitStack()
             mine.context.run(self._enter, mine.stack, settings)
-            mine.settings, mine.deployment_id = settings, None
+            mine.settings, mine.deployment = settings, _KnownDeployment(self.deployment)
             with self._lock:
                 self._opened.append((mine.context, mine.stack))
         return mine.context.run(fn, *args)
@@ -219,26 +240,17 @@ class PendingRuns:
         from prefect.states import Pending
 
         mine, client = self._mine, get_client(sync_client=True)
-        for _attempt in range(2):
-            if mine.deployment_id is None:
-                try:
-                    mine.deployment_id = client.read_deployment_by_name(self.deployment).id
-                except ObjectNotFound:
-                    logging.getLogger("batchops.orchestration").info(
-                        "no deployment %s on the Prefect server: its runs here are flow runs "
-                        "of no deployment", self.deployment)
-                    mine.deployment_id = False
-            if not isinstance(mine.deployment_id, UUID):
-                return client.create_flow_run(flow, name=name, parameters=parameters,
-                                              state=Pending())
+        if mine.deployment is not None:
             try:
-                return client.create_flow_run_from_deployment(
-                    mine.deployment_id, parameters=parameters, name=name, state=Pending())
-            except Exception as exc:
-                if not _deployment_gone(exc):
-                    raise
-                mine.deployment_id = None  # deleted since: look it up again
-        raise LookupError(f"the deployment {self.deployment!r} keeps disappearing")
+                return mine.deployment.create_run(
+                    client, lambda deployment_id: client.create_flow_run_from_deployment(
+                        deployment_id, parameters=parameters, name=name, state=Pending()))
+            except ObjectNotFound:
+                logging.getLogger("batchops.orchestration").info(
+                    "no deployment %s on the Prefect server: its runs here are flow runs of "
+                    "no deployment", self.deployment)
+                mine.deployment = None
+        return client.create_flow_run(flow, name=name, parameters=parameters, state=Pending())
 
     def _close(self, mine: _Thread) -> None:
         if mine.context is not None and mine.stack is not None:
