@@ -351,41 +351,51 @@ def test_a_configured_prefect_api_url_wins(prefect_env: None, health_server: str
     assert use_local_prefect_server(health_server) == "http://prefect.internal:4200/api"
 
 
+def _run_one_user(tmp_path: Path, email: str, **env: str) -> tuple[str, str, str]:
+    """``batchops run`` of a 1-item file in a process of its own, with no Prefect setting but
+    ``env`` and an empty ``PREFECT_HOME``; exits 0, no traceback. Its output, the Prefect link
+    it printed, and the batch id."""
+    import subprocess
+    import sys
+
+    ops = tmp_path / "one.json"
+    ops.write_text(json.dumps([{"method": "POST", "path": "/users", "body": {"email": email}}]))
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    full.update({"PREFECT_HOME": str(tmp_path / "empty-prefect-home"),
+                 "BATCHOPS_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
+                 "COLUMNS": "250", **env})
+    done = subprocess.run([sys.executable, "-m", "cli", "run", str(ops)], env=full,
+                          cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode == EXIT_OK, output
+    assert "Traceback" not in output
+    [link] = [line.split()[-1] for line in done.stdout.splitlines()
+              if line.startswith("Prefect:")]
+    [batch_id] = [line.split()[-2] for line in done.stdout.splitlines()
+                  if line.startswith("│ batch ")]
+    return output, link, batch_id
+
+
 @pytest.mark.parametrize("found", [True, False], ids=["found", "PREFECT_API_URL"])
 def test_run_records_its_flow_run_on_the_running_server_and_links_to_it(
         prefect_server: None, tmp_path: Path, found: bool) -> None:
     """With no PREFECT_API_URL, `batchops run` finds the server `batchops up` runs (at
     BATCHOPS_PREFECT_UI_URL), records its flow run there, and prints a link to that run; with
     PREFECT_API_URL, it records it on that server and links to that server's UI."""
-    import subprocess
-    import sys
     import uuid
 
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
     api_url = str(PREFECT_API_URL.value())
-    ops = tmp_path / "one.json"
-    ops.write_text(json.dumps([{"method": "POST", "path": "/users",
-                                "body": {"email": "linked@example.com"}}]))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({"PREFECT_HOME": str(tmp_path / "empty-prefect-home"),
-                "BATCHOPS_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
-                "COLUMNS": "250"})
     if found:
-        env["BATCHOPS_PREFECT_UI_URL"] = api_url.removesuffix("/api")
+        env = {"BATCHOPS_PREFECT_UI_URL": api_url.removesuffix("/api")}
     else:  # batchops' own default UI (nothing listens there) is not where the run is
-        env["PREFECT_API_URL"] = api_url
-        env["BATCHOPS_PREFECT_UI_URL"] = f"http://127.0.0.1:{free_port()}"
-    done = subprocess.run([sys.executable, "-m", "cli", "run", str(ops)], env=env,
-                          cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=240)
+        env = {"PREFECT_API_URL": api_url,
+               "BATCHOPS_PREFECT_UI_URL": f"http://127.0.0.1:{free_port()}"}
+    output, link, _batch_id = _run_one_user(tmp_path, "linked@example.com", **env)
 
-    output = done.stdout + done.stderr
-    assert done.returncode == EXIT_OK, output
-    assert "Traceback" not in output
     assert "temporary Prefect server" not in output
-    [link] = [line.split()[-1] for line in done.stdout.splitlines()
-              if line.startswith("Prefect:")]
     assert link.startswith(f"{api_url.removesuffix('/api')}/runs/flow-run/")
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(uuid.UUID(link.rsplit("/", 1)[1]))
@@ -398,8 +408,6 @@ def test_run_is_a_flow_run_of_the_process_batch_deployment_named_by_its_batch(
     """With the deployments on the server (as `make up` has them), `batchops run` records its
     batch as a flow run of ``process-batch`` with the deployment's tags, named ``batch-<id>``
     when it is created; no worker of the pool takes it: it ran in the CLI's process."""
-    import subprocess
-    import sys
     import uuid
 
     from prefect import get_client
@@ -410,22 +418,8 @@ def test_run_is_a_flow_run_of_the_process_batch_deployment_named_by_its_batch(
     pool = f"batchops-cli-test-{uuid.uuid4().hex[:6]}"
     ids = deploy_to_work_pool(pool)
     try:
-        ops = tmp_path / "one.json"
-        ops.write_text(json.dumps([{"method": "POST", "path": "/users",
-                                    "body": {"email": "deployed@example.com"}}]))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update({"PREFECT_HOME": str(tmp_path / "empty-prefect-home"),
-                    "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-                    "BATCHOPS_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
-                    "COLUMNS": "250"})
-        done = subprocess.run([sys.executable, "-m", "cli", "run", str(ops)], env=env,
-                              cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=240)
-        output = done.stdout + done.stderr
-        assert done.returncode == EXIT_OK, output
-        [link] = [line.split()[-1] for line in done.stdout.splitlines()
-                  if line.startswith("Prefect:")]
-        [batch_id] = [line.split()[-2] for line in done.stdout.splitlines()
-                      if line.startswith("│ batch ")]
+        _output, link, batch_id = _run_one_user(tmp_path, "deployed@example.com",
+                                                PREFECT_API_URL=str(PREFECT_API_URL.value()))
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(uuid.UUID(link.rsplit("/", 1)[1]))
             deployment = client.read_deployment_by_name("process-batch/process-batch")
